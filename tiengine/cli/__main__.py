@@ -1,0 +1,5 @@
+import sys
+
+from tiengine.cli import main
+
+sys.exit(main())

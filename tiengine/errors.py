@@ -1,0 +1,24 @@
+"""Exception types shared by every stage.
+
+Every error a user can cause (a bad file, a bad prompt option, a model that does not fit)
+derives from TiengineError, so callers and the CLI can catch one type. Messages name the
+file, the key, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+
+class TiengineError(Exception):
+    """Base class of all user-facing tiengine errors."""
+
+
+class UnsafePickleError(TiengineError):
+    """A pickled file asked for a Python global outside the allowed tensor/container set."""
+
+
+class EmbeddingError(TiengineError):
+    """An embedding file is unreadable, malformed, or does not fit the model."""
+
+
+class CheckpointError(TiengineError):
+    """A model checkpoint or folder is unreadable, malformed, or of an unknown layout."""
