@@ -1,0 +1,218 @@
+"""Embeddings carried by PNG/WebP images, as AUTOMATIC1111's training previews store them.
+
+Two carriers (behaviour of A1111 modules/textual_inversion/image_embedding.py, reimplemented
+from /work/shared/spec/embedding-formats.md):
+
+- text chunk: PNG tEXt "sd-ti-embedding" = base64 of the JSON of the A1111 dict, tensors
+  written as {"TORCHTENSOR": nested lists}.
+- pixels: zlib (level 9) of that JSON, split into high and low nibbles laid out as
+  (h, w, 3) blocks in extra columns: [low block | black column | picture | black column |
+  high block]. The low nibble of every block byte is the data XORed with an LCG stream
+  (seed 0; seed = (1664525 * seed + 1013904223) mod 2**32; each step yields seed % 255, of
+  which the low 4 bits are used); the upper nibble is a decorative pattern.
+
+Pillow is imported only inside the functions that handle images.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tiengine.errors import EmbeddingError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+TEXT_CHUNK_KEY = "sd-ti-embedding"
+TENSOR_TAG = "TORCHTENSOR"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LCG_MULTIPLIER, LCG_INCREMENT, LCG_MODULUS = 1664525, 1013904223, 2**32
+CHANNELS = 3  # the carrier blocks are RGB
+PREVIEW_SIZE = 256  # side of the generated preview picture, pixels
+
+
+def is_image(head: bytes) -> bool:
+    """True for a PNG or WebP file's first 12 bytes."""
+    return head.startswith(PNG_SIGNATURE) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
+def lcg_nibbles(count: int) -> np.ndarray:
+    """The first `count` values of the A1111 LCG (`seed % 255`), low 4 bits, as uint8.
+
+    The first block is stepped in Python; later blocks jump `block` steps at once with
+    seed' = A_block * seed + C_block (mod 2**32), in uint64 arithmetic.
+    """
+    block = max(1, min(count, 4096))
+    seeds = np.empty(block, dtype=np.uint64)
+    seed, jump_mul, jump_add = 0, 1, 0
+    for i in range(block):
+        seed = (LCG_MULTIPLIER * seed + LCG_INCREMENT) % LCG_MODULUS
+        seeds[i] = seed
+        jump_mul = (LCG_MULTIPLIER * jump_mul) % LCG_MODULUS
+        jump_add = (LCG_MULTIPLIER * jump_add + LCG_INCREMENT) % LCG_MODULUS
+    blocks, current = [seeds], seeds
+    produced = block
+    while produced < count:
+        current = (current * np.uint64(jump_mul) + np.uint64(jump_add)) & np.uint64(0xFFFFFFFF)
+        blocks.append(current)
+        produced += block
+    values = np.concatenate(blocks)[:count] % np.uint64(255)
+    return (values & np.uint64(0x0F)).astype(np.uint8)
+
+
+def encode_json(data: dict[str, Any]) -> str:
+    """JSON of an embedding dict with tensors as {"TORCHTENSOR": nested lists}."""
+
+    def tensor_to_json(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {TENSOR_TAG: value.detach().cpu().to(torch.float64).tolist()}
+        raise TypeError(f"cannot store a {type(value).__name__} in an embedding image")
+
+    return json.dumps(data, default=tensor_to_json)
+
+
+def decode_json(text: str | bytes, label: str) -> dict[str, Any]:
+    """Inverse of encode_json; tensors come back as float tensors."""
+
+    def object_hook(obj: dict[str, Any]) -> Any:
+        if TENSOR_TAG in obj:
+            try:
+                array = np.asarray(obj[TENSOR_TAG], dtype=np.float64)
+            except (ValueError, TypeError) as error:
+                raise EmbeddingError(f"{label}: malformed tensor in embedding JSON ({error})")
+            return torch.from_numpy(array)
+        return obj
+
+    try:
+        data = json.loads(text, object_hook=object_hook)
+    except (ValueError, RecursionError) as error:
+        raise EmbeddingError(f"{label}: embedding data in the image is not valid JSON "
+                             f"({error})") from None
+    if not isinstance(data, dict):
+        raise EmbeddingError(f"{label}: embedding data in the image is a "
+                             f"{type(data).__name__}, expected a dict")
+    return data
+
+
+def read_image_embedding(data: bytes, label: str) -> tuple[dict[str, Any], str] | None:
+    """(embedding dict, "text" or "pixels") from an image's bytes; None if it holds none.
+
+    The text chunk wins when both carriers are present, as in A1111.
+    """
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
+
+    try:
+        with PILImage.open(io.BytesIO(data)) as image:
+            image.load()
+            text = getattr(image, "text", None) or {}
+            chunk = text.get(TEXT_CHUNK_KEY) if isinstance(text, dict) else None
+            if chunk is not None:
+                try:
+                    payload = base64.b64decode(chunk, validate=False)
+                except (binascii.Error, ValueError) as error:
+                    raise EmbeddingError(f"{label}: '{TEXT_CHUNK_KEY}' text chunk is not base64 "
+                                         f"({error})") from None
+                return decode_json(payload, label), "text"
+            pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise EmbeddingError(f"{label}: unreadable image ({error})") from None
+    payload = extract_pixel_payload(pixels)
+    if payload is None:
+        return None
+    return decode_json(payload, label), "pixels"
+
+
+def extract_pixel_payload(pixels: np.ndarray) -> bytes | None:
+    """The JSON bytes hidden in an (H, W, 3) uint8 picture, or None if there are none."""
+    content = (pixels > 0).all(axis=2)  # (H, W): a pixel is content if no channel is 0
+    if not content.any():
+        return None
+    rows, cols = content.any(axis=1), content.any(axis=0)
+    top, bottom = int(rows.argmax()), len(rows) - int(rows[::-1].argmax())
+    left, right = int(cols.argmax()), len(cols) - int(cols[::-1].argmax())
+    nibbles = pixels[top:bottom, left:right] & 0x0F  # (h, w, 3)
+    black_columns = np.flatnonzero(nibbles.sum(axis=(0, 2)) == 0)
+    if len(black_columns) < 2:
+        return None
+    low = nibbles[:, : black_columns.min()]
+    high = nibbles[:, black_columns.max() + 1 :]
+    if low.size == 0 or low.shape != high.shape:
+        return None
+    low = low ^ lcg_nibbles(low.size).reshape(low.shape)
+    high = high ^ lcg_nibbles(high.size).reshape(high.shape)
+    stream = ((high << 4) | low).astype(np.uint8).tobytes()  # row-major (h, w, 3) order
+    decompressor = zlib.decompressobj()
+    try:
+        payload = decompressor.decompress(stream)
+    except zlib.error:
+        return None
+    return payload if decompressor.eof else None
+
+
+def embed_pixel_payload(picture: Image, payload: bytes, pattern: np.ndarray) -> Image:
+    """`picture` widened with the carrier blocks holding zlib(payload); returns a new image.
+
+    `pattern`: uint8 values drawn into the upper nibbles (decorative; kept at least 0x10 so
+    that no data pixel is black and the reader's border crop never cuts into the data).
+    """
+    from PIL import Image as PILImage
+
+    compressed = np.frombuffer(zlib.compress(payload, 9), dtype=np.uint8)
+    height = picture.height
+    per_column = height * CHANNELS
+    size = -(-compressed.size // per_column) * per_column  # round up to whole columns
+    blocks = []
+    for nibbles, motif in ((compressed & 0x0F, pattern), (compressed >> 4, pattern[::-1])):
+        data = np.resize(nibbles, size).reshape(height, -1, CHANNELS)  # (h, w, 3), cyclic fill
+        rows, cols = np.indices(data.shape[:2])
+        upper = motif[(rows + cols) % motif.size][..., None] & 0xF0  # (h, w, 1) diagonal
+        upper = np.maximum(upper, 0x10)
+        low = data ^ lcg_nibbles(data.size).reshape(data.shape)
+        blocks.append((upper | low).astype(np.uint8))
+    block_width = blocks[0].shape[1]
+    canvas = PILImage.new("RGB", (picture.width + 2 * block_width + 2, height), (0, 0, 0))
+    canvas.paste(PILImage.fromarray(blocks[0], mode="RGB"), (0, 0))
+    canvas.paste(picture.convert("RGB"), (block_width + 1, 0))
+    canvas.paste(PILImage.fromarray(blocks[1], mode="RGB"), (block_width + 1 + picture.width + 1, 0))
+    return canvas
+
+
+def preview_from_vectors(vectors: torch.Tensor) -> Image:
+    """A deterministic PREVIEW_SIZE square picture drawn from an (n, D) embedding."""
+    from PIL import Image as PILImage
+
+    values = torch.tanh(vectors.detach().float().flatten() * 4.0)  # (n*D,) in (-1, 1)
+    shades = ((values + 1.0) * 127.5).clamp(1, 255).to(torch.uint8).numpy()
+    index = np.arange(PREVIEW_SIZE * PREVIEW_SIZE * CHANNELS) % shades.size
+    return PILImage.fromarray(shades[index].reshape(PREVIEW_SIZE, PREVIEW_SIZE, CHANNELS), "RGB")
+
+
+def write_png(data: dict[str, Any], vectors: torch.Tensor, preview: Image | None) -> bytes:
+    """PNG bytes with `data` in both carriers (text chunk and pixels) on `preview`.
+
+    `vectors` (n, D) draw the generated preview when none is given; the first vector's first
+    1024 values (absolute, scaled to 0..255) shape the decorative pattern, as in A1111.
+    """
+    from PIL import PngImagePlugin
+
+    text = encode_json(data)
+    magnitudes = vectors[0].detach().abs().float()[:1024]
+    peak = float(magnitudes.max()) if magnitudes.numel() else 0.0
+    scaled = (magnitudes / peak * 255.0) if peak > 0 else magnitudes
+    pattern = scaled.to(torch.uint8).numpy()
+    picture = preview if preview is not None else preview_from_vectors(vectors)
+    image = embed_pixel_payload(picture, text.encode("utf-8"), pattern)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(TEXT_CHUNK_KEY, base64.b64encode(text.encode("utf-8")).decode("ascii"))
+    out = io.BytesIO()
+    image.save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
