@@ -22,6 +22,7 @@ CheckpointError.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import mmap
 import os
@@ -68,8 +69,6 @@ TORCH_DTYPE_NAMES = (
 # numpy dtype strings accepted for scalars and arrays: bool, ints, floats, complex
 NUMPY_DTYPE_PATTERN = re.compile(r"^[<>|=]?(\?|b1|[iu][1248]|f[248]|c(8|16)|bool)$")
 
-# protocol-2 pickles written by Python 2 name these modules the old way
-MODULE_ALIASES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
 class InertObject:
@@ -178,7 +177,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
                                    self._rebuild_tensor_v3)  # fmt: skip
 
     def find_class(self, module: str, name: str) -> Any:
-        module = MODULE_ALIASES.get(module, module)
+        # protocol-2 pickles use Python 2 names ('__builtin__.set', 'commands.Popen'); map them
+        # as pickle itself would, so the allowlist and messages see the real global
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        else:
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         found = self._allowed(module, name)
         if found is None:
             raise UnsafePickleError(
