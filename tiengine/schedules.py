@@ -267,7 +267,10 @@ def initial_noise(
     shape = tuple(int(n) for n in shape)
     if len(shape) < 2:
         raise SamplingError(f"noise shape: expected (B, C, ...), found {shape}")
-    generators = batch_generators(seed, shape[0]) if isinstance(seed, int) else list(seed)
+    if isinstance(seed, Sequence) and all(isinstance(g, torch.Generator) for g in seed):
+        generators = list(seed)
+    else:
+        generators = batch_generators(seed, shape[0])
     if len(generators) != shape[0]:
         raise SamplingError(f"noise: expected {shape[0]} generators (one per image), found {len(generators)}")
     noise = torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators])
