@@ -1,0 +1,127 @@
+"""`weights-conv`: inspect and convert Stable Diffusion checkpoints.
+
+    weights-conv inspect CKPT [--json] [--prediction {epsilon,v}] [--family {sd1,sd2,sdxl}] [--vae VAE] [--no-ema]
+    weights-conv convert CKPT OUTDIR [--dtype {fp32,fp16,bf16}] [--overwrite] [same options]
+
+`inspect --json` prints one JSON object (family, prediction, components {name: {params, dtype, ...}},
+ema, key accounting, how each fact was detected, any mismatch under "problems"); without --json, a
+readable summary. `convert` writes OUTDIR/config.json and one safetensors file per component (unet,
+vae, text_encoder[, text_encoder_2]) in tiengine's tensor names; `Engine.load` reads that folder, as it
+reads every input `inspect` accepts. Exit status: 0 done, 1 inspect found problems, 2 refused input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tiengine.errors import TiengineError
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+
+
+def convert_checkpoint(
+    path: str | os.PathLike[str],
+    outdir: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    family: str | None = None,
+    prediction: str | None = None,
+    vae: str | os.PathLike[str] | None = None,
+    ema: bool = True,
+    ignore_unknown: bool = False,
+) -> Path:
+    """Convert any supported input into a tiengine model folder; returns the folder."""
+    from tiengine.weights_conv.convert import DTYPE_NAMES, open_model
+
+    with open_model(path, family=family, prediction=prediction, vae=vae, ema=ema, ignore_unknown=ignore_unknown) as model:
+        return model.write_folder(outdir, dtype=DTYPE_NAMES[dtype] if dtype else None, overwrite=overwrite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="weights-conv", description="Inspect and convert Stable Diffusion checkpoints.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add_model_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("checkpoint", help="single file (.safetensors/.ckpt/.pt), diffusers folder or converted folder")
+        command.add_argument("--prediction", choices=("epsilon", "v"), help="override the detected prediction type")
+        command.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="assert the family (must match the weights)")
+        command.add_argument("--vae", help="replacement VAE file or diffusers vae/ folder")
+        command.add_argument("--no-ema", dest="ema", action="store_false",
+                             help="use model.diffusion_model.* even when model_ema.* weights are present")  # fmt: skip
+        command.add_argument("--ignore-unknown", action="store_true",
+                             help="list keys of no known component as ignored instead of refusing the file")  # fmt: skip
+
+    inspect = commands.add_parser("inspect", help="detect and describe a model")
+    add_model_options(inspect)
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    convert = commands.add_parser("convert", help="write a tiengine model folder")
+    add_model_options(convert)
+    convert.add_argument("outdir", help="output folder")
+    convert.add_argument("--dtype", choices=DTYPE_CHOICES, help="cast floating-point tensors (default: keep)")
+    convert.add_argument("--overwrite", action="store_true", help="replace existing files in OUTDIR")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "inspect":
+            return _inspect(args)
+        folder = convert_checkpoint(
+            args.checkpoint, args.outdir, dtype=args.dtype, overwrite=args.overwrite, family=args.family,
+            prediction=args.prediction, vae=args.vae, ema=args.ema, ignore_unknown=args.ignore_unknown,
+        )  # fmt: skip
+        print(f"wrote {folder}")
+        return 0
+    except TiengineError as error:
+        print(f"weights-conv {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from tiengine.weights_conv.convert import open_model
+
+    with open_model(args.checkpoint, family=args.family, prediction=args.prediction, vae=args.vae, ema=args.ema,
+                    ignore_unknown=args.ignore_unknown) as model:  # fmt: skip
+        report = model.inspect()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_summary(report))
+    return 1 if report["problems"] else 0
+
+
+def _summary(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['path']} ({report['layout']})",
+        f"  family      {report['family']}" + (f" ({report['variant']})" if report["variant"] != "base" else ""),
+        f"  prediction  {report['prediction']}  [{report['prediction_source']}]",
+        f"  dtype       {report['dtype']}",
+        "  components:",
+    ]
+    for name, component in report["components"].items():
+        lines.append(
+            f"    {name:<15} {component['params']:>14,} params  {component['tensors']:>5} tensors  "
+            f"{component['dtype']}  from {component['source']}"
+        )
+    ema = report["ema"]
+    lines.append(f"  ema         {'present' if ema['present'] else 'absent'}" + (", used" if ema["used"] else ""))
+    keys = report["keys"]
+    lines.append(f"  keys        {keys['total']} total, {keys['converted']} converted")
+    for category, count in keys["ignored"].items():
+        lines.append(f"    ignored   {count:>6}  {report['ignored_meaning'][category]}")
+    for name, value in report["extras"].items():
+        lines.append(f"  extra       {name}: {value}")
+    lines.append("  detection:")
+    for part, evidence in report["detection"].items():
+        for line in evidence:
+            lines.append(f"    {part}: {line}")
+    for problem in report["problems"]:
+        lines.append(f"  PROBLEM     {problem}")
+    return "\n".join(lines)
