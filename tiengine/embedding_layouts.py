@@ -90,7 +90,7 @@ def parse_embedding_data(data: Any, label: str) -> ParsedEmbedding:
         return _with_metadata(parsed, data, label)
     if any(str(k).startswith(BUNDLE_PREFIX) for k in data):
         names = sorted(parse_bundles(data, label))
-        raise EmbeddingError(f"{label}: LoRA file with {len(names)} bundled embedding(s) "
+        raise EmbeddingError(f"{label}: LoRA file with {len(names)} bundled embeddings "
                              f"({', '.join(names)}); load them with load_bundled_embeddings")
     raise EmbeddingError(f"{label}: unknown embedding layout (keys found: "
                          f"{describe_keys(data.keys())})")
