@@ -206,7 +206,9 @@ def test_initial_noise_generators_continue_into_the_sampler():
         initial_noise(1.5, (1, 4, 4, 4))
 
 
-@pytest.mark.parametrize("steps,strength,start", [(20, 0.75, 4), (20, 1.0, 0), (20, 0.0, 19), (7, 0.5, 3), (10, 0.85, 1)])
+@pytest.mark.parametrize(
+    "steps,strength,start", [(20, 0.75, 4), (20, 1.0, 0), (20, 0.0, 19), (7, 0.5, 3), (10, 0.85, 1)]
+)
 def test_img2img_start_follows_a1111(steps, strength, start):
     """A1111: t_enc = int(min(s, 0.999) * N); sigmas[N - t_enc - 1:] (start index worked out by hand)."""
     sigmas = get_sigmas(NoiseSchedule.from_betas(**SD_BETAS), steps, "karras")

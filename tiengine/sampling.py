@@ -17,8 +17,10 @@ to x's device and dtype, so a seed gives the same result on any device. Ancestra
 (whose stream cannot be reproduced without it): it is drawn from the generator with the same law.
 DPM++ 2M SDE draws one normal per step (increments of a Brownian path over disjoint intervals are
 independent). DPM++ SDE queries the path twice per step, over [sigma_mid, sigma] and [sigma_next, sigma]:
-it draws z1, z2 and uses z1, then ``(sqrt(sigma - sigma_mid) z1 + sqrt(sigma_mid - sigma_next) z2) /
-sqrt(sigma - sigma_next)``, the normalized increments of one Brownian path.
+with ``sigma_mid = sqrt(sigma * sigma_next)``: it draws z1, z2 and uses z1, then ``(sqrt(sigma - sigma_mid)
+z1 + sqrt(sigma_mid - sigma_next) z2) / sqrt(sigma - sigma_next)``, the normalized increments of one
+Brownian path. LMS integrates its Lagrange polynomials exactly (Gauss-Legendre) where k-diffusion calls
+scipy's quad; both are exact for these polynomials.
 
 ``callback(step_index, total_steps, x, denoised)`` runs once per step, after the step's first denoiser
 call, with the step's input x and that call's x0 (k-diffusion's order).
@@ -69,6 +71,9 @@ def _randn_like(x: torch.Tensor, generator: Generators, sampler: str) -> torch.T
     """Standard normal noise shaped like x: float32 on the CPU from the generator(s), then to x."""
     if generator is None:
         raise SamplingError(f"{sampler} draws noise during sampling: pass generator=torch.Generator('cpu')")
+    generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
+    if any(g.device.type != "cpu" for g in generators):
+        raise SamplingError(f"{sampler}: expected CPU generators (noise is drawn on the CPU), found {generators}")
     if isinstance(generator, torch.Generator):
         noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
     else:

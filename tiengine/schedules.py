@@ -16,7 +16,8 @@ denoiser maps ``(x, sigma) -> x0``. Names and constants come from:
   "karras": Karras et al. 2022, rho = 7, between the table's sigma_min and sigma_max;
   "exponential": evenly spaced in log sigma between the same bounds;
   "ddim_uniform": the table's sigmas at timesteps ``1 + k * (T // steps)``, k = steps-1 .. 0 (diffusers'
-  DDIM "leading" spacing with steps_offset 1, and A1111's DDIM timesteps).
+  DDIM "leading" spacing with steps_offset 1, and LDM's "uniform" DDIM timesteps). Like diffusers' DDIM
+  with set_alpha_to_one, the last step goes to 0; LDM's DDIMSampler stops at alphas_cumprod[0] instead.
   ``discard_penultimate=True`` builds steps + 1 sigmas and drops the next-to-last one (A1111 does this
   for DPM2).
 - Model parameterizations (k-diffusion ``CompVisDenoiser`` / ``CompVisVDenoiser``): an epsilon model
