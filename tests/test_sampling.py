@@ -146,9 +146,12 @@ def test_second_order_and_call_counts():
             sigmas = get_sigmas(schedule, steps, info.default_scheduler,
                                 discard_penultimate=info.discard_penultimate_sigma)
             calls: list = []
+            reported: list = []
             x = torch.randn(LATENT_SHAPE, generator=torch.Generator().manual_seed(0)) * sigmas[0]
-            info.sample(recording(denoiser, calls), x, sigmas, generator=torch.Generator().manual_seed(0))
+            info.sample(recording(denoiser, calls), x, sigmas, generator=torch.Generator().manual_seed(0),
+                        callback=lambda i, n, xi, d: reported.append((i, n)))
             assert len(calls) == info.model_calls(steps) == (2 * steps - 1 if info.second_order else steps)
+            assert reported == [(i, steps) for i in range(steps)]
 
 
 def test_a1111_defaults_in_registry():
