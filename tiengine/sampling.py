@@ -314,7 +314,7 @@ class SamplerInfo:
     name: str
     sample: Callable[..., torch.Tensor]
     second_order: bool  # two denoiser calls per step: prompt schedules count 2 * steps
-    stochastic: bool  # draws noise during sampling: needs a generator
+    stochastic: bool  # draws noise during sampling at A1111's defaults: needs a generator (DDIM only with eta > 0)
     default_scheduler: str  # A1111's "Automatic" schedule for this sampler
     discard_penultimate_sigma: bool = False  # A1111 builds steps + 1 sigmas and drops the next-to-last
 
