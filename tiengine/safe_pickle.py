@@ -27,96 +27,33 @@ import io
 import mmap
 import os
 import pickle
-import re
 import struct
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tiengine.errors import CheckpointError, TiengineError, UnsafePickleError
+from tiengine.pickle_allowlist import (INERT_CLASSES, STORAGE_DTYPES, TORCH_DTYPE_NAMES,
+                                       InertModelCheckpoint, InertObject, InertParameter,
+                                       InertParameterDict, StorageType, codecs_encode,
+                                       copyreg_reconstructor, int_tuple, make_bytearray,
+                                       make_device, make_size, non_negative_int,
+                                       numpy_dtype, numpy_ndarray_class, numpy_reconstruct,
+                                       numpy_scalar, rebuild_parameter,
+                                       rebuild_parameter_with_state)
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
-# torch.<Name>Storage -> element dtype (names from torch/storage.py)
-STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64,
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-    "ComplexFloatStorage": torch.complex64,
-    "ComplexDoubleStorage": torch.complex128,
-    "UntypedStorage": torch.uint8,
-}
-
-# dtypes that may appear as globals, e.g. `torch.float16` passed to _rebuild_tensor_v3
-TORCH_DTYPE_NAMES = (
-    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
-    "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2",
-)  # fmt: skip
-
-# numpy dtype strings accepted for scalars and arrays: bool, ints, floats, complex
-NUMPY_DTYPE_PATTERN = re.compile(r"^[<>|=]?(\?|b1|[iu][1248]|f[248]|c(8|16)|bool)$")
-
-
-
-class InertObject:
-    """Stand-in for an allowed class: records constructor arguments and pickled state only.
-
-    `qualified_name` is the class the file asked for; `state` is what pickle's BUILD gave
-    (for an nn.Module, its `__dict__`, whose `_parameters` holds the tensors).
-    """
-
-    qualified_name = ""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-        self.kwargs = kwargs
-        self.state: Any = None
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"InertObject({self.qualified_name})"
-
-
-class InertParameterDict(InertObject):
-    qualified_name = "torch.nn.modules.container.ParameterDict"
-
-
-class InertParameter(InertObject):
-    qualified_name = "torch.nn.parameter.Parameter"
-
-
-class InertModelCheckpoint(InertObject):
-    qualified_name = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
-
-
-INERT_CLASSES: dict[tuple[str, str], type[InertObject]] = {
-    ("torch.nn.modules.container", "ParameterDict"): InertParameterDict,
-    ("torch.nn.parameter", "Parameter"): InertParameter,
-    ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"): InertModelCheckpoint,
-    ("lightning.pytorch.callbacks.model_checkpoint", "ModelCheckpoint"): InertModelCheckpoint,
-}
-
-
-@dataclass(frozen=True)
-class StorageType:
-    """What a pickled `torch.FloatStorage` (etc.) resolves to: only its element dtype."""
-
-    dtype: torch.dtype
+# stand-ins a caller may meet in a loaded object (defined beside the rest of the allowlist)
+__all__ = ["InertObject", "InertParameterDict", "InertParameter", "InertModelCheckpoint",
+           "StorageRef", "TensorRef", "TorchArchive", "open_torch_file", "load_pickle",
+           "iter_tensors"]
 
 
 @dataclass(frozen=True)
@@ -140,7 +77,7 @@ class TensorRef:
     storage_offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
-    archive: TorchArchive
+    archive: TorchArchive = field(repr=False, compare=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -197,8 +134,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 "_rebuild_tensor": self._rebuild_tensor,
                 "_rebuild_tensor_v2": self._rebuild_tensor_v2,
                 "_rebuild_tensor_v3": self._rebuild_tensor_v3,
-                "_rebuild_parameter": _rebuild_parameter,
-                "_rebuild_parameter_with_state": _rebuild_parameter_with_state,
+                "_rebuild_parameter": rebuild_parameter,
+                "_rebuild_parameter_with_state": rebuild_parameter_with_state,
             }.get(name)
         if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
             return self._rebuild_from_type_v2
@@ -207,22 +144,22 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "torch":
             if name in TORCH_DTYPE_NAMES and hasattr(torch, name):
                 return getattr(torch, name)
-            return {"Size": _make_size, "device": _make_device, "Tensor": torch.Tensor}.get(name)
+            return {"Size": make_size, "device": make_device, "Tensor": torch.Tensor}.get(name)
         if (module, name) in INERT_CLASSES:
             return INERT_CLASSES[(module, name)]
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
         if module == "builtins":
             return {"set": set, "frozenset": frozenset, "complex": complex,
-                    "bytearray": _make_bytearray}.get(name)  # fmt: skip
+                    "bytearray": make_bytearray}.get(name)  # fmt: skip
         if (module, name) == ("_codecs", "encode"):
-            return _codecs_encode
+            return codecs_encode
         if (module, name) == ("copyreg", "_reconstructor"):
-            return _copyreg_reconstructor
+            return copyreg_reconstructor
         if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            return {"scalar": _numpy_scalar, "_reconstruct": _numpy_reconstruct}.get(name)
+            return {"scalar": numpy_scalar, "_reconstruct": numpy_reconstruct}.get(name)
         if module == "numpy" and name in ("dtype", "ndarray"):
-            return _numpy_dtype if name == "dtype" else _numpy_ndarray_class()
+            return numpy_dtype if name == "dtype" else numpy_ndarray_class()
         return None
 
     def persistent_load(self, pid: Any) -> Any:
@@ -242,8 +179,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def _rebuild_tensor_v2(self, storage: Any, storage_offset: Any, size: Any, stride: Any,
                            requires_grad: Any, backward_hooks: Any, metadata: Any = None) -> Any:
         if isinstance(storage, torch.Tensor):  # materialized storage (1-D, its dtype)
-            shape, strides = _int_tuple(size, "size"), _int_tuple(stride, "stride")
-            offset = _non_negative_int(storage_offset, "storage offset")
+            shape, strides = int_tuple(size, "size"), int_tuple(stride, "stride")
+            offset = non_negative_int(storage_offset, "storage offset")
             if len(shape) != len(strides) or offset + _view_extent(shape, strides) > storage.numel():
                 raise CheckpointError(f"{self._archive.path}: a tensor view {shape} lies outside "
                                       f"its storage of {storage.numel()} elements")
@@ -270,97 +207,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise UnsafePickleError(f"{self._archive.path}: refused _rebuild_from_type_v2 of "
                                     f"{getattr(new_type, '__name__', new_type)!r}")
         return func(*args)
-
-
-def _rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> Any:
-    return data
-
-
-def _rebuild_parameter_with_state(data: Any, requires_grad: Any, backward_hooks: Any,
-                                  state: Any) -> Any:
-    return data
-
-
-def _int_tuple(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(type(v) is int for v in value):
-        raise CheckpointError(f"tensor {what} must be a tuple of ints, found {value!r:.80}")
-    if any(v < 0 for v in value):
-        raise CheckpointError(f"tensor {what} has a negative entry: {tuple(value)}")
-    return tuple(value)
-
-
-def _non_negative_int(value: Any, what: str) -> int:
-    if type(value) is not int or value < 0:
-        raise CheckpointError(f"{what} must be a non-negative int, found {value!r:.80}")
-    return value
-
-
-def _make_size(*args: Any) -> torch.Size:
-    dims = args[0] if args else ()
-    return torch.Size(_int_tuple(dims, "torch.Size"))
-
-
-def _make_device(*args: Any) -> torch.device:
-    if not all(isinstance(a, (str, int)) for a in args):
-        raise CheckpointError(f"torch.device arguments must be str/int, found {args!r:.80}")
-    return torch.device(*args)
-
-
-def _make_bytearray(*args: Any) -> bytearray:
-    if len(args) == 1 and isinstance(args[0], (bytes, list)):
-        return bytearray(args[0])
-    if len(args) == 2 and isinstance(args[0], str) and args[1] in ("latin1", "latin-1"):
-        return bytearray(args[0], args[1])
-    if not args:
-        return bytearray()
-    raise CheckpointError(f"bytearray from unexpected arguments {args!r:.80}")
-
-
-def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
-    """How protocol-2 pickles spell bytes: `_codecs.encode('\\x00...', 'latin1')`."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
-        raise CheckpointError(f"_codecs.encode with unexpected arguments ({encoding!r})")
-    return text.encode(encoding)
-
-
-def _copyreg_reconstructor(cls: Any, base: Any, state: Any) -> InertObject:
-    """Protocol 0/1 object construction, allowed only for the inert stand-ins."""
-    if not (isinstance(cls, type) and issubclass(cls, InertObject)) or base is not object:
-        raise UnsafePickleError(f"refused copyreg._reconstructor of {cls!r:.80}")
-    return cls()
-
-
-def _numpy_dtype(spec: Any, align: Any = False, copy: Any = False) -> Any:
-    import numpy
-
-    if not isinstance(spec, str) or not NUMPY_DTYPE_PATTERN.match(spec):
-        raise UnsafePickleError(f"refused numpy dtype {spec!r:.40} (only bool/int/float/complex)")
-    return numpy.dtype(spec)
-
-
-def _numpy_ndarray_class() -> type:
-    import numpy
-
-    return numpy.ndarray
-
-
-def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
-    import numpy
-
-    if not isinstance(dtype, numpy.dtype) or dtype.kind not in "biufc" or dtype.fields:
-        raise UnsafePickleError(f"refused numpy scalar of dtype {dtype!r:.40}")
-    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
-        raise CheckpointError(f"numpy scalar of {dtype} with {len(data or b'')} bytes")
-    return numpy.frombuffer(data, dtype=dtype)[0].copy()
-
-
-def _numpy_reconstruct(cls: Any, shape: Any, typecode: Any) -> Any:
-    """numpy's array pickle: an empty array that BUILD then fills (numeric dtypes only)."""
-    import numpy
-
-    if cls is not numpy.ndarray:
-        raise UnsafePickleError(f"refused numpy _reconstruct of {cls!r:.80}")
-    return numpy.ndarray.__new__(numpy.ndarray, (0,), numpy.uint8)
 
 
 class TorchArchive:
@@ -480,7 +326,7 @@ class TorchArchive:
         storage_type, key, _location, numel = pid[1:5]
         if not isinstance(storage_type, StorageType) or not isinstance(key, str):
             raise CheckpointError(f"{self.path}: storage {key!r:.40} has no storage type")
-        numel = _non_negative_int(numel, f"storage {key!r} size")
+        numel = non_negative_int(numel, f"storage {key!r} size")
         view = pid[5] if len(pid) == 6 else None
         ref = self._storages.get(key)
         if ref is None:
@@ -490,8 +336,8 @@ class TorchArchive:
             raise CheckpointError(f"{self.path}: storage {key!r} used as two dtypes")
         if view is not None:  # legacy view: (view_key, element offset, element count)
             _view_key, view_offset, view_numel = view
-            view_offset = _non_negative_int(view_offset, "storage view offset")
-            view_numel = _non_negative_int(view_numel, "storage view size")
+            view_offset = non_negative_int(view_offset, "storage view offset")
+            view_numel = non_negative_int(view_numel, "storage view size")
             if view_offset + view_numel > ref.numel:
                 raise CheckpointError(f"{self.path}: storage view outside storage {key!r}")
             return StorageRef(key, ref.dtype, view_numel, view_offset)
@@ -505,8 +351,8 @@ class TorchArchive:
 
     def _tensor_ref(self, storage: StorageRef, storage_offset: Any, size: Any,
                     stride: Any) -> TensorRef:
-        shape, strides = _int_tuple(size, "size"), _int_tuple(stride, "stride")
-        offset = _non_negative_int(storage_offset, "storage offset")
+        shape, strides = int_tuple(size, "size"), int_tuple(stride, "stride")
+        offset = non_negative_int(storage_offset, "storage offset")
         if len(shape) != len(strides):
             raise CheckpointError(f"{self.path}: tensor size {shape} and stride {strides} differ")
         if offset + _view_extent(shape, strides) > storage.numel:
