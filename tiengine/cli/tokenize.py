@@ -1,0 +1,130 @@
+"""`tiengine tokenize`: prompts -> 77-token chunks with per-token weights and embedding slots.
+
+JSON output (`--json`): one object per prompt (JSON lines with `--file`): `prompt`, `token_count`,
+`chunks` = [{"tokens": [77 ids], "weights": [77 floats], "embeddings": [[slot, name, n_vectors], ...]}],
+slots counted from the chunk start (BOS is 0), embedding slots holding their pseudo-token ids (>= 49408).
+Token ids are those of the family's first encoder; SDXL adds `tokens_2` for its second encoder (ids after
+the first EOS are 0). Also `unresolved` (`embedding:NAME` naming nothing), `skipped` (mentioned embeddings
+that cannot be used, with the reason) and `warnings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tiengine.cli import CliError
+
+FAMILY_PAD_IDS = {"sd1": (49407,), "sd2": (0,), "sdxl": (49407, 0)}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "tokenize",
+        help="show a prompt's 77-token chunks, weights and embedding slots",
+        description="Tokenize prompts the way A1111 conditions them: weighted fragments, BREAK, "
+        "75-token chunks with comma backtracking, embeddings bound by name or embedding:NAME.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("text", nargs="?", help="the prompt")
+    source.add_argument("--file", type=Path, help="a text file with one prompt per line")
+    parser.add_argument("--embeddings", type=Path, metavar="DIR", help="folder of embedding files to bind")
+    parser.add_argument("--family", choices=sorted(FAMILY_PAD_IDS), default="sd1",
+                        help="model family: decides padding and which embeddings fit (default sd1)")
+    parser.add_argument("--emphasis", default="original",
+                        choices=["original", "no_norm", "ignore", "none", "lerp"],
+                        help="emphasis mode; 'none' skips attention parsing (BREAK is text)")
+    parser.add_argument("--comma-backtrack", type=int, default=20, metavar="N",
+                        help="move up to N tokens after the last comma to the next chunk (0 disables)")
+    parser.add_argument("--explicit-only", action="store_true",
+                        help="bind embeddings only through embedding:NAME, never by bare name")
+    parser.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tiengine.chunking import tokenize_prompt
+    from tiengine.conditioning import encoder_token_ids
+    from tiengine.tokenizer import ClipTokenizer
+    from tiengine.vocabulary import EmbeddingVocabulary
+
+    if args.comma_backtrack < 0:
+        raise CliError(f"--comma-backtrack must be >= 0, got {args.comma_backtrack}")
+    prompts = _read_prompts(args)
+    tokenizer = ClipTokenizer.default()
+    vocabulary = EmbeddingVocabulary(tokenizer)
+    if args.embeddings is not None:
+        from tiengine.embedding_library import EmbeddingLibrary
+
+        vocabulary = EmbeddingVocabulary.from_library(tokenizer, EmbeddingLibrary(args.embeddings, args.family))
+
+    import torch
+
+    for prompt in prompts:
+        result = tokenize_prompt(
+            prompt,
+            tokenizer,
+            emphasis=args.emphasis,
+            comma_backtrack=args.comma_backtrack,
+            bare_names=not args.explicit_only,
+        )
+        chunks = []
+        for chunk in result.chunks:
+            record = {}
+            for index, pad_id in enumerate(FAMILY_PAD_IDS[args.family]):
+                ids = encoder_token_ids([chunk], pad_id, torch.device("cpu"))[0].tolist()
+                record["tokens" if index == 0 else f"tokens_{index + 1}"] = ids
+            record["weights"] = [round(weight, 6) for weight in chunk.weights]
+            record["embeddings"] = [[e.slot, e.name, e.n_vectors] for e in chunk.embeddings]
+            chunks.append(record)
+        report = {
+            "prompt": prompt,
+            "token_count": result.token_count,
+            "chunks": chunks,
+            "unresolved": result.unresolved,
+            "skipped": [[m.name, m.reason] for m in vocabulary.skipped_mentions(prompt)],
+            "warnings": result.warnings,
+        }
+        if args.json:
+            print(json.dumps(report, ensure_ascii=False))
+        else:
+            _print_readable(report, tokenizer)
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.file is None:
+        return [args.text]
+    try:
+        text = args.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CliError(f"{args.file}: cannot read prompts: {error}") from error
+    return text.splitlines()
+
+
+def _print_readable(report: dict, tokenizer) -> None:
+    out = sys.stdout
+    out.write(f"prompt: {report['prompt']}\n")
+    out.write(f"tokens: {report['token_count']} in {len(report['chunks'])} chunk(s) of 75\n")
+    for number, chunk in enumerate(report["chunks"]):
+        out.write(f"chunk {number}:\n")
+        embedding_at = {slot: (name, n) for slot, name, n in chunk["embeddings"]}
+        tokens = chunk["tokens"]
+        end = len(tokens) - 1
+        while end > 1 and tokens[end - 1] in (49407, 0) and end - 1 not in embedding_at:
+            end -= 1  # hide padding
+        for slot in range(end + 1):
+            token_id = tokens[slot]
+            note = f"  <- {embedding_at[slot][0]} ({embedding_at[slot][1]} vectors)" if slot in embedding_at else ""
+            out.write(f"  {slot:>2}  {token_id:>6}  {tokenizer.token_text(token_id):<24} "
+                      f"{chunk['weights'][slot]:.4g}{note}\n")
+        if end < len(tokens) - 1:
+            out.write(f"  ... padding to {len(tokens)} ids\n")
+    for name in report["unresolved"]:
+        out.write(f"unresolved: embedding:{name} names no loaded embedding\n")
+    for name, reason in report["skipped"]:
+        out.write(f"skipped embedding {name}: {reason}\n")
+    for warning in report["warnings"]:
+        out.write(f"warning: {warning}\n")
