@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,5 +220,8 @@ def test_real_a1111_test_image(wild_dir):
 
 def test_importing_embeddings_does_not_import_pillow():
     code = "import sys, tiengine.embeddings, tiengine.embedding_library; print('PIL' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env=env)
     assert result.stdout.strip() == "False"

@@ -6,6 +6,7 @@ tiengine.image_embedding). Layouts are listed in tiengine.embedding_layouts. Enc
 widths: "clip_l" 768 (SD1, SDXL encoder 1), "clip_h" 1024 (SD2), "clip_g" 1280 (SDXL
 encoder 2). Naming follows A1111: the file stem, except for images, whose stored name wins.
 The hash is sha256 of the file bytes; its short form is the first 12 hex digits.
+EmbeddingLibrary (a scanned folder) lives in tiengine.embedding_library and is re-exported here.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Embedding:
                 shape = tuple(getattr(tensor, "shape", ()))
                 raise EmbeddingError(f"{label}: {encoder} vectors must be (n, {width}), found "
                                      f"{shape or type(tensor).__name__}")
-            if not (tensor.dtype.is_floating_point):
+            if not tensor.dtype.is_floating_point:
                 raise EmbeddingError(f"{label}: {encoder} vectors are {tensor.dtype}, expected "
                                      "floating point")
             if tensor.shape[0] == 0:
