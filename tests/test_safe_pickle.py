@@ -210,6 +210,20 @@ def test_lazy_refs_and_iteration_match(tmp_path, zipped):
     assert set(seen) == expected_keys
 
 
+def test_untyped_storages_with_rebuild_tensor_v3(tmp_path):
+    """Dtypes without a typed storage class are saved through _rebuild_tensor_v3."""
+    path = tmp_path / "v3.pt"
+    values = {"u16": torch.arange(6, dtype=torch.int32).to(torch.uint16),
+              "f8": torch.linspace(-2, 2, 6).to(torch.float8_e4m3fn)}
+    values["f8_view"] = values["f8"][2:]
+    torch.save(values, path)
+    reference = torch.load(path, weights_only=True)
+    for loaded in (load_pickle(path), {k: r.load() for k, r in load_pickle(path, lazy=True).items()}):
+        for key, tensor in reference.items():
+            assert loaded[key].dtype == tensor.dtype and loaded[key].shape == tensor.shape
+            assert torch.equal(loaded[key].view(torch.uint8), tensor.view(torch.uint8)), key
+
+
 def test_lazy_tensors_are_copy_on_write(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save({"state_dict": {"w": torch.arange(1024, dtype=torch.float32)}}, path)

@@ -36,7 +36,8 @@ STORAGE_DTYPES = {
 # dtypes that may appear as globals, e.g. `torch.float16` passed to _rebuild_tensor_v3
 TORCH_DTYPE_NAMES = (
     "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
-    "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2",
+    "uint16", "uint32", "uint64", "bool", "complex64", "complex128", "float8_e4m3fn",
+    "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
 )  # fmt: skip
 
 # numpy dtype strings accepted for scalars and arrays: bool, ints, floats, complex
