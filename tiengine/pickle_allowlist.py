@@ -143,13 +143,6 @@ def codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     return text.encode(encoding)
 
 
-def copyreg_reconstructor(cls: Any, base: Any, state: Any) -> InertObject:
-    """Protocol 0/1 object construction, allowed only for the inert stand-ins."""
-    if not (isinstance(cls, type) and issubclass(cls, InertObject)) or base is not object:
-        raise UnsafePickleError(f"refused copyreg._reconstructor of {cls!r:.80}")
-    return cls()
-
-
 def numpy_dtype(spec: Any, align: Any = False, copy: Any = False) -> Any:
     import numpy
 

@@ -41,7 +41,7 @@ from tiengine.errors import CheckpointError, TiengineError, UnsafePickleError
 from tiengine.pickle_allowlist import (INERT_CLASSES, STORAGE_DTYPES, TORCH_DTYPE_NAMES,
                                        InertModelCheckpoint, InertObject, InertParameter,
                                        InertParameterDict, StorageType, codecs_encode,
-                                       copyreg_reconstructor, int_tuple, make_bytearray,
+                                       int_tuple, make_bytearray,
                                        make_device, make_size, non_negative_int,
                                        numpy_dtype, numpy_ndarray_class, numpy_reconstruct,
                                        numpy_scalar, rebuild_parameter,
@@ -154,8 +154,6 @@ class _RestrictedUnpickler(pickle.Unpickler):
                     "bytearray": make_bytearray}.get(name)  # fmt: skip
         if (module, name) == ("_codecs", "encode"):
             return codecs_encode
-        if (module, name) == ("copyreg", "_reconstructor"):
-            return copyreg_reconstructor
         if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             return {"scalar": numpy_scalar, "_reconstruct": numpy_reconstruct}.get(name)
         if module == "numpy" and name in ("dtype", "ndarray"):
