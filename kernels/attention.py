@@ -58,8 +58,8 @@ class AttentionBlocks:
     num_stages: int = 1
 
 
-# Under TRITON_INTERPRET (CPU) one fixed, small configuration: unequal blocks exercise the causal logic.
-INTERPRETER_BLOCKS = AttentionBlocks(block_m=32, block_n=16)
+# Under TRITON_INTERPRET (CPU) one fixed configuration; unequal blocks exercise the causal bounds.
+INTERPRETER_BLOCKS = AttentionBlocks(block_m=64, block_n=32)
 
 # Forward candidates for the GPU autotuner (keyed on shape, head dim, causality and dtype).
 FORWARD_GPU_BLOCKS = (
