@@ -215,7 +215,7 @@ def test_truncated_and_corrupt_files(tmp_path):
 
 
 @pytest.mark.parametrize("tensors, message", [
-    ({"emb_params": vectors(2, 512)}, r"'emb_params' has width 512 .*expected 768 \(SD1\), 1024"),
+    ({"emb_params": vectors(2, 4)}, r"'emb_params' has width 4 .*expected 768 \(SD1\), 1024"),
     ({"emb_params": vectors(2, 1280)}, "clip_g half of an SDXL embedding alone"),
     ({"t5xxl": vectors(88, 4096)}, r"not a CLIP embedding: t5xxl 4096 \(key 't5xxl', shape \(88, 4096\)\)"),
     ({"emb_params": vectors(0, 768)}, r"clip_l holds no vectors \(shape \(0, 768\)\)"),
@@ -232,6 +232,16 @@ def test_bad_tensors_are_refused(tmp_path, tensors, message):
     with pytest.raises(EmbeddingError, match=message) as caught:
         load_embedding(path)
     assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_custom_width_embedding_is_a_custom_family(tmp_path):
+    """A small model's embedding (here 64 wide) loads, and never passes for a standard family."""
+    path = safetensors_file(tmp_path / "toy.safetensors", {"emb_params": vectors(3, 64)})
+    embedding = load_embedding(path)
+    assert embedding.family == "custom" and embedding.widths == {"clip_l": 64} and embedding.n_vectors == 3
+    assert embedding.mismatch("sd1") == "made for a custom model (clip_l 64), this model is SD1 (768)"
+    saved = save_embedding(embedding, tmp_path / "copy.safetensors")
+    assert torch.equal(load_embedding(saved).vectors["clip_l"], embedding.vectors["clip_l"])
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -1,6 +1,9 @@
-"""Atomic file writes: a temporary file in the destination folder, fsync, then os.replace.
+"""Atomic file writes: a temporary file in the destination folder, fsync, then one rename or link.
 
-A reader never sees a half-written file, and an existing file is only replaced when the caller says so.
+A reader never sees a half-written file, and an existing file is only replaced when the caller says so:
+without `overwrite`, the finished file is hard-linked into place, which fails if the name exists even
+when another process created it a moment ago (file systems without hard links fall back to a check
+followed by a rename).
 """
 
 from __future__ import annotations
@@ -30,11 +33,27 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
         write(temporary_path)
         with open(temporary_path, "rb+") as written:
             os.fsync(written.fileno())
-        os.replace(temporary_path, path)
-    except BaseException:
+        if overwrite:
+            os.replace(temporary_path, path)
+        else:
+            _publish_without_replacing(temporary_path, path)
+    except FileExistsError:
+        raise FileExistsRefusal(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)") from None
+    finally:
         temporary_path.unlink(missing_ok=True)
-        raise
     return path
+
+
+def _publish_without_replacing(temporary_path: Path, path: Path) -> None:
+    """Give the finished temporary file its final name unless that name exists (FileExistsError)."""
+    try:
+        os.link(temporary_path, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here: check, then rename
+        if path.exists():
+            raise FileExistsError(path) from None
+        os.replace(temporary_path, path)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:

@@ -32,6 +32,8 @@ from tiengine.safe_pickle import InertObject
 
 # hidden width of each text encoder: CLIP ViT-L/14, OpenCLIP ViT-H/14, OpenCLIP ViT-bigG/14
 ENCODER_WIDTHS = {"clip_l": 768, "clip_h": 1024, "clip_g": 1280}
+# Single-encoder vectors of another width at least this wide belong to a small custom model.
+MIN_CUSTOM_WIDTH = 8
 T5XXL_WIDTH = 4096  # T5-XXL (SD3/Flux) embeddings are not CLIP embeddings
 METADATA_KEYS = ("string_to_token", "name", "step", "sd_checkpoint", "sd_checkpoint_name")
 SDXL_KEY_PAIRS = (("clip_l", "clip_g"), ("text_encoders_0", "text_encoders_1"), ("emb", "emb2"))
@@ -201,8 +203,10 @@ def _single_encoder(tensor: Any, key: str, label: str) -> dict[str, torch.Tensor
     for encoder in ("clip_l", "clip_h"):
         if width == ENCODER_WIDTHS[encoder]:
             return {encoder: matrix}
+    if width >= MIN_CUSTOM_WIDTH:
+        return {"clip_l": matrix}  # a custom model's single encoder (family "custom")
     raise EmbeddingError(f"{label}: {key!r} has width {width} (shape {tuple(matrix.shape)}); "
-                         "expected 768 (SD1), 1024 (SD2) or 768+1280 (SDXL)")
+                         f"expected 768 (SD1), 1024 (SD2), 768+1280 (SDXL) or a custom width >= {MIN_CUSTOM_WIDTH}")
 
 
 def _refuse_t5(width: int, key: str, tensor: torch.Tensor, label: str) -> None:

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tiengine.atomic import atomic_write_bytes
-from tiengine.embedding_layouts import (BUNDLE_PREFIX, ENCODER_WIDTHS, ParsedEmbedding,
+from tiengine.embedding_layouts import (BUNDLE_PREFIX, ENCODER_WIDTHS, MIN_CUSTOM_WIDTH, T5XXL_WIDTH,
+                                        ParsedEmbedding,
                                         describe_keys, join_sdxl_pair, parse_bundles,
                                         parse_embedding_data)
 from tiengine.errors import CheckpointError, EmbeddingError
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 FAMILY_ENCODERS = {"sd1": ("clip_l",), "sd2": ("clip_h",), "sdxl": ("clip_l", "clip_g")}
 FAMILY_LABELS = {"sd1": "SD1 (768)", "sd2": "SD2 (1024)", "sdxl": "SDXL (768+1280)"}
+# A single-encoder embedding of another width (a small model such as tiengine's default) has this family.
+CUSTOM_FAMILY = "custom"
 MAX_VECTORS = 75  # one prompt chunk: 77 tokens minus BOS and EOS
 MAX_FILE_BYTES = 64 * 2**20  # larger pickles/safetensors without bundles are not embeddings
 MAX_SAFETENSORS_KEYS = 8
@@ -76,6 +79,8 @@ class Embedding:
         for encoder in FAMILY_ENCODERS[family]:
             tensor = self.vectors[encoder]
             width = ENCODER_WIDTHS[encoder]
+            if family == "sd1" and _is_custom_width(tensor):
+                family, width = CUSTOM_FAMILY, tensor.shape[1]
             if not isinstance(tensor, torch.Tensor) or tensor.ndim != 2 or tensor.shape[1] != width:
                 shape = tuple(getattr(tensor, "shape", ()))
                 raise EmbeddingError(f"{label}: {encoder} vectors must be (n, {width}), found "
@@ -117,6 +122,13 @@ class Embedding:
         """L2 norm of every vector, per encoder."""
         return {e: t.norm(dim=1).tolist() for e, t in self.vectors.items()}
 
+    @property
+    def family_label(self) -> str:
+        """"SD1 (768)", ..., or "a custom model (clip_l 64)"."""
+        if self.family == CUSTOM_FAMILY:
+            return f"a custom model (clip_l {self.widths['clip_l']})"
+        return FAMILY_LABELS[self.family]
+
     def mismatch(self, family: str) -> str | None:
         """Why this embedding cannot be used with a `family` model, or None if it fits."""
         if family not in FAMILY_LABELS:
@@ -124,13 +136,23 @@ class Embedding:
                                  f"{', '.join(FAMILY_LABELS)})")
         if family == self.family:
             return None
-        return f"made for {FAMILY_LABELS[self.family]}, this model is {FAMILY_LABELS[family]}"
+        return f"made for {self.family_label}, this model is {FAMILY_LABELS[family]}"
 
     def check_family(self, family: str) -> None:
         """Raise EmbeddingError "<file>: made for SD2 (1024), this model is SD1 (768)"."""
         reason = self.mismatch(family)
         if reason is not None:
             raise EmbeddingError(f"{self.label}: {reason}")
+
+
+def _is_custom_width(tensor: Any) -> bool:
+    """A 2-D clip_l tensor whose width is none of the standard encoders' (a small custom model)."""
+    return (
+        isinstance(tensor, torch.Tensor)
+        and tensor.ndim == 2
+        and tensor.shape[1] not in (*ENCODER_WIDTHS.values(), T5XXL_WIDTH)
+        and tensor.shape[1] >= MIN_CUSTOM_WIDTH
+    )
 
 
 def file_sha256(path: Path) -> str:
