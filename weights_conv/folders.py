@@ -34,6 +34,7 @@ from .layouts import (
     VAE_PREFIX,
     ComponentSource,
     Detection,
+    TextSlot,
     choose_prediction,
 )
 from .readers import MergedSource, TensorSource, open_tensor_file
@@ -42,6 +43,7 @@ from .sources import (
     DIFFUSERS_WEIGHT_NAMES,
     SCHEDULER_PREDICTIONS,
     _check_family,
+    _drop_text_ignored,
     _json,
     text_encoder_config,
     unet_config,
@@ -120,12 +122,16 @@ def open_diffusers_folder(path: Path, *, family: str | None, prediction: str | N
 
     sources: list[TensorSource] = []
     components: dict[str, ComponentSource] = {}
+    ignored: dict[str, list[str]] = {}
     try:
         for name in present:
             source = open_diffusers_weights(path / name, name)
             sources.append(source)
             table = {"unet": identity_table(), "vae": diffusers_vae_module_table()}.get(name, hf_clip_module_table())
-            components[name] = ComponentSource(name, source, "", table, source.keys(), f"{path / name}")
+            keys = source.keys()
+            if name.startswith("text_encoder"):
+                keys = _drop_text_ignored(TextSlot(name, "", "hf_clip", True), keys, ignored)
+            components[name] = ComponentSource(name, source, "", table, keys, f"{path / name}")
         unet_dict = _json(path / "unet" / "config.json")
         unet_cfg = unet_config(unet_dict, detected, chosen)
         schedule = {}
@@ -150,7 +156,7 @@ def open_diffusers_folder(path: Path, *, family: str | None, prediction: str | N
         evidence.setdefault(name, []).append(f"{path / name}/config.json")
     total = sum(len(source.keys()) for source in sources)
     ema = {"present": False, "used": False, "tensors": 0}
-    return Detection(path, "diffusers folder", config, components, prediction_source, evidence, {}, {}, ema, total, sources)
+    return Detection(path, "diffusers folder", config, components, prediction_source, evidence, ignored, {}, ema, total, sources)
 
 
 def open_converted_folder(path: Path, *, family: str | None, prediction: str | None) -> Detection:
