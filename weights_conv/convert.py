@@ -134,6 +134,17 @@ class OpenModel:
             )
         return plan
 
+    def check(self) -> None:
+        """Check every component; one CheckpointError names every problem of all of them."""
+        problems = [
+            f"{name}: {problem}" for name in self.config.components for problem in self.plan(name, strict=False).problems
+        ]
+        if problems:
+            raise CheckpointError(
+                f"{self.detection.path}: does not match tiengine's modules for the detected {self.config.family} "
+                f"config:\n  " + "\n  ".join(problems)
+            )
+
     def _make_plan(self, name: str) -> ComponentPlan:
         if name not in self.detection.components:
             raise CheckpointError(f"{self.detection.path}: missing component {name}")
@@ -211,6 +222,7 @@ class OpenModel:
         existing = [str(file) for file in files if file.exists()]
         if existing and not overwrite:
             raise FileExistsRefusal(f"{outdir}: would replace {', '.join(existing)} (pass overwrite=True / --overwrite)")
+        self.check()
         plans = {name: self.plan(name) for name in names}
         outdir.mkdir(parents=True, exist_ok=True)
         for name, plan in plans.items():

@@ -369,12 +369,16 @@ def open_tensor_file(path: str | os.PathLike[str]) -> TensorSource:
         raise CheckpointError(f"{path}: no such file")
     with open(path, "rb") as file:
         head = file.read(9)
+    size = path.stat().st_size
+    # safetensors: a plausible little-endian header length, then the JSON object's "{"
+    if len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return SafetensorsFile(path)
     if head.startswith(ZIP_MAGIC) or (head and head[0] == PICKLE_PROTOCOL_OPCODE):
         return PickleCheckpoint(path)
-    if len(head) == 9 and head[8:9] == b"{":
-        return SafetensorsFile(path)
-    if len(head) < 9:
-        # Too short to be anything; let the safetensors reader say so precisely.
+    if head.startswith(b"version "):
+        raise CheckpointError(f"{path}: a Git LFS pointer file, not the weights (fetch them, e.g. `git lfs pull`)")
+    if len(head) < 9 or head[8:9] == b"{":
+        # Too short to be anything, or a safetensors header whose length is wrong: say so precisely.
         return SafetensorsFile(path)
     raise CheckpointError(
         f"{path}: not a safetensors file (no JSON header) nor a torch pickle (no zip or pickle "

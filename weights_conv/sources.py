@@ -173,8 +173,10 @@ def _detect_single_file(
     )
     evidence: dict[str, list[str]] = {"family": []}
 
-    # Family and variant: the text-encoder layout, else the UNet's context width.
-    layout = next(((f, v) for (f, v), slots in TEXT_LAYOUTS.items() if {s.prefix for s in slots} == text_present), None)
+    # Family and variant: the text-encoder layout (the one whose prefixes include those present), else
+    # the UNet's context width.
+    candidates = [fv for fv, slots in TEXT_LAYOUTS.items() if text_present <= {s.prefix for s in slots}]
+    layout = candidates[0] if text_present and len(candidates) == 1 else None
     unet_arch: dict[str, Any] | None = None
     if unet_keys:
         unet_arch, evidence["unet"] = detect.detect_ldm_unet(_infos(source, UNET_PREFIX, unet_keys), f"{path} (UNet)")
@@ -189,11 +191,16 @@ def _detect_single_file(
     elif unet_arch is not None and unet_arch["cross_attention_dim"] in CONTEXT_FAMILIES:
         layout = CONTEXT_FAMILIES[unet_arch["cross_attention_dim"]]
         evidence["family"].append(f"UNet context width {unet_arch['cross_attention_dim']} (no text encoder keys)")
+    elif unet_arch is not None:
+        raise CheckpointError(
+            f"{path}: missing component text_encoder (no keys under any of {list(TEXT_PREFIXES)}), and the UNet's "
+            f"context width {unet_arch['cross_attention_dim']} names no family; {recognised}"
+        )
     else:
         hint = ""
-        if not unet_keys and (vae_keys or any(key.startswith("encoder.") for key in keys)):
+        if vae_keys or any(key.startswith("encoder.") for key in keys):
             hint = " It looks like a standalone VAE: pass it as the VAE of a model (vae=... / --vae)."
-        elif any(key.startswith(("lora_", "lora_unet_", "lora_te")) for key in keys):
+        elif any(key.startswith("lora_") for key in keys):
             hint = " It looks like a LoRA, not a model."
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint of a known family; {recognised}.{hint}")
     family, variant = layout
@@ -201,6 +208,12 @@ def _detect_single_file(
     if unet_arch is None:
         raise CheckpointError(f"{path}: missing component unet (no model.diffusion_model.* keys); {recognised}")
     evidence["unet"].append(detect.set_unet_heads(unet_arch, family))
+    for slot in TEXT_LAYOUTS[layout]:
+        if slot.prefix not in text_present:
+            raise CheckpointError(
+                f"{path}: missing component {slot.component} of this {family} checkpoint (no {slot.prefix}* keys); "
+                f"{recognised}"
+            )
     if not vae_keys and not has_vae_override:
         raise CheckpointError(
             f"{path}: missing component vae (no first_stage_model.* keys); pass a VAE file (vae=... / --vae); "
@@ -223,7 +236,8 @@ def _detect_single_file(
     ema_map = ema_read_keys(unet_keys, key_set) if ema_keys else None
     if ema_map is not None and use_ema:
         ignored["non_ema"] = [UNET_PREFIX + key for key in unet_keys]
-        ignored.setdefault("ema", []).extend(k for k in ema_keys if k not in set(ema_map.values()))
+        used = set(ema_map.values())
+        ignored.setdefault("ema", []).extend(k for k in ema_keys if k not in used)
         unet_origin = "model_ema.* (EMA weights)"
     else:
         ignored.setdefault("ema", []).extend(ema_keys)
