@@ -36,8 +36,10 @@ from .common import (
     HeadDimSplit,
     cuda_capability_error,
     device_error,
+    element_alignment,
     interpreter_active,
     load_tile,
+    row_offsets,
     split_head_dim,
     store_tile,
 )
@@ -175,20 +177,22 @@ def autotune_configs(candidates: tuple[AttentionBlocks, ...]) -> list[triton.Con
 
 @triton.jit
 def _forward_key_blocks(
-    acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base,
+    acc_a, acc_b, l_i, m_i, q_a, q_b, K, V, k_start, v_start,
     stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_da, offs_db, start_n, end_n, n_keys, qk_scale,
-    HEAD_DIM: tl.constexpr, D_B: tl.constexpr, PAD_A: tl.constexpr, PAD_B: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_B: tl.constexpr, PAD_A: tl.constexpr, PAD_B: tl.constexpr, ALIGN: tl.constexpr,
     BLOCK_N: tl.constexpr, MASK_KEYS: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Fold key blocks [start_n, end_n) into the running softmax state of one query block."""
     offs_block = tl.arange(0, BLOCK_N)
     for block_start in range(start_n, end_n, BLOCK_N):
         offs_n = block_start + offs_block
-        k_a = load_tile(k_base, offs_n, offs_da, stride_kn, stride_kd, n_keys, HEAD_DIM, MASK_KEYS, PAD_A)
+        k_rows = row_offsets(k_start, offs_n, stride_kn, ALIGN)
+        v_rows = row_offsets(v_start, offs_n, stride_vn, ALIGN)
+        k_a = load_tile(K, k_rows, offs_n, offs_da, stride_kd, n_keys, HEAD_DIM, MASK_KEYS, PAD_A)
         scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if D_B > 0:
-            k_b = load_tile(k_base, offs_n, offs_db, stride_kn, stride_kd, n_keys, HEAD_DIM, MASK_KEYS, PAD_B)
+            k_b = load_tile(K, k_rows, offs_n, offs_db, stride_kd, n_keys, HEAD_DIM, MASK_KEYS, PAD_B)
             scores = tl.dot(q_b, tl.trans(k_b), scores, input_precision=DOT_PRECISION)
         if MASK_KEYS:
             scores = tl.where(offs_n[None, :] < n_keys, scores, float("-inf"))
@@ -199,11 +203,11 @@ def _forward_key_blocks(
         probs = tl.math.exp2(scores * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(probs, 1)
-        v_a = load_tile(v_base, offs_n, offs_da, stride_vn, stride_vd, n_keys, HEAD_DIM, MASK_KEYS, PAD_A)
+        v_a = load_tile(V, v_rows, offs_n, offs_da, stride_vd, n_keys, HEAD_DIM, MASK_KEYS, PAD_A)
         probs_v = probs.to(v_a.dtype)
         acc_a = tl.dot(probs_v, v_a, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
         if D_B > 0:
-            v_b = load_tile(v_base, offs_n, offs_db, stride_vn, stride_vd, n_keys, HEAD_DIM, MASK_KEYS, PAD_B)
+            v_b = load_tile(V, v_rows, offs_n, offs_db, stride_vd, n_keys, HEAD_DIM, MASK_KEYS, PAD_B)
             acc_b = tl.dot(probs_v, v_b, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc_a, acc_b, l_i, m_i
@@ -218,28 +222,26 @@ def _attention_forward_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     n_heads, n_queries, n_keys, qk_scale,
     HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, D_B_TILE: tl.constexpr,
-    PAD_A: tl.constexpr, PAD_B: tl.constexpr, IS_CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAD_A: tl.constexpr, PAD_B: tl.constexpr, ALIGN: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, head). Grid: (cdiv(queries, BLOCK_M), heads, batch)."""
     block_m = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     batch = tl.program_id(2).to(tl.int64)
-    q_base = Q + batch * stride_qb + head * stride_qh
-    k_base = K + batch * stride_kb + head * stride_kh
-    v_base = V + batch * stride_vb + head * stride_vh
-    o_base = Out + batch * stride_ob + head * stride_oh
-
+    k_start = batch * stride_kb + head * stride_kh
+    v_start = batch * stride_vb + head * stride_vh
     offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q_rows = row_offsets(batch * stride_qb + head * stride_qh, offs_m, stride_qn, ALIGN)
     offs_da = tl.arange(0, D_A)
     offs_db = D_A + tl.arange(0, D_B_TILE)
-    q_a = load_tile(q_base, offs_m, offs_da, stride_qn, stride_qd, n_queries, HEAD_DIM, True, PAD_A)
+    q_a = load_tile(Q, q_rows, offs_m, offs_da, stride_qd, n_queries, HEAD_DIM, True, PAD_A)
     acc_a = tl.zeros([BLOCK_M, D_A], dtype=tl.float32)
     # Without a part B these 16-wide tiles are never touched (the compiler drops them).
     q_b = tl.zeros([BLOCK_M, D_B_TILE], dtype=q_a.dtype)
     acc_b = tl.zeros([BLOCK_M, D_B_TILE], dtype=tl.float32)
     if D_B > 0:
-        q_b = load_tile(q_base, offs_m, offs_db, stride_qn, stride_qd, n_queries, HEAD_DIM, True, PAD_B)
+        q_b = load_tile(Q, q_rows, offs_m, offs_db, stride_qd, n_queries, HEAD_DIM, True, PAD_B)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
 
@@ -252,20 +254,21 @@ def _attention_forward_kernel(
         unmasked_end = full_blocks_end
         masked_end = n_keys
     acc_a, acc_b, l_i, m_i = _forward_key_blocks(
-        acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc_a, acc_b, l_i, m_i, q_a, q_b, K, V, k_start, v_start, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_da, offs_db, 0, unmasked_end, n_keys, qk_scale,
-        HEAD_DIM, D_B, PAD_A, PAD_B, BLOCK_N, False, False, DOT_PRECISION,
+        HEAD_DIM, D_B, PAD_A, PAD_B, ALIGN, BLOCK_N, False, False, DOT_PRECISION,
     )
     acc_a, acc_b, l_i, m_i = _forward_key_blocks(
-        acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        acc_a, acc_b, l_i, m_i, q_a, q_b, K, V, k_start, v_start, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_da, offs_db, unmasked_end, masked_end, n_keys, qk_scale,
-        HEAD_DIM, D_B, PAD_A, PAD_B, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION,
+        HEAD_DIM, D_B, PAD_A, PAD_B, ALIGN, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION,
     )
 
     inv_l = 1.0 / l_i
-    store_tile(o_base, acc_a * inv_l[:, None], offs_m, offs_da, stride_on, stride_od, n_queries, HEAD_DIM, PAD_A)
+    o_rows = row_offsets(batch * stride_ob + head * stride_oh, offs_m, stride_on, ALIGN)
+    store_tile(Out, acc_a * inv_l[:, None], o_rows, offs_m, offs_da, stride_od, n_queries, HEAD_DIM, PAD_A)
     if D_B > 0:
-        store_tile(o_base, acc_b * inv_l[:, None], offs_m, offs_db, stride_on, stride_od, n_queries, HEAD_DIM, PAD_B)
+        store_tile(Out, acc_b * inv_l[:, None], o_rows, offs_m, offs_db, stride_od, n_queries, HEAD_DIM, PAD_B)
     if STORE_LSE:
         # Base-2 log-sum-exp of the scaled scores, (B, H, N) contiguous: the backward pass recomputes
         # probabilities as exp2(score * qk_scale - lse).
@@ -312,8 +315,8 @@ def flash_attention_forward(
         heads, n_queries, n_keys, scale * LOG2_E,
     )
     constants = dict(
-        **head_dim_constants(split_head_dim(head_dim)), IS_CAUSAL=bool(causal), STORE_LSE=return_lse,
-        DOT_PRECISION=dot_precision(q.dtype),
+        **head_dim_constants(split_head_dim(head_dim)), ALIGN=element_alignment(q, k, v, out),
+        IS_CAUSAL=bool(causal), STORE_LSE=return_lse, DOT_PRECISION=dot_precision(q.dtype),
     )
     if blocks is None and interpreter_active():
         blocks = INTERPRETER_BLOCKS

@@ -32,7 +32,15 @@ from .attention import (
     dot_precision,
     head_dim_constants,
 )
-from .common import KernelInputError, interpreter_active, load_tile, split_head_dim, store_tile
+from .common import (
+    KernelInputError,
+    element_alignment,
+    interpreter_active,
+    load_tile,
+    row_offsets,
+    split_head_dim,
+    store_tile,
+)
 
 # (block_m = query rows per step, block_n = key rows per program) for the dk/dv kernel, and
 # (block_m = query rows per program, block_n = key rows per step) for the dq kernel.
@@ -41,6 +49,8 @@ DKDV_GPU_BLOCKS = (
     AttentionBlocks(32, 128, 8, 3),
     AttentionBlocks(64, 64, 4, 3),
     AttentionBlocks(64, 128, 8, 2),
+    AttentionBlocks(32, 64, 8, 3),  # head dim 160: the 4-warp tiles above spill registers on sm90
+    AttentionBlocks(16, 128, 8, 3),
 )
 DQ_GPU_BLOCKS = (
     AttentionBlocks(64, 32, 4, 3),
@@ -58,22 +68,22 @@ def _delta_kernel(
     stride_gb, stride_gh, stride_gn, stride_gd,
     n_heads, n_queries,
     HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, D_B_TILE: tl.constexpr,
-    PAD_A: tl.constexpr, PAD_B: tl.constexpr, BLOCK_M: tl.constexpr,
+    PAD_A: tl.constexpr, PAD_B: tl.constexpr, ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta (B, H, N) fp32 = rowwise sum of dout * out. Grid: (cdiv(N, BLOCK_M), heads, batch)."""
     head = tl.program_id(1).to(tl.int64)
     batch = tl.program_id(2).to(tl.int64)
-    o_base = Out + batch * stride_ob + head * stride_oh
-    g_base = DOut + batch * stride_gb + head * stride_gh
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_rows = row_offsets(batch * stride_ob + head * stride_oh, offs_m, stride_on, ALIGN)
+    g_rows = row_offsets(batch * stride_gb + head * stride_gh, offs_m, stride_gn, ALIGN)
     offs_da = tl.arange(0, D_A)
-    o_a = load_tile(o_base, offs_m, offs_da, stride_on, stride_od, n_queries, HEAD_DIM, True, PAD_A)
-    g_a = load_tile(g_base, offs_m, offs_da, stride_gn, stride_gd, n_queries, HEAD_DIM, True, PAD_A)
+    o_a = load_tile(Out, o_rows, offs_m, offs_da, stride_od, n_queries, HEAD_DIM, True, PAD_A)
+    g_a = load_tile(DOut, g_rows, offs_m, offs_da, stride_gd, n_queries, HEAD_DIM, True, PAD_A)
     delta = tl.sum(o_a.to(tl.float32) * g_a.to(tl.float32), 1)
     if D_B > 0:
         offs_db = D_A + tl.arange(0, D_B_TILE)
-        o_b = load_tile(o_base, offs_m, offs_db, stride_on, stride_od, n_queries, HEAD_DIM, True, PAD_B)
-        g_b = load_tile(g_base, offs_m, offs_db, stride_gn, stride_gd, n_queries, HEAD_DIM, True, PAD_B)
+        o_b = load_tile(Out, o_rows, offs_m, offs_db, stride_od, n_queries, HEAD_DIM, True, PAD_B)
+        g_b = load_tile(DOut, g_rows, offs_m, offs_db, stride_gd, n_queries, HEAD_DIM, True, PAD_B)
         delta += tl.sum(o_b.to(tl.float32) * g_b.to(tl.float32), 1)
     tl.store(Delta + (batch * n_heads + head) * n_queries + offs_m, delta, mask=offs_m < n_queries)
 
@@ -89,8 +99,8 @@ def _dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     n_heads, n_queries, n_keys, qk_scale, scale,
     HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, D_B_TILE: tl.constexpr,
-    PAD_A: tl.constexpr, PAD_B: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAD_A: tl.constexpr, PAD_B: tl.constexpr, ALIGN: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: dk, dv for BLOCK_N keys of one (batch, head). Grid: (cdiv(M, BLOCK_N), heads, batch).
 
@@ -98,18 +108,18 @@ def _dkdv_kernel(
     """
     head = tl.program_id(1).to(tl.int64)
     batch = tl.program_id(2).to(tl.int64)
-    q_base = Q + batch * stride_qb + head * stride_qh
-    k_base = K + batch * stride_kb + head * stride_kh
-    v_base = V + batch * stride_vb + head * stride_vh
-    g_base = DOut + batch * stride_gb + head * stride_gh
+    q_start = batch * stride_qb + head * stride_qh
+    g_start = batch * stride_gb + head * stride_gh
     row_stats = (batch * n_heads + head) * n_queries  # offset of this (batch, head) in lse and delta
 
     start_n = tl.program_id(0) * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    k_rows = row_offsets(batch * stride_kb + head * stride_kh, offs_n, stride_kn, ALIGN)
+    v_rows = row_offsets(batch * stride_vb + head * stride_vh, offs_n, stride_vn, ALIGN)
     offs_da = tl.arange(0, D_A)
     offs_db = D_A + tl.arange(0, D_B_TILE)
-    k_a = load_tile(k_base, offs_n, offs_da, stride_kn, stride_kd, n_keys, HEAD_DIM, True, PAD_A)
-    v_a = load_tile(v_base, offs_n, offs_da, stride_vn, stride_vd, n_keys, HEAD_DIM, True, PAD_A)
+    k_a = load_tile(K, k_rows, offs_n, offs_da, stride_kd, n_keys, HEAD_DIM, True, PAD_A)
+    v_a = load_tile(V, v_rows, offs_n, offs_da, stride_vd, n_keys, HEAD_DIM, True, PAD_A)
     dk_a = tl.zeros([BLOCK_N, D_A], dtype=tl.float32)
     dv_a = tl.zeros([BLOCK_N, D_A], dtype=tl.float32)
     k_b = tl.zeros([BLOCK_N, D_B_TILE], dtype=k_a.dtype)
@@ -117,24 +127,26 @@ def _dkdv_kernel(
     dk_b = tl.zeros([BLOCK_N, D_B_TILE], dtype=tl.float32)
     dv_b = tl.zeros([BLOCK_N, D_B_TILE], dtype=tl.float32)
     if D_B > 0:
-        k_b = load_tile(k_base, offs_n, offs_db, stride_kn, stride_kd, n_keys, HEAD_DIM, True, PAD_B)
-        v_b = load_tile(v_base, offs_n, offs_db, stride_vn, stride_vd, n_keys, HEAD_DIM, True, PAD_B)
+        k_b = load_tile(K, k_rows, offs_n, offs_db, stride_kd, n_keys, HEAD_DIM, True, PAD_B)
+        v_b = load_tile(V, v_rows, offs_n, offs_db, stride_vd, n_keys, HEAD_DIM, True, PAD_B)
 
     # Causal: queries before this key block see none of its keys.
     start_m = (start_n // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
     offs_block = tl.arange(0, BLOCK_M)
     for block_start in range(start_m, n_queries, BLOCK_M):
         offs_m = block_start + offs_block
-        q_a = load_tile(q_base, offs_m, offs_da, stride_qn, stride_qd, n_queries, HEAD_DIM, True, PAD_A)
-        g_a = load_tile(g_base, offs_m, offs_da, stride_gn, stride_gd, n_queries, HEAD_DIM, True, PAD_A)
+        q_rows = row_offsets(q_start, offs_m, stride_qn, ALIGN)
+        g_rows = row_offsets(g_start, offs_m, stride_gn, ALIGN)
+        q_a = load_tile(Q, q_rows, offs_m, offs_da, stride_qd, n_queries, HEAD_DIM, True, PAD_A)
+        g_a = load_tile(DOut, g_rows, offs_m, offs_da, stride_gd, n_queries, HEAD_DIM, True, PAD_A)
         # Rows past the end get lse = +inf, hence probability 0.
         lse = tl.load(Lse + row_stats + offs_m, mask=offs_m < n_queries, other=float("inf"))
         delta = tl.load(Delta + row_stats + offs_m, mask=offs_m < n_queries, other=0.0)
         scores_t = tl.dot(k_a, tl.trans(q_a), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         dprobs_t = tl.dot(v_a, tl.trans(g_a), input_precision=DOT_PRECISION)
         if D_B > 0:
-            q_b = load_tile(q_base, offs_m, offs_db, stride_qn, stride_qd, n_queries, HEAD_DIM, True, PAD_B)
-            g_b = load_tile(g_base, offs_m, offs_db, stride_gn, stride_gd, n_queries, HEAD_DIM, True, PAD_B)
+            q_b = load_tile(Q, q_rows, offs_m, offs_db, stride_qd, n_queries, HEAD_DIM, True, PAD_B)
+            g_b = load_tile(DOut, g_rows, offs_m, offs_db, stride_gd, n_queries, HEAD_DIM, True, PAD_B)
             scores_t = tl.dot(k_b, tl.trans(q_b), scores_t, input_precision=DOT_PRECISION)
             dprobs_t = tl.dot(v_b, tl.trans(g_b), dprobs_t, input_precision=DOT_PRECISION)
         probs_t = tl.math.exp2(scores_t * qk_scale - lse[None, :])
@@ -148,13 +160,13 @@ def _dkdv_kernel(
             dv_b = tl.dot(probs_t, g_b, dv_b, input_precision=DOT_PRECISION)
             dk_b = tl.dot(dscores_t, q_b, dk_b, input_precision=DOT_PRECISION)
 
-    dk_base = DK + batch * stride_dkb + head * stride_dkh
-    dv_base = DV + batch * stride_dvb + head * stride_dvh
-    store_tile(dk_base, dk_a * scale, offs_n, offs_da, stride_dkn, stride_dkd, n_keys, HEAD_DIM, PAD_A)
-    store_tile(dv_base, dv_a, offs_n, offs_da, stride_dvn, stride_dvd, n_keys, HEAD_DIM, PAD_A)
+    dk_rows = row_offsets(batch * stride_dkb + head * stride_dkh, offs_n, stride_dkn, ALIGN)
+    dv_rows = row_offsets(batch * stride_dvb + head * stride_dvh, offs_n, stride_dvn, ALIGN)
+    store_tile(DK, dk_a * scale, dk_rows, offs_n, offs_da, stride_dkd, n_keys, HEAD_DIM, PAD_A)
+    store_tile(DV, dv_a, dv_rows, offs_n, offs_da, stride_dvd, n_keys, HEAD_DIM, PAD_A)
     if D_B > 0:
-        store_tile(dk_base, dk_b * scale, offs_n, offs_db, stride_dkn, stride_dkd, n_keys, HEAD_DIM, PAD_B)
-        store_tile(dv_base, dv_b, offs_n, offs_db, stride_dvn, stride_dvd, n_keys, HEAD_DIM, PAD_B)
+        store_tile(DK, dk_b * scale, dk_rows, offs_n, offs_db, stride_dkd, n_keys, HEAD_DIM, PAD_B)
+        store_tile(DV, dv_b, dv_rows, offs_n, offs_db, stride_dvd, n_keys, HEAD_DIM, PAD_B)
 
 
 @triton.jit
@@ -167,31 +179,31 @@ def _dq_kernel(
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     n_heads, n_queries, n_keys, qk_scale, scale,
     HEAD_DIM: tl.constexpr, D_A: tl.constexpr, D_B: tl.constexpr, D_B_TILE: tl.constexpr,
-    PAD_A: tl.constexpr, PAD_B: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAD_A: tl.constexpr, PAD_B: tl.constexpr, ALIGN: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program: dq for BLOCK_M queries of one (batch, head). Grid: (cdiv(N, BLOCK_M), heads, batch)."""
     head = tl.program_id(1).to(tl.int64)
     batch = tl.program_id(2).to(tl.int64)
-    q_base = Q + batch * stride_qb + head * stride_qh
-    k_base = K + batch * stride_kb + head * stride_kh
-    v_base = V + batch * stride_vb + head * stride_vh
-    g_base = DOut + batch * stride_gb + head * stride_gh
+    k_start = batch * stride_kb + head * stride_kh
+    v_start = batch * stride_vb + head * stride_vh
     row_stats = (batch * n_heads + head) * n_queries
 
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    q_rows = row_offsets(batch * stride_qb + head * stride_qh, offs_m, stride_qn, ALIGN)
+    g_rows = row_offsets(batch * stride_gb + head * stride_gh, offs_m, stride_gn, ALIGN)
     offs_da = tl.arange(0, D_A)
     offs_db = D_A + tl.arange(0, D_B_TILE)
-    q_a = load_tile(q_base, offs_m, offs_da, stride_qn, stride_qd, n_queries, HEAD_DIM, True, PAD_A)
-    g_a = load_tile(g_base, offs_m, offs_da, stride_gn, stride_gd, n_queries, HEAD_DIM, True, PAD_A)
+    q_a = load_tile(Q, q_rows, offs_m, offs_da, stride_qd, n_queries, HEAD_DIM, True, PAD_A)
+    g_a = load_tile(DOut, g_rows, offs_m, offs_da, stride_gd, n_queries, HEAD_DIM, True, PAD_A)
     dq_a = tl.zeros([BLOCK_M, D_A], dtype=tl.float32)
     q_b = tl.zeros([BLOCK_M, D_B_TILE], dtype=q_a.dtype)
     g_b = tl.zeros([BLOCK_M, D_B_TILE], dtype=g_a.dtype)
     dq_b = tl.zeros([BLOCK_M, D_B_TILE], dtype=tl.float32)
     if D_B > 0:
-        q_b = load_tile(q_base, offs_m, offs_db, stride_qn, stride_qd, n_queries, HEAD_DIM, True, PAD_B)
-        g_b = load_tile(g_base, offs_m, offs_db, stride_gn, stride_gd, n_queries, HEAD_DIM, True, PAD_B)
+        q_b = load_tile(Q, q_rows, offs_m, offs_db, stride_qd, n_queries, HEAD_DIM, True, PAD_B)
+        g_b = load_tile(DOut, g_rows, offs_m, offs_db, stride_gd, n_queries, HEAD_DIM, True, PAD_B)
     lse = tl.load(Lse + row_stats + offs_m, mask=offs_m < n_queries, other=float("inf"))
     delta = tl.load(Delta + row_stats + offs_m, mask=offs_m < n_queries, other=0.0)
 
@@ -199,13 +211,15 @@ def _dq_kernel(
     offs_block = tl.arange(0, BLOCK_N)
     for block_start in range(0, end_n, BLOCK_N):
         offs_n = block_start + offs_block
-        k_a = load_tile(k_base, offs_n, offs_da, stride_kn, stride_kd, n_keys, HEAD_DIM, True, PAD_A)
-        v_a = load_tile(v_base, offs_n, offs_da, stride_vn, stride_vd, n_keys, HEAD_DIM, True, PAD_A)
+        k_rows = row_offsets(k_start, offs_n, stride_kn, ALIGN)
+        v_rows = row_offsets(v_start, offs_n, stride_vn, ALIGN)
+        k_a = load_tile(K, k_rows, offs_n, offs_da, stride_kd, n_keys, HEAD_DIM, True, PAD_A)
+        v_a = load_tile(V, v_rows, offs_n, offs_da, stride_vd, n_keys, HEAD_DIM, True, PAD_A)
         scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         dprobs = tl.dot(g_a, tl.trans(v_a), input_precision=DOT_PRECISION)
         if D_B > 0:
-            k_b = load_tile(k_base, offs_n, offs_db, stride_kn, stride_kd, n_keys, HEAD_DIM, True, PAD_B)
-            v_b = load_tile(v_base, offs_n, offs_db, stride_vn, stride_vd, n_keys, HEAD_DIM, True, PAD_B)
+            k_b = load_tile(K, k_rows, offs_n, offs_db, stride_kd, n_keys, HEAD_DIM, True, PAD_B)
+            v_b = load_tile(V, v_rows, offs_n, offs_db, stride_vd, n_keys, HEAD_DIM, True, PAD_B)
             scores = tl.dot(q_b, tl.trans(k_b), scores, input_precision=DOT_PRECISION)
             dprobs = tl.dot(g_b, tl.trans(v_b), dprobs, input_precision=DOT_PRECISION)
         probs = tl.math.exp2(scores * qk_scale - lse[:, None])
@@ -218,10 +232,10 @@ def _dq_kernel(
         if D_B > 0:
             dq_b = tl.dot(dscores, k_b, dq_b, input_precision=DOT_PRECISION)
 
-    dq_base = DQ + batch * stride_dqb + head * stride_dqh
-    store_tile(dq_base, dq_a * scale, offs_m, offs_da, stride_dqn, stride_dqd, n_queries, HEAD_DIM, PAD_A)
+    dq_rows = row_offsets(batch * stride_dqb + head * stride_dqh, offs_m, stride_dqn, ALIGN)
+    store_tile(DQ, dq_a * scale, dq_rows, offs_m, offs_da, stride_dqd, n_queries, HEAD_DIM, PAD_A)
     if D_B > 0:
-        store_tile(dq_base, dq_b * scale, offs_m, offs_db, stride_dqn, stride_dqd, n_queries, HEAD_DIM, PAD_B)
+        store_tile(DQ, dq_b * scale, dq_rows, offs_m, offs_db, stride_dqd, n_queries, HEAD_DIM, PAD_B)
 
 
 _BACKWARD_KEY = ["n_queries", "n_keys", "HEAD_DIM", "IS_CAUSAL"]
@@ -266,7 +280,7 @@ def flash_attention_backward(
     if n_queries == 0:
         return dq, dk.zero_(), dv.zero_()
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    dims = head_dim_constants(split_head_dim(head_dim))
+    dims = dict(**head_dim_constants(split_head_dim(head_dim)), ALIGN=element_alignment(q, k, v, out, dout, dq, dk, dv))
 
     delta = torch.empty_like(lse)
     _delta_kernel[(triton.cdiv(n_queries, PREPROCESS_BLOCK_M), heads, batch)](

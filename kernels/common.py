@@ -73,6 +73,20 @@ def split_head_dim(head_dim: int) -> HeadDimSplit:
     return HeadDimSplit(head_dim, part_a, part_b)
 
 
+def element_alignment(*tensors: "torch.Tensor", cap: int = 16) -> int:
+    """Largest power of two (at most `cap`) dividing every tensor's element offset and every stride but
+    the last: the row and (batch, head) offsets the kernels compute are multiples of it, which they tell
+    the compiler (`tl.multiple_of`) so that loads along the unit-stride last axis vectorise and pipeline
+    (Triton itself only knows which strides are multiples of 16; a (B, N, H, 40) layout has none)."""
+    import math
+
+    common = 0
+    for t in tensors:
+        common = math.gcd(common, t.data_ptr() // t.element_size(), *t.stride()[:-1])
+    common = common or cap  # every offset zero (one-row tensors)
+    return min(cap, common & -common)
+
+
 def interpreter_active() -> bool:
     """True when TRITON_INTERPRET is set: kernels then run in Triton's CPU interpreter. Set it before the
     kernel modules are imported: `triton.jit` reads it when a kernel is defined."""
@@ -102,10 +116,17 @@ def cuda_capability_error(device_index: int | None, needs: tuple[int, int], what
 
 
 @triton.jit
-def load_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols,
+def row_offsets(start, rows, stride_row, ALIGN: tl.constexpr):
+    """Element offsets start + rows * stride_row (int64), declared multiples of ALIGN (element_alignment)."""
+    return tl.multiple_of(start + rows.to(tl.int64) * stride_row, ALIGN)
+
+
+@triton.jit
+def load_tile(base, offsets, rows, cols, stride_col, n_rows, n_cols,
               MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
-    """Load the (len(rows), len(cols)) tile base[rows, cols]; masked rows/columns read as 0."""
-    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    """Load the (len(rows), len(cols)) tile at base + offsets[row] + col * stride_col; masked
+    entries (rows >= n_rows, cols >= n_cols) read as 0."""
+    ptrs = base + offsets[:, None] + cols[None, :] * stride_col
     if MASK_ROWS and MASK_COLS:
         tile = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
     elif MASK_ROWS:
@@ -118,9 +139,10 @@ def load_tile(base, rows, cols, stride_row, stride_col, n_rows, n_cols,
 
 
 @triton.jit
-def store_tile(base, tile, rows, cols, stride_row, stride_col, n_rows, n_cols, MASK_COLS: tl.constexpr):
-    """Store `tile` to base[rows, cols], skipping rows >= n_rows (and columns >= n_cols if MASK_COLS)."""
-    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+def store_tile(base, tile, offsets, rows, cols, stride_col, n_rows, n_cols, MASK_COLS: tl.constexpr):
+    """Store `tile` at base + offsets[row] + col * stride_col, skipping rows >= n_rows (and columns
+    >= n_cols if MASK_COLS)."""
+    ptrs = base + offsets[:, None] + cols[None, :] * stride_col
     tile = tile.to(base.dtype.element_ty)
     if MASK_COLS:
         tl.store(ptrs, tile, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))

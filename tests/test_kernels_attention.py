@@ -272,6 +272,20 @@ def test_split_head_dim_rule() -> None:
         assert split.padded >= head_dim
 
 
+def test_element_alignment_hint() -> None:
+    """The alignment the kernels promise the compiler must divide every row and slice offset."""
+    from tiengine.kernels.common import element_alignment
+
+    base = torch.zeros(2, 4, 77, 40, dtype=torch.float16)  # strides (12320, 3080, 40, 1)
+    assert element_alignment(base) == 8
+    assert element_alignment(torch.zeros(2, 4, 77, 80, dtype=torch.float16)) == 16
+    assert element_alignment(torch.zeros(2, 77, 4, 40).transpose(1, 2)) == 8  # head stride 40
+    assert element_alignment(base[:, :, 3:]) == 8  # starts 120 elements in
+    assert element_alignment(base[..., 1:]) == 1  # starts 1 element in
+    assert element_alignment(torch.zeros(2, 4, 77, 36, dtype=torch.float16)) == 4
+    assert element_alignment(base, torch.zeros(2, 4, 77, 36, dtype=torch.float16)) == 4
+
+
 def _cpu_qkv(shape_q=(1, 2, 5, 40), shape_kv=(1, 2, 7, 40), dtype=torch.float16):
     return torch.zeros(shape_q, dtype=dtype), torch.zeros(shape_kv, dtype=dtype), torch.zeros(shape_kv, dtype=dtype)
 
