@@ -16,6 +16,7 @@ from tiengine.errors import TiengineError
 COMMAND_MODULES = (
     "tiengine.cli.tokenize",
     "tiengine.cli.embeddings",
+    "tiengine.cli.parse",
 )
 
 
