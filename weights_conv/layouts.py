@@ -25,9 +25,10 @@ buffers (`betas`, `alphas_cumprod`, ...), k-diffusion's `denoiser.sigmas`, marke
 unused `text_projection`, and a standalone VAE's training loss (`loss.*`). Anything else is unknown and
 an error unless the caller asks to ignore unknown keys.
 
-Prediction type, first that applies: the caller's override; `parameterization` in a `.yaml` with the
-checkpoint's name beside it ("eps" -> epsilon, "v" -> v); a `v_pred` marker key; the family default
-(sd1 epsilon, sd2 v as most SD2 single files are 768-v, sdxl epsilon).
+Prediction type, first that applies: the caller's override; a `.yaml` with the checkpoint's name beside
+it: ldm's `parameterization` ("eps" -> epsilon, "v" -> v; absent means eps) or generative-models'
+`denoiser_scaling.EpsScaling` / `VScaling`; a `v_pred` marker key; the family default (sd1 epsilon, sd2
+v as most SD2 single files are 768-v, sdxl epsilon).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ FAMILY_DEFAULT_PREDICTION = {"sd1": "epsilon", "sd2": "v", "sdxl": "epsilon"}
 FAMILY_SCALING_FACTOR = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025}
 CONTEXT_FAMILIES = {768: ("sd1", "base"), 1024: ("sd2", "base"), 2048: ("sdxl", "base"), 1280: ("sdxl", "refiner")}
 YAML_SCALARS = ("parameterization", "scale_factor", "linear_start", "linear_end", "timesteps")
-YAML_PREDICTIONS = {"eps": "epsilon", "v": "v"}
+YAML_PREDICTIONS = {"eps": "epsilon", "v": "v"}  # ldm `parameterization`
+SGM_SCALINGS = {"EpsScaling": "epsilon", "VScaling": "v", "VScalingWithEDMcNoise": "v"}  # sgm denoiser_scaling
 CATEGORY_NAMES = {
     "ema": "EMA weights not used (model_ema.*)",
     "non_ema": "non-EMA UNet weights, replaced by model_ema.*",
@@ -155,7 +157,8 @@ def read_ldm_yaml(checkpoint: Path) -> tuple[Path | None, dict[str, str]]:
     """The scalar settings of `<checkpoint stem>.yaml` beside the checkpoint, when there is one.
 
     Only YAML_SCALARS are read, each at its first occurrence (they appear once under `model.params` in
-    every original config); nothing else of the file is interpreted.
+    every original config), and the class name of a generative-models `denoiser_scaling` target (as
+    "denoiser_scaling"); nothing else of the file is interpreted.
     """
     path = checkpoint.with_suffix(".yaml")
     if not path.is_file():
@@ -166,6 +169,9 @@ def read_ldm_yaml(checkpoint: Path) -> tuple[Path | None, dict[str, str]]:
         match = pattern.match(line)
         if match and match.group(1) not in found:
             found[match.group(1)] = match.group(2)
+        scaling = re.search(r"denoiser_scaling\.(\w+)", line)
+        if scaling and "denoiser_scaling" not in found:
+            found["denoiser_scaling"] = scaling.group(1)
     return path, found
 
 
@@ -187,6 +193,11 @@ def choose_prediction(
         if value not in YAML_PREDICTIONS:
             raise CheckpointError(f"{yaml_path}: parameterization {value!r} is not one of {sorted(YAML_PREDICTIONS)}")
         return YAML_PREDICTIONS[value], f"parameterization {value!r} in {yaml_path}"
+    if "denoiser_scaling" in yaml_values:
+        value = yaml_values["denoiser_scaling"]
+        if value not in SGM_SCALINGS:
+            raise CheckpointError(f"{yaml_path}: denoiser scaling {value!r} is not one of {sorted(SGM_SCALINGS)}")
+        return SGM_SCALINGS[value], f"denoiser_scaling {value} in {yaml_path}"
     if yaml_path is not None:
         return "epsilon", f"{yaml_path} has no parameterization (LDM's default is eps)"
     if folder_prediction is not None:
