@@ -238,6 +238,8 @@ def prompt_schedules(
     legacy_fractions: bool = False,
 ) -> list[list[ScheduledText]]:
     """`prompt_schedule` for a batch; each distinct prompt is parsed once."""
+    if isinstance(prompts, str):
+        raise TypeError("prompt_schedules takes a sequence of prompts; use prompt_schedule for one prompt")
     unique = {
         prompt: prompt_schedule(
             prompt, steps, second_order=second_order, hires_steps=hires_steps, legacy_fractions=legacy_fractions
