@@ -10,16 +10,14 @@ SD1, 32 GroupNorm groups, 256-wide SDXL time ids), so the detected config must e
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from tiengine.weights_conv import open_model
-from tiengine.weights_conv.cli import main as cli_main
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -20,7 +20,6 @@ from test_weights_conv import (
     ldm_vae_name,
     states_for,
     text_models,
-    transformers,
     unet_kwargs,
     vae_kwargs,
 )

@@ -198,7 +198,7 @@ def load_model_weights(
     Each iterator yields (name, tensor) one tensor at a time, moved to `device` and, for floating-point
     tensors, cast to `dtype`; its key set has already been checked against tiengine's module for the
     config (missing and unexpected keys are a CheckpointError before any tensor is read). The files stay
-    open until every iterator is exhausted or closed.
+    open while any of the iterators is alive.
     """
     from tiengine.weights_conv.convert import open_model
 

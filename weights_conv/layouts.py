@@ -75,7 +75,7 @@ YAML_SCALARS = ("parameterization", "scale_factor", "linear_start", "linear_end"
 YAML_PREDICTIONS = {"eps": "epsilon", "v": "v"}  # ldm `parameterization`
 SGM_SCALINGS = {"EpsScaling": "epsilon", "VScaling": "v", "VScalingWithEDMcNoise": "v"}  # sgm denoiser_scaling
 CATEGORY_NAMES = {
-    "ema": "EMA weights not used (model_ema.*)",
+    "ema": "model_ema.* not used (EMA bookkeeping; the EMA weights too when EMA is off)",
     "non_ema": "non-EMA UNet weights, replaced by model_ema.*",
     "schedule": "noise-schedule buffers",
     "markers": "marker tensors",
@@ -83,6 +83,7 @@ CATEGORY_NAMES = {
     "unused": "tensors the model does not use",
     "vae_loss": "VAE training loss",
     "unknown": "unknown keys (ignored on request)",
+    "replaced_vae": "the checkpoint's own VAE, replaced by the given one",
 }
 
 
@@ -222,14 +223,3 @@ def ema_read_keys(unet_keys: list[str], all_keys: set[str]) -> dict[str, str] | 
     if unet_keys and all(ema_key in all_keys for ema_key in mapping.values()):
         return mapping
     return None
-
-
-def describe_unknown(keys: list[str], limit: int | None = None) -> str:
-    """Unknown keys grouped by their first two dotted parts, each group with a count and an example."""
-    groups: dict[str, list[str]] = {}
-    for key in keys:
-        groups.setdefault(".".join(key.split(".")[:2]), []).append(key)
-    lines = [f"{group}.* ({len(members)} keys, e.g. {members[0]})" for group, members in sorted(groups.items())]
-    if limit is not None and len(lines) > limit:
-        lines = lines[:limit] + [f"... and {len(lines) - limit} more groups"]
-    return "; ".join(lines)

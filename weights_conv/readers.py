@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -384,9 +384,3 @@ def open_tensor_file(path: str | os.PathLike[str]) -> TensorSource:
         f"{path}: not a safetensors file (no JSON header) nor a torch pickle (no zip or pickle "
         f"signature); first bytes {head!r}"
     )
-
-
-def iter_tensors(source: TensorSource, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for `keys` (default all), read one at a time."""
-    for key in source.keys() if keys is None else keys:
-        yield key, source.read(key)

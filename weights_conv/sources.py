@@ -8,22 +8,19 @@ Layout tables, ignore rules and the prediction-type rule are documented in `layo
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from tiengine.errors import CheckpointError
-from tiengine.model_config import FORMAT_NAME, ModelConfig, ScheduleConfig
+from tiengine.model_config import ModelConfig, ScheduleConfig
 from tiengine.text_encoder import TextEncoderConfig
 from tiengine.unet import UNetConfig
 from tiengine.vae import VaeConfig
 
 from . import detect
 from .layouts import (
-    CATEGORY_NAMES,
     CONTEXT_FAMILIES,
     EMA_BOOKKEEPING,
     EMA_PREFIX,
@@ -34,7 +31,6 @@ from .layouts import (
     TEXT_LAYOUTS,
     TEXT_PREFIXES,
     UNET_PREFIX,
-    VAE_LOSS_PREFIX,
     VAE_PREFIX,
     ComponentSource,
     Detection,
@@ -44,15 +40,8 @@ from .layouts import (
     read_ldm_yaml,
     split_by_prefix,
 )
-from .readers import MergedSource, SafetensorsFile, TensorSource, open_tensor_file
-from .rules import (
-    diffusers_vae_module_table,
-    hf_clip_module_table,
-    identity_table,
-    open_clip_module_table,
-    unet_module_table,
-    vae_module_table,
-)
+from .readers import TensorSource, open_tensor_file
+from .rules import hf_clip_module_table, open_clip_module_table, unet_module_table, vae_module_table
 
 # (family, component) -> preset giving how Stable Diffusion reads that encoder
 TEXT_PRESETS = {
