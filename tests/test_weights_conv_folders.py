@@ -82,6 +82,27 @@ def test_diffusers_folder_loads_by_identity(tmp_path, family, variant):
     if family == "sd2":  # 2 of the 3 layers kept: the context is the last layer, through the final norm
         assert config.text_encoders["text_encoder"].num_hidden_layers == 2
         assert config.text_encoders["text_encoder"].output_layer == -1
+    assert cli_main(["convert", str(tmp_path), str(tmp_path / "out")]) == 0
+    for name, state in expected.items():
+        assert_bit_equal(load_file(tmp_path / "out" / f"{name}.safetensors"), state, f"converted {name}")
+    with open_model(tmp_path / "out") as model:
+        assert model.config == config
+
+
+def test_sharded_diffusers_weights(tmp_path):
+    expected = write_diffusers_folder(tmp_path, "sd1")
+    unet = tmp_path / "unet"
+    state = load_file(unet / "diffusion_pytorch_model.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(state)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}  # fmt: skip
+    for shard, names in shards.items():
+        save_file({k: state[k] for k in names}, str(unet / shard))
+    weight_map = {k: shard for shard, names in shards.items() for k in names}
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with open_model(tmp_path) as model:
+        assert_bit_equal(dict(model.iter_component("unet")), expected["unet"], "sharded unet")
 
 
 def test_diffusers_folder_variants_legacy_names_and_bin_weights(tmp_path):
