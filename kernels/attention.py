@@ -12,7 +12,8 @@ Contract
   run without masks.
 - causal=True masks key j > query i (top-left aligned, torch's `is_causal`), for CLIP's text encoder.
 - fp16 and bf16 (dots in the input dtype on tensor cores, fp32 accumulation and softmax statistics);
-  fp32 too, with exact fp32 dots (slow; kept for exactness checks and explicit requests).
+  fp32 runs too, with exact fp32 dots (slow: for exactness checks and explicit requests), but
+  `supports` says False for it, so the dispatcher leaves fp32 to SDPA.
 - batch and heads up to 65535 each (grid dimensions 2 and 1).
 - Backward: a Triton backward kernel (kernels/attention_backward.py) recomputes the probabilities from
   the saved per-row log-sum-exp, so training (textual inversion) runs fused in both directions.
@@ -48,6 +49,7 @@ MAX_HEAD_DIM = 256
 MAX_GRID_BATCH_HEADS = 65535  # CUDA limit on grid dimensions 1 and 2
 LOG2_E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FAST_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -135,8 +137,9 @@ def _validation_error(
 def supports(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False, scale: float | None = None
 ) -> bool:
-    """True when flash_attention can run these CUDA tensors (dtype, shape, head dim, device capability)."""
-    return _validation_error(q, k, v, scale, for_launch=False) is None
+    """True for fp16/bf16 CUDA tensors flash_attention takes (shape, head dim, device capability): where
+    the fused kernel is the fast path."""
+    return _validation_error(q, k, v, scale, for_launch=False) is None and q.dtype in FAST_DTYPES
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> None:

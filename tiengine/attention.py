@@ -6,7 +6,7 @@ Inputs are (batch, heads, tokens, head_dim) tensors. The backend is an argument,
   (torch.nn.attention.sdpa_kernel, scoped to the call); an error if that kernel cannot take the inputs.
   For benchmarks and comparisons.
 - "triton": tiengine.kernels.attention.flash_attention, forced (an error if it cannot take the inputs).
-- "auto": "triton" for fp16/bf16 CUDA tensors the kernel supports (head dim <= 256, compute capability
+- "auto": "triton" for CUDA tensors the kernel supports (fp16/bf16, head dim <= 256, compute capability
   8.0+, triton importable), else "sdpa" (CPU, fp32, the VAE's 512-wide heads). fp32 stays on SDPA because
   the Triton kernel keeps fp32 exact (no tf32), which is slower than PyTorch's fp32 kernels.
 `resolve_backend` tells which concrete backend "auto" picks for given inputs.
@@ -30,11 +30,10 @@ SDPA_KERNELS = {
     "sdpa_cudnn": "CUDNN_ATTENTION",
     "sdpa_math": "MATH",
 }
-TRITON_AUTO_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _triton_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float | None) -> bool:
-    if not q.is_cuda or q.dtype not in TRITON_AUTO_DTYPES:
+    if not q.is_cuda:
         return False
     try:
         from tiengine.kernels import attention as triton_attention
