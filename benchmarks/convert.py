@@ -54,7 +54,8 @@ SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012
 MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
                "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"],
-               "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}  # fmt: skip
+               "safety_checker": [None, None], "feature_extractor": [None, None],
+               "requires_safety_checker": False}  # fmt: skip
 
 
 def memory_status() -> dict[str, int]:
@@ -92,15 +93,21 @@ def write_checkpoint(path: Path) -> None:
         text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_CLIP))
     entries: list[tuple[str, TensorInfo]] = []
     for key, value in unet.state_dict().items():
-        entries.append((f"model.diffusion_model.{ldm_unet_name(key, SD15_UNET)}", TensorInfo(torch.float16, tuple(value.shape))))
+        entries.append(
+            (f"model.diffusion_model.{ldm_unet_name(key, SD15_UNET)}", TensorInfo(torch.float16, tuple(value.shape)))
+        )
     for key, value in vae.state_dict().items():
         name, as_conv = ldm_vae_name(key, 4)
         shape = (*value.shape, 1, 1) if as_conv else tuple(value.shape)
         entries.append((f"first_stage_model.{name}", TensorInfo(torch.float16, shape)))
     for key, value in text.state_dict().items():
         if not key.endswith("position_ids"):
-            entries.append((f"cond_stage_model.transformer.text_model.{key}", TensorInfo(torch.float16, tuple(value.shape))))
-    entries += [(name, TensorInfo(torch.float32, (1000,))) for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev")]
+            entries.append(
+                (f"cond_stage_model.transformer.text_model.{key}", TensorInfo(torch.float16, tuple(value.shape)))
+            )
+    entries += [
+        (name, TensorInfo(torch.float32, (1000,))) for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev")
+    ]
     generator = torch.Generator().manual_seed(0)
 
     def tensors():
@@ -228,21 +235,27 @@ def main() -> None:
         results = {kind: measure(kind, path, workdir, args.repeat) for kind in kinds}
         for kind, result in results.items():
             peer = results["diffusers-fp32" if kind.endswith("fp32") else "diffusers-fp16"]["peak_bytes"]
-            rows.append({"input": path.suffix, "kind": kind, **result, "ratio_to_diffusers": result["peak_bytes"] / peer})
+            rows.append(
+                {"input": path.suffix, "kind": kind, **result, "ratio_to_diffusers": result["peak_bytes"] / peer}
+            )
 
     gib = 1024**3
-    print(f"# weights_conv peak memory: SD1.5-shaped random fp16 checkpoint, {size / 1e9:.2f} GB ({size / gib:.2f} GiB)")
-    print(f"# cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; python {platform.python_version()}, "
-          f"torch {torch.__version__}, safetensors {safetensors.__version__}, diffusers {diffusers.__version__}; "
-          f"peak = VmHWM of a fresh process after its imports; time = median of {args.repeat}")  # fmt: skip
+    print(
+        f"# weights_conv peak memory: SD1.5-shaped random fp16 checkpoint, {size / 1e9:.2f} GB ({size / gib:.2f} GiB)"
+    )
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    versions = (f"python {platform.python_version()}, torch {torch.__version__}, "
+                f"safetensors {safetensors.__version__}, diffusers {diffusers.__version__}")  # fmt: skip
+    print(f"# cpu: {machine}; {versions}; peak = VmHWM of a fresh process after its imports; median of {args.repeat}")
     header = (f"{'input':<13} {'run':<20} {'imports GiB':>12} {'peak GiB':>9} {'added GiB':>10} {'added/file':>11} "
               f"{'wall s':>8} {'peak vs diffusers':>18}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for row in rows:
         added = row["peak_bytes"] - row["baseline_bytes"]
-        print(f"{row['input']:<13} {row['kind']:<20} {row['baseline_bytes'] / gib:>12.2f} {row['peak_bytes'] / gib:>9.2f} "
-              f"{added / gib:>10.2f} {added / size:>11.2f} {row['wall_s']:>8.1f} {row['ratio_to_diffusers']:>18.2f}")  # fmt: skip
+        print(f"{row['input']:<13} {row['kind']:<20} {row['baseline_bytes'] / gib:>12.2f} "
+              f"{row['peak_bytes'] / gib:>9.2f} {added / gib:>10.2f} {added / size:>11.2f} {row['wall_s']:>8.1f} "
+              f"{row['ratio_to_diffusers']:>18.2f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"file_bytes": size, "rows": rows, "torch": torch.__version__,
                                          "diffusers": diffusers.__version__}, indent=2))  # fmt: skip

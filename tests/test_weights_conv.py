@@ -156,7 +156,9 @@ def ldm_vae_name(key: str, levels: int) -> tuple[str, bool]:
     key = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets", r"encoder.down.\1.block", key)
     key = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", key)
     key = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block", key)
-    key = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample", key)
+    key = re.sub(
+        r"decoder\.up_blocks\.(\d+)\.upsamplers\.0", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample", key
+    )
     return key, False
 
 
@@ -196,8 +198,14 @@ TEXT_PREFIXES = {
 
 
 def ldm_state_dict(
-    states: dict[str, dict[str, torch.Tensor]], family: str, variant: str = "base", *, ema: bool = False,
-    extras: bool = False, old_clip_names: bool = False, seed: int = 1,
+    states: dict[str, dict[str, torch.Tensor]],
+    family: str,
+    variant: str = "base",
+    *,
+    ema: bool = False,
+    extras: bool = False,
+    old_clip_names: bool = False,
+    seed: int = 1,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
     """(the original single-file layout of `states`, the EMA UNet state in diffusers names or None).
 
@@ -243,9 +251,9 @@ def cast_states(states: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) 
 
 
 def assert_bit_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
-    assert set(got) == set(want), (
-        f"{what}: missing {sorted(set(want) - set(got))[:10]}, unexpected {sorted(set(got) - set(want))[:10]}"
-    )
+    assert set(got) == set(
+        want
+    ), f"{what}: missing {sorted(set(want) - set(got))[:10]}, unexpected {sorted(set(got) - set(want))[:10]}"
     for key, value in want.items():
         assert got[key].dtype == value.dtype, f"{what} {key}: dtype {got[key].dtype} != {value.dtype}"
         assert got[key].shape == value.shape, f"{what} {key}: shape {tuple(got[key].shape)} != {tuple(value.shape)}"
@@ -298,7 +306,10 @@ def test_tiny_configs_follow_detection_conventions():
         assert unet.cross_attention_dim == sum(
             m.config.hidden_size for m in text_models(family, variant).values()
         )  # fmt: skip
-        assert all(c // h == (c // 8 if family == "sd1" else 64) for c, h in zip(unet.block_out_channels, unet.num_attention_heads))
+        assert all(
+            c // h == (c // 8 if family == "sd1" else 64)
+            for c, h in zip(unet.block_out_channels, unet.num_attention_heads)
+        )
     assert VaeConfig.from_diffusers(dict(diffusers.AutoencoderKL(**vae_kwargs()).config)).norm_num_groups == 32
     hf = clip_config(64, 2, "gelu").to_dict() | {"architectures": ["CLIPTextModel"]}
     assert TextEncoderConfig.from_hf(hf).num_attention_heads == 1
@@ -348,7 +359,9 @@ def test_detected_config_equals_the_reference_architecture(tmp_path, family, var
         config = model.config
     unet = UNetConfig.from_diffusers(dict(diffusers.UNet2DConditionModel(**unet_kwargs(family, variant)).config))
     assert arch_fields(config.unet) == arch_fields(unet)
-    assert arch_fields(config.vae) == arch_fields(VaeConfig.from_diffusers(dict(diffusers.AutoencoderKL(**vae_kwargs()).config)))
+    assert arch_fields(config.vae) == arch_fields(
+        VaeConfig.from_diffusers(dict(diffusers.AutoencoderKL(**vae_kwargs()).config))
+    )
     for name, reference in text_models(family, variant).items():
         hf = TextEncoderConfig.from_hf(reference.config.to_dict() | {"architectures": [type(reference).__name__]})
         if family == "sd2":
@@ -419,8 +432,12 @@ def test_matches_diffusers_single_file_conversion(tmp_path, family, variant):
     path = tmp_path / "model.safetensors"
     save_file(ldm, str(path))
     configs = diffusers_config_folder(tmp_path / "configs", family, variant)
-    unet = diffusers.UNet2DConditionModel.from_single_file(str(path), config=str(configs), subfolder="unet", local_files_only=True)
-    vae = diffusers.AutoencoderKL.from_single_file(str(path), config=str(configs), subfolder="vae", local_files_only=True)
+    unet = diffusers.UNet2DConditionModel.from_single_file(
+        str(path), config=str(configs), subfolder="unet", local_files_only=True
+    )
+    vae = diffusers.AutoencoderKL.from_single_file(
+        str(path), config=str(configs), subfolder="vae", local_files_only=True
+    )
     with open_model(path) as model:
         assert_bit_equal(converted(model, "unet"), dict(unet.state_dict()), "unet vs diffusers")
         assert_bit_equal(converted(model, "vae"), dict(vae.state_dict()), "vae vs diffusers")

@@ -116,7 +116,9 @@ def test_truncated_and_non_model_files(tmp_path):
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:6ce0\nsize 4265146304\n")
     with pytest.raises(CheckpointError, match="Git LFS pointer file, not the weights"):
         open_model(pointer)
-    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}}, tmp_path / "t.ckpt")
+    torch.save(
+        {"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}}, tmp_path / "t.ckpt"
+    )
     raw = (tmp_path / "t.ckpt").read_bytes()
     (tmp_path / "t.ckpt").write_bytes(raw[: len(raw) - 200])
     with pytest.raises(CheckpointError, match=r"t\.ckpt"):
@@ -187,7 +189,9 @@ def test_unknown_keys_are_listed_or_ignored_on_request(sd1_file, tmp_path):
     extra = {"embedding_manager.embedder.weight": torch.zeros(2), "lora_unet_down.alpha": torch.zeros(())}
     path = tmp_path / "extra.safetensors"
     save_file(ldm | extra, str(path))
-    with pytest.raises(CheckpointError, match=r"2 unknown keys .*: embedding_manager\.embedder\.weight, lora_unet_down\.alpha"):
+    with pytest.raises(
+        CheckpointError, match=r"2 unknown keys .*: embedding_manager\.embedder\.weight, lora_unet_down\.alpha"
+    ):
         open_model(path)
     with open_model(path, ignore_unknown=True) as model:
         assert model.inspect()["keys"]["ignored"]["unknown"] == 2
@@ -228,6 +232,9 @@ def test_non_models_get_a_hint(tmp_path):
         open_model(lora)
     ldm, _ = ldm_state_dict(states_for("sd1"), "sd1")
     vae = tmp_path / "only.vae.safetensors"
-    save_file({k.removeprefix("first_stage_model."): v for k, v in ldm.items() if k.startswith("first_stage_model.")}, str(vae))
+    save_file(
+        {k.removeprefix("first_stage_model."): v for k, v in ldm.items() if k.startswith("first_stage_model.")},
+        str(vae),
+    )
     with pytest.raises(CheckpointError, match="looks like a standalone VAE"):
         open_model(vae)

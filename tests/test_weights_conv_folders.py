@@ -54,7 +54,9 @@ def write_diffusers_folder(root: Path, family: str, variant: str = "base", *, pr
                 model.config.num_hidden_layers -= 1
                 model = type(model)(model.config)
             model.load_state_dict(model_state, strict=True)
-            expected[name] = {k: v for k, v in state.items() if not k.startswith("text_model." + last)} if family == "sd2" else state
+            expected[name] = (
+                {k: v for k, v in state.items() if not k.startswith("text_model." + last)} if family == "sd2" else state
+            )
         else:
             model.load_state_dict(state, strict=True)
             expected[name] = state
@@ -127,10 +129,14 @@ def test_diffusers_folder_variants_legacy_names_and_bin_weights(tmp_path):
     # text encoder in the transformers < 5 layout: text_model. prefix and the position_ids buffer
     text = tmp_path / "text_encoder"
     state = load_file(text / "model.safetensors")
-    old = {f"text_model.{k}": v for k, v in state.items()} | {"text_model.embeddings.position_ids": torch.arange(77)[None]}
+    old = {f"text_model.{k}": v for k, v in state.items()} | {
+        "text_model.embeddings.position_ids": torch.arange(77)[None]
+    }
     save_file(old, str(text / "model.safetensors"))
     with open_model(tmp_path) as model:
-        assert_bit_equal(dict(model.iter_component("unet")), cast_states({"u": expected["unet"]}, torch.float16)["u"], "fp16 unet")
+        assert_bit_equal(
+            dict(model.iter_component("unet")), cast_states({"u": expected["unet"]}, torch.float16)["u"], "fp16 unet"
+        )
         assert_bit_equal(dict(model.iter_component("vae")), expected["vae"], "legacy vae")
         assert_bit_equal(dict(model.iter_component("text_encoder")), expected["text_encoder"], "old text encoder")
 
@@ -244,7 +250,11 @@ def vae_files(tmp_path: Path, seed: int = 7) -> tuple[dict[str, torch.Tensor], d
     for key, value in state.items():
         name, as_conv = ldm_vae_name(key, 2)
         ldm[name] = value[:, :, None, None] if as_conv else value
-    paths = {"ldm": tmp_path / "new.vae.safetensors", "pt": tmp_path / "new.vae.pt", "diffusers_file": tmp_path / "d.safetensors"}
+    paths = {
+        "ldm": tmp_path / "new.vae.safetensors",
+        "pt": tmp_path / "new.vae.pt",
+        "diffusers_file": tmp_path / "d.safetensors",
+    }
     save_file(ldm, str(paths["ldm"]))
     loss = {"loss.logvar": torch.zeros(()), "loss.discriminator.main.0.weight": torch.randn(8, 3, 4, 4)}
     torch.save({"state_dict": ldm | loss, "global_step": 840001}, paths["pt"])

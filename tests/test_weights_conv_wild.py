@@ -55,9 +55,11 @@ def test_detection_reproduces_real_configs(wild_dir, folder):
     detected, evidence = detect.detect_ldm_unet(_infos(ldm_unet), folder)
     evidence.append(detect.set_unet_heads(detected, family))
     ours, real = UNetConfig.from_diffusers(detected), UNetConfig.from_diffusers(unet_json)
-    for field in ("block_out_channels", "down_block_types", "up_block_types", "num_attention_heads",
-                  "transformer_layers_per_block", "cross_attention_dim", "layers_per_block", "use_linear_projection",
-                  "addition_embed_type", "projection_class_embeddings_input_dim", "in_channels", "out_channels"):  # fmt: skip
+    fields = ("block_out_channels", "down_block_types", "up_block_types", "num_attention_heads",
+              "transformer_layers_per_block", "cross_attention_dim", "layers_per_block", "use_linear_projection",
+              "addition_embed_type", "projection_class_embeddings_input_dim", "in_channels",
+              "out_channels")  # fmt: skip
+    for field in fields:
         assert getattr(ours, field) == getattr(real, field), (folder, field, evidence)
 
     ldm_vae = {}
@@ -79,7 +81,9 @@ def test_detection_reproduces_real_configs(wild_dir, folder):
         if family == "sd2":
             hf.num_hidden_layers += 1  # single files keep OpenCLIP-H's 24th layer
         with torch.device("meta"):
-            model = (transformers.CLIPTextModelWithProjection if name == "text_encoder_2" else transformers.CLIPTextModel)(hf)
+            model = (
+                transformers.CLIPTextModelWithProjection if name == "text_encoder_2" else transformers.CLIPTextModel
+            )(hf)
         state = {(k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
                  for k, v in model.state_dict().items()}  # fmt: skip
         if open_clip:
@@ -88,7 +92,13 @@ def test_detection_reproduces_real_configs(wild_dir, folder):
         else:
             arch, _ = detect.detect_hf_clip(_infos(state), folder, hidden_act="quick_gelu")
         assert arch["hidden_act"] == real_text["hidden_act"]
-        for field in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "max_position_embeddings"):
+        for field in (
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "vocab_size",
+            "max_position_embeddings",
+        ):
             assert arch[field] == real_text[field], (folder, name, field)
         assert arch["num_hidden_layers"] == hf.num_hidden_layers
 
@@ -103,7 +113,12 @@ def _pointer_size(path: Path) -> int:
         # v1-5-pruned-emaonly: fp32; 12 schedule buffers of 1000 float32 are not model weights
         ("sd15_runwayml_mirror_HDRJ-One/v1-5-pruned-emaonly.safetensors", ModelConfig.sd15(), 4, 0),
         # SD 2.1: fp32; OpenCLIP's unused text_projection (1024 x 1024) and logit_scale
-        ("sd21_768v_flax_branch_mirror_Vikas-2025/v2-1_768-ema-pruned.safetensors", ModelConfig.sd21_v(), 4, 1024 * 1024 + 1),
+        (
+            "sd21_768v_flax_branch_mirror_Vikas-2025/v2-1_768-ema-pruned.safetensors",
+            ModelConfig.sd21_v(),
+            4,
+            1024 * 1024 + 1,
+        ),
         ("sdxl_base_1.0_mirror_HDRJ-One/sd_xl_base_1.0.safetensors", ModelConfig.sdxl_base(), 2, 0),
     ],
 )
@@ -111,9 +126,8 @@ def test_converted_parameter_counts_match_published_file_sizes(wild_dir, pointer
     from tiengine.weights_conv.convert import empty_module
 
     size = _pointer_size(wild_dir / "models" / f"{pointer}.lfs-pointer")
-    params = sum(
-        p.numel() for name in config.components for p in empty_module(name, config, device="meta", dtype=None).parameters()
-    )  # fmt: skip
+    modules = [empty_module(name, config, device="meta", dtype=None) for name in config.components]
+    params = sum(p.numel() for module in modules for p in module.parameters())
     rest = size - itemsize * (params + extra_params)
     assert 0 < rest < 1_000_000, f"{pointer}: {size} bytes, {params} parameters leave {rest} bytes"
 
@@ -146,4 +160,6 @@ def test_wild_text_encoder_configs_load_with_sd_reading(wild_dir):
     config = text_encoder_config("sd2", "text_encoder", real, full_tower=False)
     assert config == TextEncoderConfig.sd2_openclip_h(23)
     bigg = _config(wild_dir / "models" / "sdxl_base_1.0_mirror_HDRJ-One" / "text_encoder_2" / "config.json")
-    assert text_encoder_config("sdxl", "text_encoder_2", bigg, full_tower=False) == TextEncoderConfig.sdxl_openclip_bigg()
+    assert (
+        text_encoder_config("sdxl", "text_encoder_2", bigg, full_tower=False) == TextEncoderConfig.sdxl_openclip_bigg()
+    )

@@ -101,12 +101,16 @@ class ModelConfig:
 
     @classmethod
     def sd15(cls) -> ModelConfig:
-        return cls("sd1", "epsilon", {"text_encoder": TextEncoderConfig.sd1_clip_l()}, UNetConfig.sd15(), VaeConfig.sd())
+        return cls(
+            "sd1", "epsilon", {"text_encoder": TextEncoderConfig.sd1_clip_l()}, UNetConfig.sd15(), VaeConfig.sd()
+        )
 
     @classmethod
     def sd21_v(cls) -> ModelConfig:
         """SD 2.x 768-v as a single file holds it (24 text layers, read at the penultimate)."""
-        return cls("sd2", "v", {"text_encoder": TextEncoderConfig.sd2_openclip_h(24)}, UNetConfig.sd21(), VaeConfig.sd())
+        return cls(
+            "sd2", "v", {"text_encoder": TextEncoderConfig.sd2_openclip_h(24)}, UNetConfig.sd21(), VaeConfig.sd()
+        )
 
     @classmethod
     def sdxl_base(cls) -> ModelConfig:
@@ -145,7 +149,17 @@ class ModelConfig:
                 f"{where}: format_version {data.get('format_version')!r} is not supported (this tiengine reads "
                 f"{FORMAT_VERSION})"
             )
-        known = {"format", "format_version", "family", "variant", "prediction", "schedule", "text_encoders", "unet", "vae"}
+        known = {
+            "format",
+            "format_version",
+            "family",
+            "variant",
+            "prediction",
+            "schedule",
+            "text_encoders",
+            "unet",
+            "vae",
+        }
         unknown = sorted(set(data) - known)
         if unknown:
             raise CheckpointError(f"{where}: unknown keys {unknown}")
@@ -203,7 +217,9 @@ def load_model_weights(
     from tiengine.weights_conv.convert import open_model
 
     model = open_model(path, prediction=prediction, family=family, vae=vae, ema=ema)
-    return model.config, {name: model.iter_component(name, device=device, dtype=dtype) for name in model.config.components}
+    return model.config, {
+        name: model.iter_component(name, device=device, dtype=dtype) for name in model.config.components
+    }
 
 
 def load_models(
@@ -222,7 +238,9 @@ def load_models(
 
     model = open_model(path, prediction=prediction, family=family, vae=vae, ema=ema)
     try:
-        return model.config, {name: model.build_module(name, device=device, dtype=dtype) for name in model.config.components}
+        return model.config, {
+            name: model.build_module(name, device=device, dtype=dtype) for name in model.config.components
+        }
     finally:
         model.close()
 

@@ -39,23 +39,34 @@ def convert_checkpoint(
     """Convert any supported input into a tiengine model folder; returns the folder."""
     from tiengine.weights_conv.convert import DTYPE_NAMES, open_model
 
-    with open_model(path, family=family, prediction=prediction, vae=vae, ema=ema, ignore_unknown=ignore_unknown) as model:
+    with open_model(
+        path, family=family, prediction=prediction, vae=vae, ema=ema, ignore_unknown=ignore_unknown
+    ) as model:
         return model.write_folder(outdir, dtype=DTYPE_NAMES[dtype] if dtype else None, overwrite=overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="weights-conv", description="Inspect and convert Stable Diffusion checkpoints.")
+    parser = argparse.ArgumentParser(
+        prog="weights-conv", description="Inspect and convert Stable Diffusion checkpoints."
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def add_model_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("checkpoint", help="single file (.safetensors/.ckpt/.pt), diffusers folder or converted folder")
+        command.add_argument(
+            "checkpoint", help="single file (.safetensors/.ckpt/.pt), diffusers folder or converted folder"
+        )
         command.add_argument("--prediction", choices=("epsilon", "v"), help="override the detected prediction type")
-        command.add_argument("--family", choices=("sd1", "sd2", "sdxl"), help="assert the family (must match the weights)")
+        command.add_argument(
+            "--family", choices=("sd1", "sd2", "sdxl"), help="assert the family (must match the weights)"
+        )
         command.add_argument("--vae", help="replacement VAE file or diffusers vae/ folder")
         command.add_argument("--no-ema", dest="ema", action="store_false",
                              help="use model.diffusion_model.* even when model_ema.* weights are present")  # fmt: skip
-        command.add_argument("--ignore-unknown", action="store_true",
-                             help="list keys of no known component as ignored instead of refusing the file")  # fmt: skip
+        command.add_argument(
+            "--ignore-unknown",
+            action="store_true",
+            help="list keys of no known component as ignored instead of refusing the file",
+        )
 
     inspect = commands.add_parser("inspect", help="detect and describe a model")
     add_model_options(inspect)

@@ -59,7 +59,9 @@ def open_model(
         if config_json.is_file() and _json(config_json).get("format") == FORMAT_NAME:
             detection = open_converted_folder(path, family=family, prediction=prediction)
         elif (path / "model_index.json").is_file():
-            detection = open_diffusers_folder(path, family=family, prediction=prediction, has_vae_override=vae is not None)
+            detection = open_diffusers_folder(
+                path, family=family, prediction=prediction, has_vae_override=vae is not None
+            )
         else:
             raise CheckpointError(
                 f"{path}: a folder without model_index.json (diffusers) or a tiengine config.json (converted model)"
@@ -76,7 +78,9 @@ def open_model(
     return OpenModel(detection)
 
 
-def empty_module(name: str, config: ModelConfig, *, device: torch.device | str | None, dtype: torch.dtype | None) -> nn.Module:
+def empty_module(
+    name: str, config: ModelConfig, *, device: torch.device | str | None, dtype: torch.dtype | None
+) -> nn.Module:
     """tiengine's module for component `name` (uninitialised when device is "meta")."""
     if name == "unet":
         from tiengine.unet import UNet2DConditionModel
@@ -137,7 +141,9 @@ class OpenModel:
     def check(self) -> None:
         """Check every component; one CheckpointError names every problem of all of them."""
         problems = [
-            f"{name}: {problem}" for name in self.config.components for problem in self.plan(name, strict=False).problems
+            f"{name}: {problem}"
+            for name in self.config.components
+            for problem in self.plan(name, strict=False).problems
         ]
         if problems:
             raise CheckpointError(
@@ -171,9 +177,8 @@ class OpenModel:
             problems.append(f"unexpected {key} (from {origin[key]})")
         for key in sorted(set(targets) & set(expected)):
             if targets[key].shape != expected[key]:
-                problems.append(
-                    f"wrong shape {key}: file {list(targets[key].shape)} (from {origin[key]}), model {list(expected[key])}"
-                )
+                file_shape, model_shape = list(targets[key].shape), list(expected[key])
+                problems.append(f"wrong shape {key}: file {file_shape} (from {origin[key]}), model {model_shape}")
         return ComponentPlan(component, conversions, targets, problems)
 
     # Reading ----------------------------------------------------------------------------------------
@@ -210,7 +215,9 @@ class OpenModel:
 
     # Writing ----------------------------------------------------------------------------------------
 
-    def write_folder(self, outdir: str | os.PathLike[str], *, dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+    def write_folder(
+        self, outdir: str | os.PathLike[str], *, dtype: torch.dtype | None = None, overwrite: bool = False
+    ) -> Path:
         """Write config.json and one `<component>.safetensors` per component (tiengine names), streaming.
 
         Every component is checked before anything is written; config.json is written last, so a folder
@@ -221,13 +228,20 @@ class OpenModel:
         files = [outdir / f"{name}.safetensors" for name in names] + [outdir / "config.json"]
         existing = [str(file) for file in files if file.exists()]
         if existing and not overwrite:
-            raise FileExistsRefusal(f"{outdir}: would replace {', '.join(existing)} (pass overwrite=True / --overwrite)")
+            raise FileExistsRefusal(
+                f"{outdir}: would replace {', '.join(existing)} (pass overwrite=True / --overwrite)"
+            )
         self.check()
         plans = {name: self.plan(name) for name in names}
         outdir.mkdir(parents=True, exist_ok=True)
         for name, plan in plans.items():
             entries = [
-                (target, TensorInfo(dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype, info.shape))
+                (
+                    target,
+                    TensorInfo(
+                        dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype, info.shape
+                    ),
+                )
                 for conversion in plan.conversions
                 for target, info in ((t, plan.targets[t]) for t in conversion.targets)
             ]
@@ -287,7 +301,7 @@ class OpenModel:
 
 
 def _dtype_summary(counts: Counter[str]) -> str:
-    """"float16", or "mixed: float16 98.1%, float32 1.9%" by element count."""
+    """ "float16", or "mixed: float16 98.1%, float32 1.9%" by element count."""
     if not counts:
         return "none"
     if len(counts) == 1:

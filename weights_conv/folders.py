@@ -87,7 +87,9 @@ def _open_sharded(index: Path) -> TensorSource:
         raise
 
 
-def open_diffusers_folder(path: Path, *, family: str | None, prediction: str | None, has_vae_override: bool = False) -> Detection:
+def open_diffusers_folder(
+    path: Path, *, family: str | None, prediction: str | None, has_vae_override: bool = False
+) -> Detection:
     model_index = _json(path / "model_index.json")
     present = [name for name in COMPONENT_NAMES if isinstance(model_index.get(name), list) and model_index[name][0]]
     required = ["unet"] + ([] if has_vae_override else ["vae"])
@@ -108,7 +110,9 @@ def open_diffusers_folder(path: Path, *, family: str | None, prediction: str | N
         if detected is None:
             raise CheckpointError(f"{path}/text_encoder/config.json: hidden_act {activation!r} is neither CLIP-L's "
                                   "quick_gelu (SD1) nor OpenCLIP's gelu (SD2)")  # fmt: skip
-        evidence["family"].append(f"text_encoder hidden_act {activation} ({'OpenAI CLIP' if detected == 'sd1' else 'OpenCLIP'})")
+        evidence["family"].append(
+            f"text_encoder hidden_act {activation} ({'OpenAI CLIP' if detected == 'sd1' else 'OpenCLIP'})"
+        )
     _check_family(family, detected, evidence["family"][0])
 
     scheduler_path = path / "scheduler" / "scheduler_config.json"
@@ -137,7 +141,9 @@ def open_diffusers_folder(path: Path, *, family: str | None, prediction: str | N
         schedule = {}
         if scheduler_path.is_file():
             raw = _json(scheduler_path)
-            schedule = {k: raw[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule") if k in raw}
+            schedule = {
+                k: raw[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule") if k in raw
+            }
         vae_dict = _json(path / "vae" / "config.json") if "vae" in present else None
         config = ModelConfig(
             detected,
@@ -156,7 +162,9 @@ def open_diffusers_folder(path: Path, *, family: str | None, prediction: str | N
         evidence.setdefault(name, []).append(f"{path / name}/config.json")
     total = sum(len(source.keys()) for source in sources)
     ema = {"present": False, "used": False, "tensors": 0}
-    return Detection(path, "diffusers folder", config, components, prediction_source, evidence, ignored, {}, ema, total, sources)
+    return Detection(
+        path, "diffusers folder", config, components, prediction_source, evidence, ignored, {}, ema, total, sources
+    )
 
 
 def open_converted_folder(path: Path, *, family: str | None, prediction: str | None) -> Detection:
@@ -183,7 +191,9 @@ def open_converted_folder(path: Path, *, family: str | None, prediction: str | N
     total = sum(len(source.keys()) for source in sources)
     ema = {"present": False, "used": False, "tensors": 0}
     evidence = {"family": [f"{path}/config.json"]}
-    return Detection(path, "converted folder", config, components, prediction_source, evidence, {}, {}, ema, total, sources)
+    return Detection(
+        path, "converted folder", config, components, prediction_source, evidence, {}, {}, ema, total, sources
+    )
 
 
 def replace_vae(detection: Detection, vae_path: Path) -> None:

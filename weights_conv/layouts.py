@@ -11,8 +11,8 @@ Single-file layouts (CompVis/Stability originals; prefixes from their `LatentDif
 |---|---|---|---|
 | sd1 | model.diffusion_model. | first_stage_model. | cond_stage_model.transformer. (transformers CLIP-L) |
 | sd2 | same | same | cond_stage_model.model. (OpenCLIP-H) |
-| sdxl base | same | same | conditioner.embedders.0.transformer. (CLIP-L), conditioner.embedders.1.model. (OpenCLIP-bigG) |
-| sdxl refiner | same | same | conditioner.embedders.0.model. (OpenCLIP-bigG, as diffusers' text_encoder_2) |
+| sdxl base | same | same | conditioner.embedders.0.transformer. (CLIP-L), conditioner.embedders.1.model. (bigG) |
+| sdxl refiner | same | same | conditioner.embedders.0.model. (OpenCLIP-bigG, diffusers' text_encoder_2) |
 
 The family is the text-encoder layout; the UNet's context width must equal the encoders' widths summed.
 Without any text encoder keys the context width alone (768 / 1024 / 2048 / 1280) names the family, and

@@ -260,9 +260,7 @@ def unet_module_table(
                 table[f"output_blocks.{index}.1"] = ModuleRule(f"up_blocks.{level}.attentions.{layer}", SAME)
             if layer == layers_per_block and level < levels - 1:
                 slot = 2 if attention else 1
-                table[f"output_blocks.{index}.{slot}.conv"] = ModuleRule(
-                    f"up_blocks.{level}.upsamplers.0.conv", SAME
-                )
+                table[f"output_blocks.{index}.{slot}.conv"] = ModuleRule(f"up_blocks.{level}.upsamplers.0.conv", SAME)
             index += 1
     return table
 
@@ -342,9 +340,7 @@ def _join(prefix: str, leaf: str) -> str:
     return f"{prefix}.{leaf}" if prefix and leaf else prefix or leaf
 
 
-def plan_conversions(
-    keys: Iterable[str], table: Mapping[str, ModuleRule]
-) -> tuple[list[Conversion], list[str]]:
+def plan_conversions(keys: Iterable[str], table: Mapping[str, ModuleRule]) -> tuple[list[Conversion], list[str]]:
     """Map component-relative source keys through a module table.
 
     Returns (conversions, unmatched keys). A key is split at its longest dotted prefix present in the

@@ -247,13 +247,17 @@ def _detect_single_file(
         kept = _drop_text_ignored(slot, relative, ignored)
         infos = _infos(source, slot.prefix, kept)
         if slot.kind == "hf_clip":
-            arch, evidence[slot.component] = detect.detect_hf_clip(infos, f"{path} ({slot.component})", hidden_act="quick_gelu")
+            arch, evidence[slot.component] = detect.detect_hf_clip(
+                infos, f"{path} ({slot.component})", hidden_act="quick_gelu"
+            )
             table = hf_clip_module_table()
         else:
             arch, evidence[slot.component] = detect.detect_open_clip(infos, f"{path} ({slot.component})")
             table = open_clip_module_table(arch["num_hidden_layers"], slot.with_projection)
         text_configs[slot.component] = text_encoder_config(family, slot.component, arch, full_tower=True)
-        components[slot.component] = ComponentSource(slot.component, source, slot.prefix, table, kept, slot.prefix + "*")
+        components[slot.component] = ComponentSource(
+            slot.component, source, slot.prefix, table, kept, slot.prefix + "*"
+        )
 
     scaling = float(yaml_values["scale_factor"]) if "scale_factor" in yaml_values else None
     vae_cfg = None
