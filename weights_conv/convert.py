@@ -23,16 +23,17 @@ from torch import nn
 
 from tiengine.atomic import FileExistsRefusal, atomic_write_bytes
 from tiengine.errors import CheckpointError
-from tiengine.model_config import ModelConfig
+from tiengine.model_config import FORMAT_NAME, ModelConfig
 
 from .folders import open_converted_folder, open_diffusers_folder, replace_vae
 from .layouts import CATEGORY_NAMES, ComponentSource, Detection
 from .readers import TensorInfo, dtype_name
 from .rules import TRANSFORMS, Conversion, plan_conversions
-from .sources import _json, open_single_file
+from .sources import read_json, open_single_file
 from .writer import write_safetensors
 
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MODULE_NAMES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}  # text encoders: ClipTextEncoder
 
 
 def open_model(
@@ -52,11 +53,9 @@ def open_model(
     ignore_unknown: list keys of no known component as ignored instead of refusing the file.
     """
     path = Path(path)
-    from tiengine.model_config import FORMAT_NAME
-
     if path.is_dir():
         config_json = path / "config.json"
-        if config_json.is_file() and _json(config_json).get("format") == FORMAT_NAME:
+        if config_json.is_file() and read_json(config_json).get("format") == FORMAT_NAME:
             detection = open_converted_folder(path, family=family, prediction=prediction)
         elif (path / "model_index.json").is_file():
             detection = open_diffusers_folder(
@@ -133,8 +132,7 @@ class OpenModel:
         if strict and plan.problems:
             raise CheckpointError(
                 f"{self.detection.path}: component {name} does not match tiengine's "
-                f"{type(empty_module(name, self.config, device='meta', dtype=None)).__name__} for the detected "
-                f"config:\n  " + "\n  ".join(plan.problems)
+                f"{MODULE_NAMES.get(name, 'ClipTextEncoder')} for the detected config:\n  " + "\n  ".join(plan.problems)
             )
         return plan
 
@@ -235,16 +233,12 @@ class OpenModel:
         plans = {name: self.plan(name) for name in names}
         outdir.mkdir(parents=True, exist_ok=True)
         for name, plan in plans.items():
-            entries = [
-                (
-                    target,
-                    TensorInfo(
-                        dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype, info.shape
-                    ),
-                )
-                for conversion in plan.conversions
-                for target, info in ((t, plan.targets[t]) for t in conversion.targets)
-            ]
+            entries = []  # in the order _iterate produces them
+            for conversion in plan.conversions:
+                for target in conversion.targets:
+                    info = plan.targets[target]
+                    stored = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+                    entries.append((target, TensorInfo(stored, info.shape)))
             metadata = {"format": "pt", "tiengine.component": name}
             write_safetensors(outdir / f"{name}.safetensors", entries, self._iterate(plan, None, dtype),
                               metadata=metadata, overwrite=overwrite)  # fmt: skip
@@ -301,7 +295,7 @@ class OpenModel:
 
 
 def _dtype_summary(counts: Counter[str]) -> str:
-    """ "float16", or "mixed: float16 98.1%, float32 1.9%" by element count."""
+    """The dtype name, or "mixed: float16 98.1%, float32 1.9%" (shares of elements)."""
     if not counts:
         return "none"
     if len(counts) == 1:

@@ -25,6 +25,7 @@ from typing import Any
 
 from tiengine.errors import CheckpointError
 from tiengine.model_config import COMPONENT_NAMES, ModelConfig, ScheduleConfig, read_model_config
+from tiengine.vae import VaeConfig
 
 from . import detect
 from .layouts import (
@@ -42,9 +43,9 @@ from .rules import diffusers_vae_module_table, hf_clip_module_table, identity_ta
 from .sources import (
     DIFFUSERS_WEIGHT_NAMES,
     SCHEDULER_PREDICTIONS,
-    _check_family,
-    _drop_text_ignored,
-    _json,
+    check_family,
+    drop_text_ignored,
+    read_json,
     text_encoder_config,
     unet_config,
     vae_config,
@@ -72,7 +73,7 @@ def open_diffusers_weights(folder: Path, component: str) -> TensorSource:
 
 
 def _open_sharded(index: Path) -> TensorSource:
-    weight_map = _json(index).get("weight_map")
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index}: no 'weight_map' of tensor name -> shard file")
     shards = sorted(set(weight_map.values()))
@@ -90,7 +91,7 @@ def _open_sharded(index: Path) -> TensorSource:
 def open_diffusers_folder(
     path: Path, *, family: str | None, prediction: str | None, has_vae_override: bool = False
 ) -> Detection:
-    model_index = _json(path / "model_index.json")
+    model_index = read_json(path / "model_index.json")
     present = [name for name in COMPONENT_NAMES if isinstance(model_index.get(name), list) and model_index[name][0]]
     required = ["unet"] + ([] if has_vae_override else ["vae"])
     missing = [name for name in required if name not in present]
@@ -100,7 +101,7 @@ def open_diffusers_folder(
         raise CheckpointError(f"{path}: missing component {', '.join(missing)} in model_index.json (has {present})")
 
     evidence: dict[str, list[str]] = {"family": []}
-    text_configs = {name: _json(path / name / "config.json") for name in present if name.startswith("text_encoder")}
+    text_configs = {name: read_json(path / name / "config.json") for name in present if name.startswith("text_encoder")}
     if "text_encoder_2" in text_configs:
         detected, variant = "sdxl", ("base" if "text_encoder" in text_configs else "refiner")
         evidence["family"].append("model_index.json lists text_encoder_2")
@@ -113,13 +114,18 @@ def open_diffusers_folder(
         evidence["family"].append(
             f"text_encoder hidden_act {activation} ({'OpenAI CLIP' if detected == 'sd1' else 'OpenCLIP'})"
         )
-    _check_family(family, detected, evidence["family"][0])
+    check_family(family, detected, evidence["family"][0])
 
     scheduler_path = path / "scheduler" / "scheduler_config.json"
+    scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
     if prediction is not None:
         chosen, prediction_source = choose_prediction(detected, prediction, None, {}, False)
-    elif scheduler_path.is_file() and _json(scheduler_path).get("prediction_type") in SCHEDULER_PREDICTIONS:
-        value = _json(scheduler_path)["prediction_type"]
+    elif "prediction_type" in scheduler:
+        value = scheduler["prediction_type"]
+        if value not in SCHEDULER_PREDICTIONS:
+            raise CheckpointError(
+                f"{scheduler_path}: prediction_type {value!r} is not one of {sorted(SCHEDULER_PREDICTIONS)}"
+            )
         chosen, prediction_source = SCHEDULER_PREDICTIONS[value], f"prediction_type {value!r} in {scheduler_path}"
     else:
         chosen, prediction_source = FAMILY_DEFAULT_PREDICTION[detected], f"default for {detected}"
@@ -134,23 +140,20 @@ def open_diffusers_folder(
             table = {"unet": identity_table(), "vae": diffusers_vae_module_table()}.get(name, hf_clip_module_table())
             keys = source.keys()
             if name.startswith("text_encoder"):
-                keys = _drop_text_ignored(TextSlot(name, "", "hf_clip", True), keys, ignored)
+                keys = drop_text_ignored(TextSlot(name, "", "hf_clip", True), keys, ignored)
             components[name] = ComponentSource(name, source, "", table, keys, f"{path / name}")
-        unet_dict = _json(path / "unet" / "config.json")
+        unet_dict = read_json(path / "unet" / "config.json")
         unet_cfg = unet_config(unet_dict, detected, chosen)
-        schedule = {}
-        if scheduler_path.is_file():
-            raw = _json(scheduler_path)
-            schedule = {
-                k: raw[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule") if k in raw
-            }
-        vae_dict = _json(path / "vae" / "config.json") if "vae" in present else None
+        schedule_keys = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+        schedule = {key: scheduler[key] for key in schedule_keys if key in scheduler}
+        # Without a vae/ folder (a replacement VAE was given) the SD VAE config stands in until replace_vae.
+        vae_dict = read_json(path / "vae" / "config.json") if "vae" in present else VaeConfig.sd().to_diffusers()
         config = ModelConfig(
             detected,
             chosen,
             {name: text_encoder_config(detected, name, cfg, full_tower=False) for name, cfg in text_configs.items()},
             unet_cfg,
-            vae_config(vae_dict if vae_dict is not None else {"block_out_channels": [128, 256, 512, 512]}, detected),
+            vae_config(vae_dict, detected),
             ScheduleConfig(**schedule),
             variant,
         )
@@ -169,7 +172,7 @@ def open_diffusers_folder(
 
 def open_converted_folder(path: Path, *, family: str | None, prediction: str | None) -> Detection:
     config = read_model_config(path)
-    _check_family(family, config.family, f"{path}/config.json says family {config.family!r}")
+    check_family(family, config.family, f"{path}/config.json says family {config.family!r}")
     prediction_source = f"{path}/config.json"
     if prediction is not None:
         chosen, prediction_source = choose_prediction(config.family, prediction, None, {}, False)
@@ -201,7 +204,7 @@ def replace_vae(detection: Detection, vae_path: Path) -> None:
     family = detection.config.family
     old = detection.components.get("vae")
     if vae_path.is_dir():
-        config_json = _json(vae_path / "config.json")
+        config_json = read_json(vae_path / "config.json")
         source = open_diffusers_weights(vae_path, "vae")
         component = ComponentSource("vae", source, "", diffusers_vae_module_table(), source.keys(), str(vae_path))
         config = vae_config(config_json, family)
@@ -215,6 +218,7 @@ def replace_vae(detection: Detection, vae_path: Path) -> None:
             source.close()
             raise
     detection.sources.append(source)
+    detection.total_keys += len(source.keys())
     if old is not None:
         detection.ignored.setdefault("replaced_vae", []).extend(old.prefix + key for key in old.keys)
     for category, keys in ignored.items():

@@ -87,7 +87,7 @@ def vae_config(arch: dict[str, Any], family: str, scaling_factor: float | None =
     return VaeConfig.from_diffusers(arch)
 
 
-def _check_family(override: str | None, detected: str, why: str) -> None:
+def check_family(override: str | None, detected: str, why: str) -> None:
     if override is not None and override != detected:
         raise CheckpointError(f"family override {override!r} contradicts the checkpoint, which is {detected}: {why}")
 
@@ -96,7 +96,7 @@ def _infos(source: TensorSource, prefix: str, keys: list[str]) -> dict[str, Any]
     return {key: source.info(prefix + key) for key in keys}
 
 
-def _json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -193,7 +193,7 @@ def _detect_single_file(
             hint = " It looks like a LoRA, not a model."
         raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint of a known family; {recognised}.{hint}")
     family, variant = layout
-    _check_family(family_override, family, "; ".join(evidence["family"]))
+    check_family(family_override, family, "; ".join(evidence["family"]))
     if unet_arch is None:
         raise CheckpointError(f"{path}: missing component unet (no model.diffusion_model.* keys); {recognised}")
     evidence["unet"].append(detect.set_unet_heads(unet_arch, family))
@@ -244,7 +244,7 @@ def _detect_single_file(
     components: dict[str, ComponentSource] = {}
     for slot in TEXT_LAYOUTS[layout]:
         relative = split_by_prefix(keys, slot.prefix)
-        kept = _drop_text_ignored(slot, relative, ignored)
+        kept = drop_text_ignored(slot, relative, ignored)
         infos = _infos(source, slot.prefix, kept)
         if slot.kind == "hf_clip":
             arch, evidence[slot.component] = detect.detect_hf_clip(
@@ -278,18 +278,20 @@ def _detect_single_file(
         beta_start=float(yaml_values.get("linear_start", 0.00085)),
         beta_end=float(yaml_values.get("linear_end", 0.012)),
     )
+    # Without VAE keys (a replacement VAE was given) the SD VAE config stands in until replace_vae.
     config = ModelConfig(
-        family, chosen, text_configs, unet_cfg, vae_cfg or vae_config(_placeholder_vae(), family), schedule, variant
+        family,
+        chosen,
+        text_configs,
+        unet_cfg,
+        vae_cfg or vae_config(VaeConfig.sd().to_diffusers(), family),
+        schedule,
+        variant,
     )
     return Detection(
         path, "single file", config, components, prediction_source, evidence, ignored, source.extras,
         ema_info, len(keys), [source],
     )  # fmt: skip
-
-
-def _placeholder_vae() -> dict[str, Any]:
-    """Config stand-in until `replace_vae` installs the real one (only when a VAE override is given)."""
-    return VaeConfig.sd().to_diffusers()
 
 
 def _unet_table(config: UNetConfig) -> dict[str, Any]:
@@ -301,7 +303,7 @@ def _unet_table(config: UNetConfig) -> dict[str, Any]:
     )
 
 
-def _drop_text_ignored(slot: TextSlot, relative: list[str], ignored: dict[str, list[str]]) -> list[str]:
+def drop_text_ignored(slot: TextSlot, relative: list[str], ignored: dict[str, list[str]]) -> list[str]:
     kept = []
     for key in relative:
         category = TEXT_IGNORED[slot.kind].get(key)
