@@ -176,9 +176,10 @@ def test_cli_convert_writes_a_loadable_folder_in_diffusers_names(tmp_path, capsy
 def test_inspect_json_contract(tmp_path, capsys):
     states = cast_states(states_for("sd1"), torch.float16)
     ldm, _ = ldm_state_dict(states, "sd1", ema=True, extras=True)
-    save_file(ldm, str(tmp_path / "sd1.safetensors"))
+    save_file(ldm, str(tmp_path / "sd1.safetensors"), metadata={"modelspec.architecture": "stable-diffusion-v1"})
     assert cli_main(["inspect", str(tmp_path / "sd1.safetensors"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["extras"] == {"metadata.modelspec.architecture": "stable-diffusion-v1"}
     assert (report["family"], report["prediction"]) == ("sd1", "epsilon")
     assert set(report["components"]) == {"unet", "vae", "text_encoder"}
     for name, state in states.items():

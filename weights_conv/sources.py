@@ -288,8 +288,9 @@ def _detect_single_file(
         schedule,
         variant,
     )
+    extras = source.extras | {f"metadata.{key}": value[:200] for key, value in source.metadata.items()}
     return Detection(
-        path, "single file", config, components, prediction_source, evidence, ignored, source.extras,
+        path, "single file", config, components, prediction_source, evidence, ignored, extras,
         ema_info, len(keys), [source],
     )  # fmt: skip
 
