@@ -175,7 +175,8 @@ class _Alternate:
     options: tuple[tuple[_Node, ...], ...]
 
 
-_Node = Union[str, _Scheduled, _Alternate]
+# A node is text, a schedule, an alternation, or a tuple of nodes (an emphasis group, kept verbatim).
+_Node = Union[str, _Scheduled, _Alternate, tuple]
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,9 @@ def _walk(tree: tuple[_Node, ...]) -> list[_Scheduled | _Alternate]:
     pending = [tree]
     while pending:
         for node in pending.pop():
-            if isinstance(node, _Scheduled):
+            if isinstance(node, tuple):
+                pending.append(node)
+            elif isinstance(node, _Scheduled):
                 found.append(node)
                 pending += [node.before, node.after]
             elif isinstance(node, _Alternate):
@@ -303,6 +306,8 @@ def _render(tree: tuple[_Node, ...], step: int, rule: _StepRule, prompt: str) ->
             pending.pop()
         elif isinstance(node, str):
             pieces.append(node)
+        elif isinstance(node, tuple):
+            pending.append(iter(node))
         elif isinstance(node, _Scheduled):
             pending.append(iter(node.before if step <= rule.boundary_step(node.boundary, prompt) else node.after))
         else:
@@ -329,7 +334,7 @@ def _parse_schedule(prompt: str) -> tuple[_Node, ...] | None:
     close validly makes its opening bracket plain text; parsing resumes after it. Iterative, so deep
     nesting cannot exhaust the stack; groups are cached by start position, so re-parsing is linear.
     """
-    closed: dict[int, tuple[list[_Node], int]] = {}  # group start -> (nodes, end) for valid groups
+    closed: dict[int, tuple[_Node, int]] = {}  # group start -> (node, end) for valid groups
     failed: set[int] = set()
     top: list[_Node] = []
     frames: list[_Frame] = []
@@ -365,7 +370,7 @@ def _parse_schedule(prompt: str) -> tuple[_Node, ...] | None:
         elif char in "([":
             if position in closed:
                 group, position = closed[position]
-                nodes.extend(group)
+                nodes.append(group)
             elif position in failed:
                 if frames:
                     position = fail_open_groups()
@@ -391,25 +396,25 @@ def _parse_schedule(prompt: str) -> tuple[_Node, ...] | None:
                 continue
             frame = frames.pop()
             closed[frame.start] = (group, position + 1)
-            (frames[-1].segments[-1] if frames else top).extend(group)
+            (frames[-1].segments[-1] if frames else top).append(group)
             position += 1
 
 
-def _close_group(frame: _Frame, closer: str) -> list[_Node] | None:
-    """The nodes of a group closed by `closer`, or None if the grammar has no such group."""
+def _close_group(frame: _Frame, closer: str) -> _Node | None:
+    """The node of a group closed by `closer`, or None if the grammar has no such group."""
     separators, segments = frame.separators, frame.segments
     if frame.opener == "(":
         if closer != ")" or separators not in ([], [":"]):
             return None
         if separators:
-            return ["(", *segments[0], ":", *segments[1], ")"]
-        return ["(", *segments[0], ")"]
+            return ("(", *segments[0], ":", *segments[1], ")")
+        return ("(", *segments[0], ")")
     if closer != "]":
         return None
     if not separators:
-        return ["[", *segments[0], "]"]
+        return ("[", *segments[0], "]")
     if all(separator == "|" for separator in separators):
-        return [_Alternate(tuple(tuple(segment) for segment in segments))]
+        return _Alternate(tuple(tuple(segment) for segment in segments))
     if separators not in ([":"], [":", ":"]):
         return None
     number = segments[-1]
@@ -419,7 +424,7 @@ def _close_group(frame: _Frame, closer: str) -> list[_Node] | None:
     if match is None:
         return None
     before = tuple(segments[0]) if len(segments) == 3 else ()
-    return [_Scheduled(before, tuple(segments[-2]), match.group(1))]
+    return _Scheduled(before, tuple(segments[-2]), match.group(1))
 
 
 # ---------------------------------------------------------------------------------------------------- AND
