@@ -46,7 +46,9 @@ def test_none_emphasis_mode_is_one_unparsed_fragment() -> None:
     assert parse_prompt_without_attention("") == [Fragment("", 1.0)]
 
 
-@pytest.mark.parametrize("prompt, weight", [("(x:1.2.3)", "1.2.3"), ("(x:.)", "."), ("(x:+..)", "+.."), ("(a (x:1..5))", "1..5")])
+@pytest.mark.parametrize(
+    "prompt, weight", [("(x:1.2.3)", "1.2.3"), ("(x:.)", "."), ("(x:+..)", "+.."), ("(a (x:1..5))", "1..5")]
+)
 def test_weight_that_is_not_a_number_raises(prompt: str, weight: str) -> None:
     # the reference calls float() on it and raises ValueError
     with pytest.raises(PromptError, match=re.escape(repr(weight))):

@@ -216,7 +216,8 @@ def prompt_schedule(
 
     A boundary N containing "." is a fraction of the steps (int(N * steps)), otherwise an absolute step; it is
     clamped to the step count and only boundaries >= 1 split the schedule. Any `[a|b]` splits every step.
-    `second_order` doubles the step count (samplers that call the model twice per step). With `hires_steps`
+    `second_order` doubles the step counts (samplers that call the model twice per step; A1111 schedules over
+    model calls, so the index advances once per call: see `schedule_index`). With `hires_steps`
     (the hires-fix second pass) integers count from the end of the first pass and fractions from 1.0, over
     `hires_steps` steps. `legacy_fractions` is A1111's old scheduling: N < 1 is a fraction, anything else an
     absolute step, and `hires_steps` is ignored. A prompt that does not parse is used as is for every step.
