@@ -93,9 +93,10 @@ VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("linear_backend", ["torch", "onednn"])
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_matches_transformers(variant: str, attn_implementation: str) -> None:
+def test_matches_transformers(variant: str, attn_implementation: str, linear_backend: str) -> None:
     config = VARIANTS[variant]
     hf_model = build_hf(config, seed=7, attn_implementation=attn_implementation)
     model = ours_from(hf_model, config)
@@ -103,7 +104,7 @@ def test_matches_transformers(variant: str, attn_implementation: str) -> None:
     hidden, last, pooled, text_embeds = hf_outputs(hf_model, ids)
 
     with torch.no_grad():
-        out = model(ids)
+        out = model(ids, linear_backend=linear_backend)
     assert len(out.hidden_states) == config.num_hidden_layers + 1
     for ours_state, ref_state in zip(out.hidden_states, hidden, strict=True):
         assert max_diff(ours_state, ref_state) <= FP32_BOUND
@@ -395,16 +396,45 @@ def test_from_hf_on_real_configs(wild_dir: Path, folder: str) -> None:
     assert config == preset
 
 
+def test_linear_backend_choice() -> None:
+    config = VARIANTS["clip_l"]
+    model = ClipTextEncoder(config)
+    ids = chunk_ids([10], config.pad_token_id, seed=0)
+    with pytest.raises(ValueError, match="gradients are needed"):
+        model(ids, linear_backend="onednn")
+    with pytest.raises(ValueError, match="linear_backend must be one of"):
+        model(ids, linear_backend="mkl")
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="float16 is not float32 or bfloat16"):
+            ClipTextEncoder(config, dtype=torch.float16)(ids, linear_backend="onednn")
+        fused = model(ids, linear_backend="onednn").hidden_states[-1]
+    plain = model(ids).hidden_states[-1]  # "auto" with trainable parameters: F.linear, autograd works
+    plain.sum().backward()
+    assert model.text_model.encoder.layers[0].mlp.fc1.weight.grad is not None
+    assert max_diff(fused, plain) <= FP32_BOUND
+
+
 @pytest.mark.slow
 def test_full_size_clip_l_matches_transformers() -> None:
+    """F.linear path: within 1e-5 of transformers. oneDNN path (another fp32 summation order): its error
+    against transformers in float64 stays within twice transformers' own largest fp32 error against
+    float64 (about 1e-5 on these activations of up to ~14)."""
     config = TextEncoderConfig.sd1_clip_l()
     hf_model = build_hf(config, seed=1)
     model = ours_from(hf_model, config)
     ids = chunk_ids([12, 76], config.pad_token_id, seed=12)
     hidden, last, pooled, _ = hf_outputs(hf_model, ids)
     with torch.no_grad():
-        out = model(ids)
+        out = model(ids, linear_backend="torch")
+        fused = model(ids, linear_backend="onednn")
     for ours_state, ref_state in zip(out.hidden_states, hidden, strict=True):
         assert max_diff(ours_state, ref_state) <= FP32_BOUND
     assert max_diff(model.final_layer_norm(out.hidden_states[-1]), last) <= FP32_BOUND
     assert max_diff(out.pooled_output, pooled) <= FP32_BOUND
+
+    hidden64, last64, pooled64, _ = hf_outputs(hf_model.double(), ids)
+    pairs = list(zip(hidden, hidden64)) + [(last, last64), (pooled, pooled64)]
+    reference_noise = max(max_diff(ref_state, exact_state) for ref_state, exact_state in pairs)
+    fused_states = [*fused.hidden_states, model.final_layer_norm(fused.hidden_states[-1]), fused.pooled_output]
+    for fused_state, (_, exact_state) in zip(fused_states, pairs, strict=True):
+        assert max_diff(fused_state, exact_state) <= 2 * reference_noise

@@ -20,6 +20,13 @@ Textual-inversion vocabulary extension: ids >= vocab_size index the rows of `ext
 (id 49408 -> row 0); position embeddings are added afterwards, as for words. Gradients reach those rows
 and nothing else of the lookup.
 
+Linear layers: `linear_backend="onednn"` calls PyTorch's oneDNN inner product
+(`torch.ops.mkldnn._linear_pointwise`) on the unchanged nn.Linear parameters, with the bias and the
+residual add fused into it; "torch" calls F.linear (MKL sgemm for fp32 on CPU). Same math, fewer passes
+over the activations, and oneDNN's small-M fp32 kernels are faster than MKL's at 77 tokens; the op has
+no autograd formula, so "auto" uses it only for fp32 CPU inference (no gradient needed) and keeps
+F.linear for bf16, where both already run oneDNN kernels (benchmarks/encode.py measures both).
+
 Numerics: in fp32 this matches transformers to fp32 rounding. In fp16/bf16 the residual stream and the
 linear layers stay in the model dtype (as transformers does); every layer norm computes in fp32 and
 casts back (`_layer_norm_fp32`), and the softmax accumulates in fp32 inside the attention dispatcher
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +51,9 @@ CLIP_EOS_TOKEN_ID = 49407  # <|endoftext|>
 CLIP_CONTEXT_LENGTH = 77  # BOS + 75 tokens + EOS
 QUICK_GELU_SCALE = 1.702  # OpenAI CLIP: x * sigmoid(1.702 x) approximates GELU
 HIDDEN_ACTS = ("quick_gelu", "gelu")
+
+LinearBackend = Literal["auto", "torch", "onednn"]
+LINEAR_BACKENDS: tuple[str, ...] = ("auto", "torch", "onednn")
 
 
 class TokenIdError(TiengineError):
@@ -264,6 +274,31 @@ def _layer_norm_fp32(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+def _onednn_linear_unsupported(x: torch.Tensor, needs_grad: bool) -> str | None:
+    """Why the oneDNN linear path cannot run on x, or None when it can."""
+    if needs_grad:
+        return "gradients are needed and the oneDNN op has no autograd formula"
+    if x.device.type != "cpu":
+        return f"tensors are on {x.device}, not the CPU"
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        return f"dtype {x.dtype} is not float32 or bfloat16"
+    if not (torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()):
+        return "torch.backends.mkldnn is disabled or unavailable"
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return "this PyTorch build has no mkldnn::_linear_pointwise"
+    return None
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor, onednn: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """layer(x), plus residual when given; the oneDNN path fuses bias and residual into the matmul."""
+    if onednn:
+        if residual is None:
+            return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, layer.weight, layer.bias, "add")
+    y = F.linear(x, layer.weight, layer.bias)
+    return y if residual is None else residual + y
+
+
 class ClipTextEmbeddings(nn.Module):
     def __init__(self, config: TextEncoderConfig, device: torch.device | str | None, dtype: torch.dtype | None):
         super().__init__()
@@ -301,15 +336,18 @@ class ClipAttention(nn.Module):
         self.v_proj = nn.Linear(width, width, **factory)
         self.out_proj = nn.Linear(width, width, **factory)
 
-    def forward(self, x: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor, backend: AttentionBackend, onednn: bool
+    ) -> torch.Tensor:
+        """residual + out_proj(causal self-attention of x); x and residual (B, T, hidden)."""
         batch, tokens, width = x.shape
         heads = (batch, tokens, self.num_heads, self.head_dim)
-        q = self.q_proj(x).view(heads).transpose(1, 2)  # (B, H, T, d)
-        k = self.k_proj(x).view(heads).transpose(1, 2)  # (B, H, T, d)
-        v = self.v_proj(x).view(heads).transpose(1, 2)  # (B, H, T, d)
+        q = _linear(self.q_proj, x, onednn).view(heads).transpose(1, 2)  # (B, H, T, d)
+        k = _linear(self.k_proj, x, onednn).view(heads).transpose(1, 2)  # (B, H, T, d)
+        v = _linear(self.v_proj, x, onednn).view(heads).transpose(1, 2)  # (B, H, T, d)
         out = attention(q, k, v, causal=True, backend=backend)  # (B, H, T, d)
         out = out.transpose(1, 2).reshape(batch, tokens, width)  # (B, T, hidden)
-        return self.out_proj(out)
+        return _linear(self.out_proj, out, onednn, residual)
 
 
 class ClipMLP(nn.Module):
@@ -320,13 +358,14 @@ class ClipMLP(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, **factory)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, **factory)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)  # (B, T, intermediate)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, onednn: bool) -> torch.Tensor:
+        """residual + fc2(act(fc1(x))); x and residual (B, T, hidden)."""
+        h = _linear(self.fc1, x, onednn)  # (B, T, intermediate)
         if self.hidden_act == "quick_gelu":
             h = h * torch.sigmoid(QUICK_GELU_SCALE * h)
         else:
             h = F.gelu(h)  # exact (erf) GELU, as OpenCLIP and transformers' "gelu"
-        return self.fc2(h)
+        return _linear(self.fc2, h, onednn, residual)
 
 
 class ClipEncoderLayer(nn.Module):
@@ -338,9 +377,9 @@ class ClipEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **factory)
         self.mlp = ClipMLP(config, device, dtype)
 
-    def forward(self, x: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(_layer_norm_fp32(self.layer_norm1, x), backend)
-        return x + self.mlp(_layer_norm_fp32(self.layer_norm2, x))
+    def forward(self, x: torch.Tensor, backend: AttentionBackend, onednn: bool) -> torch.Tensor:
+        x = self.self_attn(_layer_norm_fp32(self.layer_norm1, x), x, backend, onednn)
+        return self.mlp(_layer_norm_fp32(self.layer_norm2, x), x, onednn)
 
 
 class ClipEncoder(nn.Module):
@@ -389,11 +428,13 @@ class ClipTextEncoder(nn.Module):
         *,
         num_layers: int | None = None,
         attention_backend: AttentionBackend = "auto",
+        linear_backend: LinearBackend = "auto",
     ) -> ClipTextOutput:
         """Encode (B, T) token ids, T <= max_position_embeddings.
 
         extra_token_embeddings: (E, hidden) rows for ids vocab_size .. vocab_size + E - 1.
         num_layers: run only the first `num_layers` layers (default all); pooling needs all of them.
+        attention_backend: see tiengine.attention; linear_backend: see the module docstring.
         """
         config = self.config
         self._check_ids(input_ids, extra_token_embeddings)
@@ -402,9 +443,10 @@ class ClipTextEncoder(nn.Module):
             raise ValueError(f"num_layers must be in 0..{config.num_hidden_layers}, got {num_layers}")
 
         x = self.text_model.embeddings(input_ids, extra_token_embeddings)  # (B, T, hidden)
+        onednn = self._use_onednn(x, linear_backend)
         hidden_states = [x]
         for layer in self.text_model.encoder.layers[:run]:
-            x = layer(x, attention_backend)
+            x = layer(x, attention_backend, onednn)
             hidden_states.append(x)
 
         pooled = text_embeds = None
@@ -423,6 +465,7 @@ class ClipTextEncoder(nn.Module):
         final_norm: bool | None = None,
         pooled: bool = False,
         attention_backend: AttentionBackend = "auto",
+        linear_backend: LinearBackend = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stable Diffusion's read of this encoder: (context (B, T, hidden), pooled or None).
 
@@ -438,6 +481,7 @@ class ClipTextEncoder(nn.Module):
             extra_token_embeddings,
             num_layers=config.num_hidden_layers if pooled else index,
             attention_backend=attention_backend,
+            linear_backend=linear_backend,
         )
         context = out.hidden_states[index]
         if config.output_final_norm if final_norm is None else final_norm:
@@ -455,6 +499,22 @@ class ClipTextEncoder(nn.Module):
         if not any(key.startswith("text_model.") for key in keys):
             keys = {(key if key == "text_projection.weight" else f"text_model.{key}"): value for key, value in keys.items()}
         return super().load_state_dict(keys, strict=strict, assign=assign)
+
+    def _use_onednn(self, x: torch.Tensor, linear_backend: LinearBackend) -> bool:
+        """Resolve the linear backend for embeddings x (B, T, hidden) (see the module docstring)."""
+        if linear_backend not in LINEAR_BACKENDS:
+            raise ValueError(f"linear_backend must be one of {LINEAR_BACKENDS}, got {linear_backend!r}")
+        if linear_backend == "torch":
+            return False
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or any(param.requires_grad for param in self.text_model.encoder.parameters())
+        )
+        reason = _onednn_linear_unsupported(x, needs_grad)
+        if linear_backend == "onednn":
+            if reason is not None:
+                raise ValueError(f"linear_backend 'onednn' cannot run: {reason}")
+            return True
+        return reason is None and x.dtype == torch.float32
 
     def _check_ids(self, input_ids: torch.Tensor, extra_token_embeddings: torch.Tensor | None) -> None:
         config = self.config

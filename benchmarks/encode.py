@@ -1,0 +1,255 @@
+"""Text-encode benchmark: tiengine's ClipTextEncoder against transformers' CLIPTextModel.
+
+Full-size SD1 CLIP-L (123 M parameters, random weights shared by both models), 77-token chunks at
+several batch sizes, fp32 and bf16, on the CPU, in one process with one thread count. Both sides produce
+the same output: final_layer_norm(last layer) for every token plus the pooled EOS state
+(`ClipTextEncoder.encode(ids, pooled=True)` against `CLIPTextModel(input_ids=ids)`); the outputs are
+compared before timing. Calls are interleaved (peer, tiengine, peer, ...) after a warm-up, so load from
+other processes hits both alike; the median is reported.
+
+Floor: the encoder's FLOPs (2 per multiply-add of every linear layer and attention matmul, 13.3 GFLOP per
+77-token sequence for CLIP-L) divided by the matmul ceiling measured here with a large torch.mm in the
+same dtype. Each time is also given as a multiple of that floor.
+
+Rows: one per (dtype, batch); the "penultimate" rows time the SD2/SDXL-style read (hidden_states[-2]),
+where transformers must run every layer and tiengine stops after the one it needs. Columns are listed in
+COLUMNS; the speedup (transformers / tiengine) comes last.
+
+Usage: python benchmarks/encode.py [--threads 2] [--batches 1 2 8] [--dtypes fp32 bf16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tiengine.text_encoder import ClipTextEncoder, TextEncoderConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EOS = 49407
+COLUMNS = (
+    # (key, header, format)
+    ("read", "read", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("batch", "batch", "{}"),
+    ("transformers_ms", "transformers ms", "{:.1f}"),
+    ("tiengine_ms", "tiengine ms", "{:.1f}"),
+    ("tiengine_torch_linear_ms", "tiengine[F.linear] ms", "{:.1f}"),
+    ("floor_ms", "floor ms", "{:.1f}"),
+    ("transformers_x_floor", "transformers x floor", "{:.2f}"),
+    ("tiengine_x_floor", "tiengine x floor", "{:.2f}"),
+    ("max_abs_diff", "max |diff|", "{:.1e}"),
+    ("speedup", "speedup (transformers / tiengine)", "{:.2f}x"),
+)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    samples: int
+
+
+def encode_flops(config: TextEncoderConfig, tokens: int) -> float:
+    """FLOPs of one sequence: linear layers plus the two attention matmuls (full T x T, as computed)."""
+    width, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    linear = 2 * tokens * (4 * width * width + 2 * width * inner)
+    attention_core = 2 * 2 * tokens * tokens * width
+    return layers * (linear + attention_core)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, Timing]:
+    """Median wall time of each function, calls interleaved round-robin after `warmup` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: Timing(statistics.median(values), len(values)) for name, values in samples.items()}
+
+
+def matmul_ceiling(dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Best FLOP/s of a (size x size) @ (size x size) torch.mm in `dtype`."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def build_models(seed: int):
+    """transformers CLIPTextModel (CLIP-L, sdpa attention) and tiengine's encoder on the same weights."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = TextEncoderConfig.sd1_clip_l()
+    torch.manual_seed(seed)
+    reference = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            max_position_embeddings=config.max_position_embeddings,
+            hidden_act=config.hidden_act,
+            layer_norm_eps=config.layer_norm_eps,
+            eos_token_id=EOS,
+            attn_implementation="sdpa",
+        )
+    ).eval()
+    model = ClipTextEncoder(config).eval()
+    model.load_state_dict(reference.state_dict())
+    return config, reference, model
+
+
+def random_chunks(batch: int, seed: int) -> torch.Tensor:
+    """(batch, 77) ids: BOS, random words, EOS at varied positions, EOS padding (SD1)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 49406, (batch, 77), generator=generator)
+    ids[:, 0] = 49406
+    for row in range(batch):
+        end = 5 + (row * 23) % 72
+        ids[row, end:] = EOS
+    return ids
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    config, reference, model = build_models(args.seed)
+    flops_per_sequence = encode_flops(config, 77)
+    ceilings: dict[str, float] = {}
+    rows: list[dict] = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        ceilings[dtype_name] = matmul_ceiling(dtype, args.mm_size, repeats=5)
+        reference.to(dtype)
+        model.to(dtype)
+        for read in args.reads:
+            for batch in args.batches:
+                ids = random_chunks(batch, seed=batch)
+                rows.append(_measure(read, dtype_name, batch, ids, reference, model, config, args))
+                row = rows[-1]
+                row["floor_ms"] = 1e3 * flops_per_sequence * batch / ceilings[dtype_name]
+                row["transformers_x_floor"] = row["transformers_ms"] / row["floor_ms"]
+                row["tiengine_x_floor"] = row["tiengine_ms"] / row["floor_ms"]
+                print(_format_row(row), flush=True)
+    return {
+        "benchmark": "text encode, SD1 CLIP-L, 77-token chunks",
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "load_average_at_end": os.getloadavg(),
+        "torch": torch.__version__,
+        "transformers": _transformers_version(),
+        "flops_per_sequence": flops_per_sequence,
+        "matmul_ceiling_flops": ceilings,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+
+
+def _measure(read, dtype_name, batch, ids, reference, model, config, args) -> dict:
+    if read == "last":
+
+        def peer():
+            return reference(input_ids=ids)
+
+        def ours(linear_backend="auto"):
+            return model.encode(ids, output_layer=-1, final_norm=True, pooled=True, linear_backend=linear_backend)
+
+        def outputs_diff():
+            out = peer()
+            context, pooled = ours()
+            return max(_diff(context, out.last_hidden_state), _diff(pooled, out.pooler_output))
+
+    else:  # "penultimate": hidden_states[-2] through final_layer_norm (SD2's read)
+
+        def peer():
+            hidden = reference(input_ids=ids, output_hidden_states=True).hidden_states[-2]
+            return reference.final_layer_norm(hidden)
+
+        def ours(linear_backend="auto"):
+            return model.encode(ids, output_layer=-2, final_norm=True, linear_backend=linear_backend)
+
+        def outputs_diff():
+            return _diff(ours()[0], peer())
+
+    with torch.inference_mode():
+        diff = outputs_diff()
+        timings = time_interleaved(
+            {"transformers": peer, "tiengine": ours, "tiengine_torch_linear": lambda: ours("torch")},
+            warmup=args.warmup,
+            repeats=args.repeats,
+        )
+    row = {"read": read, "dtype": dtype_name, "batch": batch, "max_abs_diff": diff}
+    for name, timing in timings.items():
+        row[f"{name}_ms"] = 1e3 * timing.median_s
+    row["speedup"] = row["transformers_ms"] / row["tiengine_ms"]
+    return row
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _format_row(row: dict) -> str:
+    return " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--reads", nargs="+", choices=["last", "penultimate"], default=["last", "penultimate"])
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--mm-size", type=int, default=2048, help="side of the square matmul for the ceiling")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="write the results to this file")
+    args = parser.parse_args()
+
+    print(
+        f"# text encode, SD1 CLIP-L, 77-token chunks | cpu, {args.threads} threads | torch {torch.__version__}, "
+        f"transformers {_transformers_version()} | warm-up {args.warmup}, median of {args.repeats}, interleaved"
+    )
+    print(" | ".join(header for _, header, _ in COLUMNS))
+    results = run(args)
+    for dtype_name, ceiling in results["matmul_ceiling_flops"].items():
+        print(f"# matmul ceiling {dtype_name}: {ceiling / 1e9:.0f} GFLOP/s ({args.mm_size}^3 torch.mm)")
+    print(f"# FLOPs per 77-token sequence: {results['flops_per_sequence'] / 1e9:.2f} G; "
+          f"load average at end: {results['load_average_at_end'][0]:.1f}")
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as handle:
+            json.dump(results, handle, indent=2)
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()
