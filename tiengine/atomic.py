@@ -9,7 +9,7 @@ followed by a rename).
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,9 +26,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
     if path.exists() and not overwrite:
         raise FileExistsRefusal(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temporary_path = Path(temporary)
+    temporary_path = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    # Created like any new file (mode 0o666 less the umask), unlike mkstemp's owner-only 0o600.
+    os.close(os.open(temporary_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         write(temporary_path)
         with open(temporary_path, "rb+") as written:

@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "tiengine.cli.tokenize",
     "tiengine.cli.embeddings",
     "tiengine.cli.parse",
+    "tiengine.cli.generate",
 )
 
 

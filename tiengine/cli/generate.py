@@ -1,0 +1,189 @@
+"""`tiengine generate` (text to image, image to image, sampler comparison grids) and `tiengine info`.
+
+Images are PNG files carrying the A1111-style `parameters` text (prompt, negative prompt, settings,
+`TI hashes` of the embeddings used), which `tiengine info` and other tools read back. Existing files
+are never replaced unless `--overwrite` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tiengine.cli import CliError
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+SAMPLER_HELP = "Euler, Euler a, Heun, DPM2, DPM++ 2M, DPM++ 2M SDE, DPM++ SDE, LMS, DDIM"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="make images from a prompt (with embeddings, negative prompt, any sampler)",
+        description="Generate images. With no --model, the small built-in model is used (see README).",
+    )
+    parser.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [from:to:N], [a|b], AND, BREAK)")
+    parser.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    parser.add_argument("--model", type=Path, help="model: converted folder, diffusers folder or .safetensors/.ckpt")
+    parser.add_argument("--embeddings", type=Path, metavar="DIR", help="folder of textual-inversion embeddings")
+    parser.add_argument("--sampler", default="Euler a", help=f"one of: {SAMPLER_HELP} (default Euler a)")
+    parser.add_argument("--scheduler", choices=["normal", "karras", "exponential", "ddim_uniform"],
+                        help="sigma schedule (default: the sampler's usual one)")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    parser.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    parser.add_argument("--seed", type=int, default=-1, help="seed; image i of a batch uses seed + i (-1: random)")
+    parser.add_argument("--size", help="WIDTHxHEIGHT (default: the model's native size)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per run (default 1)")
+    parser.add_argument("--clip-skip", type=int, default=1, help="CLIP layers to skip (SD1; default 1 = none)")
+    parser.add_argument("--emphasis", default="original", choices=["original", "no_norm", "ignore", "none", "lerp"],
+                        help="how (word:1.2) weights apply (default original, as A1111)")
+    parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture")
+    parser.add_argument("--strength", type=float, default=0.75, help="image-to-image denoising strength (0..1)")
+    parser.add_argument("--compare-samplers", metavar="A,B,C",
+                        help="run each sampler with the same seed and write one grid, a labelled column each")
+    parser.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default out.png)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default fp32)")
+    parser.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles (less memory)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    parser.set_defaults(func=run_generate)
+
+    info = subparsers.add_parser("info", help="print the generation parameters stored in an image",
+                                 description="Read the `parameters` text that tiengine and A1111 write into PNGs.")
+    info.add_argument("image", type=Path)
+    info.add_argument("--json", action="store_true", help="the parameters as a JSON object")
+    info.set_defaults(func=run_info)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    width, height = _parse_size(args.size)
+    samplers = _sampler_list(args)
+    outputs = _output_paths(args, samplers)
+
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from tiengine.engine import Engine
+    from tiengine.metadata import save_png
+
+    init_image = None
+    if args.init_image is not None:
+        try:
+            init_image = Image.open(args.init_image)
+            init_image.load()
+        except (OSError, UnidentifiedImageError) as error:
+            raise CliError(f"{args.init_image}: cannot read the init image: {error}") from error
+    engine = Engine.load(args.model, embeddings=args.embeddings, device=args.device,
+                         dtype=getattr(torch, DTYPES[args.dtype]))
+    seed = args.seed
+    columns = []
+    summary = {"images": [], "applied_embeddings": [], "skipped_embeddings": [], "warnings": []}
+    for sampler in samplers:
+        result = _run_one(engine, args, sampler, seed, width, height, init_image)
+        seed = result.seeds[0]  # a random seed is drawn once and shared by every sampler
+        columns.append((sampler, result.images))
+        if len(samplers) == 1:
+            for path, image, parameters in zip(outputs, result.images, result.parameters):
+                save_png(image, path, parameters, overwrite=args.overwrite)
+                summary["images"].append({"path": str(path), "seed": result.seeds[outputs.index(path)],
+                                          "parameters": parameters})
+        conditioning = result.conditioning
+    if len(samplers) > 1:
+        from tiengine.images import labelled_grid
+        from tiengine.metadata import format_parameters
+
+        grid = labelled_grid(columns)
+        text = format_parameters(args.prompt, args.negative, {"Samplers": ", ".join(samplers), "Seed": seed,
+                                                              "Steps": args.steps, "CFG scale": f"{args.cfg:g}"})
+        save_png(grid, outputs[0], text, overwrite=args.overwrite)
+        summary["images"].append({"path": str(outputs[0]), "seed": seed, "samplers": samplers})
+    summary["applied_embeddings"] = [
+        {"name": a.name, "hash": a.short_hash, "prompt": a.prompt, "chunk": a.chunk, "slot": a.slot,
+         "vectors": a.n_vectors, "weight": a.weight} for a in conditioning.applied
+    ]
+    summary["skipped_embeddings"] = [{"name": m.name, "reason": m.reason} for m in conditioning.skipped]
+    summary["warnings"] = conditioning.warnings
+    _report(summary, args.json)
+    return 0
+
+
+def _run_one(engine, args, sampler, seed, width, height, init_image):
+    from tqdm import tqdm
+
+    with tqdm(total=args.steps, desc=sampler, unit="step", file=sys.stderr, disable=args.json) as bar:
+        def advance(step, total, x, denoised):
+            bar.total = total
+            bar.update(1)
+
+        common = dict(steps=args.steps, sampler=sampler, scheduler=args.scheduler, cfg_scale=args.cfg, seed=seed,
+                      width=width, height=height, batch_size=args.batch_size, clip_skip=args.clip_skip,
+                      emphasis=args.emphasis, vae_tiling=args.vae_tiling, callback=advance)
+        if init_image is not None:
+            return engine.img2img(init_image, args.prompt, args.negative, strength=args.strength, **common)
+        return engine.generate(args.prompt, args.negative, **common)
+
+
+def _report(summary: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, ensure_ascii=False))
+        return
+    for image in summary["images"]:
+        print(f"wrote {image['path']} (seed {image['seed']})")
+    for applied in summary["applied_embeddings"]:
+        print(f"embedding {applied['name']} [{applied['hash'] or 'no file'}] in the {applied['prompt']} prompt: "
+              f"chunk {applied['chunk']}, slots {applied['slot']}-{applied['slot'] + applied['vectors'] - 1}, "
+              f"weight {applied['weight']:.4g}")
+    for skipped in summary["skipped_embeddings"]:
+        print(f"embedding {skipped['name']} skipped: {skipped['reason']}")
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}")
+
+
+def _parse_size(size: str | None) -> tuple[int | None, int | None]:
+    if size is None:
+        return None, None
+    try:
+        width, height = (int(part) for part in size.lower().split("x"))
+    except ValueError:
+        raise CliError(f"--size must be WIDTHxHEIGHT, e.g. 512x512; got {size!r}") from None
+    return width, height
+
+
+def _sampler_list(args: argparse.Namespace) -> list[str]:
+    from tiengine.sampling import SAMPLERS
+
+    names = [args.sampler] if not args.compare_samplers else [s.strip() for s in args.compare_samplers.split(",")]
+    for name in names:
+        if name not in SAMPLERS:
+            raise CliError(f"unknown sampler {name!r}; expected one of: {', '.join(SAMPLERS)}")
+    if args.steps < 1 or args.batch_size < 1:
+        raise CliError("--steps and --batch-size must be at least 1")
+    return names
+
+
+def _output_paths(args: argparse.Namespace, samplers: list[str]) -> list[Path]:
+    out: Path = args.out
+    if out.suffix.lower() != ".png":
+        raise CliError(f"--out must be a .png file (it carries the generation parameters), got {out}")
+    if len(samplers) > 1 or args.batch_size == 1:
+        paths = [out]
+    else:
+        paths = [out.with_name(f"{out.stem}-{index}{out.suffix}") for index in range(args.batch_size)]
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not args.overwrite:
+        raise CliError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+    return paths
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from tiengine.metadata import parse_parameters, read_image_parameters
+
+    text = read_image_parameters(args.image)
+    if args.json:
+        print(json.dumps(parse_parameters(text), ensure_ascii=False))
+    else:
+        print(text)
+    return 0
