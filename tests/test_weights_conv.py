@@ -10,6 +10,7 @@ SD1, 32 GroupNorm groups, 256-wide SDXL time ids), so the detected config must e
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -423,7 +424,7 @@ def diffusers_config_folder(root: Path, family: str, variant: str = "base") -> P
     return root
 
 
-@pytest.mark.parametrize("family,variant", MODELS)
+@pytest.mark.parametrize("family,variant", [("sdxl", "refiner")])  # the others: the pipeline test below
 def test_matches_diffusers_single_file_conversion(tmp_path, family, variant):
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 
@@ -452,3 +453,40 @@ def test_matches_diffusers_single_file_conversion(tmp_path, family, variant):
             # no such layer, so both sides keep every layer here.
             ours = converted(model, name)
             assert_bit_equal(ours, theirs, f"{name} vs diffusers")
+
+
+PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_matches_diffusers_pipeline_from_single_file(tmp_path, family):
+    """diffusers' whole-pipeline single-file loader (offline, local configs) on the same file."""
+    states = states_for(family)
+    ldm, _ = ldm_state_dict(states, family, extras=True)
+    path = tmp_path / "model.safetensors"
+    save_file(ldm, str(path))
+    configs = diffusers_config_folder(tmp_path / "configs", family)
+    index = {"_class_name": PIPELINES[family], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"]}  # fmt: skip
+    components = {}
+    for name, model in text_models(family).items():
+        model.config.save_pretrained(configs / name)
+        index[name] = ["transformers", type(model).__name__]
+        index["tokenizer" + name.removeprefix("text_encoder")] = ["transformers", "CLIPTokenizer"]
+        components["tokenizer" + name.removeprefix("text_encoder")] = None
+    if family != "sdxl":
+        index |= {"safety_checker": [None, None], "feature_extractor": [None, None]}
+        components |= {"safety_checker": None, "feature_extractor": None}
+    (configs / "model_index.json").write_text(json.dumps(index))
+    (configs / "scheduler").mkdir()
+    (configs / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({"_class_name": "EulerDiscreteScheduler", "steps_offset": 1})
+    )
+    pipeline = getattr(diffusers, PIPELINES[family]).from_single_file(
+        str(path), config=str(configs), local_files_only=True, **components
+    )
+    with open_model(path) as model:
+        for name in states:
+            theirs = getattr(pipeline, name)
+            theirs = hf_state(theirs) if name.startswith("text") else dict(theirs.state_dict())
+            assert_bit_equal(converted(model, name), theirs, f"{family} {name} vs diffusers pipeline")
