@@ -136,17 +136,23 @@ def encoder_token_ids(chunks: Sequence[PromptChunk], pad_token_id: int, device: 
     then every embedding listed in a chunk writes its ids at its slots (a no-op except for embeddings
     that comma backtracking left in the padding, whose vectors A1111 also writes there).
     """
-    rows = []
-    for chunk in chunks:
-        ids = list(chunk.tokens)
-        if pad_token_id != EOS_TOKEN_ID and EOS_TOKEN_ID in ids:
-            first_eos = ids.index(EOS_TOKEN_ID)
-            ids[first_eos + 1 :] = [pad_token_id] * (len(ids) - first_eos - 1)
-        for embedding in chunk.embeddings:
-            end = min(embedding.slot + embedding.n_vectors, len(ids))
-            ids[embedding.slot : end] = embedding.token_ids[: end - embedding.slot]
-        rows.append(ids)
-    return torch.tensor(rows, dtype=torch.long, device=device)  # (B, 77)
+    return torch.tensor([_framed_ids(chunk, pad_token_id) for chunk in chunks], dtype=torch.long, device=device)
+
+
+def pool_positions(chunks: Sequence[PromptChunk]) -> list[int]:
+    """Per chunk, the position of its first EOS before embeddings are written (where A1111 pools)."""
+    return [chunk.tokens.index(EOS_TOKEN_ID) for chunk in chunks]
+
+
+def _framed_ids(chunk: PromptChunk, pad_token_id: int) -> list[int]:
+    ids = list(chunk.tokens)
+    if pad_token_id != EOS_TOKEN_ID and EOS_TOKEN_ID in ids:
+        first_eos = ids.index(EOS_TOKEN_ID)
+        ids[first_eos + 1 :] = [pad_token_id] * (len(ids) - first_eos - 1)
+    for embedding in chunk.embeddings:
+        end = min(embedding.slot + embedding.n_vectors, len(ids))
+        ids[embedding.slot : end] = embedding.token_ids[: end - embedding.slot]
+    return ids  # 77 ids
 
 
 def _encode_chunk_batch(
@@ -168,7 +174,8 @@ def _encode_chunk_batch(
     layer = config.output_layer_for_clip_skip(options.clip_skip)
     want_pooled = want_pooled and config.projection_dim is not None
     ids = encoder_token_ids(chunks, config.pad_token_id, device)
-    z, pooled = encoder.encode(ids, rows, output_layer=layer, pooled=want_pooled)
+    positions = torch.tensor(pool_positions(chunks), device=device) if want_pooled else None
+    z, pooled = encoder.encode(ids, rows, output_layer=layer, pooled=want_pooled, pool_positions=positions)
     weights = torch.tensor([chunk.weights for chunk in chunks], device=device, dtype=z.dtype)  # (B, 77)
     z = _apply_emphasis(z, weights, options, slot, rows, layer)
     return z, pooled

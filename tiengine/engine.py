@@ -43,6 +43,8 @@ ENCODER_KEYS = {
     "sdxl": {"text_encoder": "clip_l", "text_encoder_2": "clip_g"},
 }
 ENCODE_CACHE_SIZE = 64
+REFINER_AESTHETIC_SCORE = 6.0
+REFINER_NEGATIVE_AESTHETIC_SCORE = 2.5
 MAX_SEED = 2**32 - 1
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -418,7 +420,7 @@ class Engine:
         wrap = v_denoiser if self.config.prediction == "v" else eps_denoiser
         denoiser = scheduled_guided_denoiser(
             wrap(unet, schedule),
-            self._cond_schedule(conditioning.negative, batch_size, width, height),
+            self._cond_schedule(conditioning.negative, batch_size, width, height, negative=True),
             [(self._cond_schedule(part, batch_size, width, height), weight) for part, weight in conditioning.positive],
             cfg_scale,
         )
@@ -455,14 +457,25 @@ class Engine:
         ]
         return GenerationResult(images, seeds, parameters, conditioning)
 
-    def _cond_schedule(self, scheduled: ScheduledConditioning, batch: int, width: int, height: int):
-        """[(last_step, cond)] with cond {"context": (B, T, C)[, "y": (B, 2816)]} for the UNet."""
+    def _cond_schedule(
+        self, scheduled: ScheduledConditioning, batch: int, width: int, height: int, *, negative: bool = False
+    ):
+        """[(last_step, cond)] with cond {"context": (B, T, C)[, "y": (B, P)]} for the UNet.
+
+        SDXL's size conditioning: original size and target size are the output size, crop (0, 0); the
+        refiner conditions on an aesthetic score instead of the target size (6.0, 2.5 for the negative:
+        the reference implementation's defaults)."""
         unet = self.modules["unet"]
+        if self.config.variant == "refiner":
+            score = REFINER_NEGATIVE_AESTHETIC_SCORE if negative else REFINER_AESTHETIC_SCORE
+            size_ids = [height, width, 0, 0, score]
+        else:
+            size_ids = [height, width, 0, 0, height, width]
         entries = []
         for last_step, context, pooled in scheduled.entries:
             cond = {"context": context.expand(batch, -1, -1)}
             if unet.config.addition_embed_type == "text_time":
-                time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=self.device)
+                time_ids = torch.tensor([size_ids], dtype=torch.float32, device=self.device)
                 y = unet.text_time_conditioning(pooled.to(torch.float32), time_ids)  # (1, 2816)
                 cond["y"] = y.to(self.dtype).expand(batch, -1)
             entries.append((last_step, cond))

@@ -90,9 +90,10 @@ class TensorRef:
             count *= size
         return count * self.dtype.itemsize
 
-    def load(self) -> torch.Tensor:
-        """Read the tensor; memory-mapped (copy-on-write) when the bytes allow it."""
-        return self.archive._tensor(self, copy=False)
+    def load(self, *, copy: bool = False) -> torch.Tensor:
+        """Read the tensor: memory-mapped (copy-on-write) when the bytes allow it, or, with copy=True,
+        into memory of its own so that nothing of the file stays mapped (for one-at-a-time streaming)."""
+        return self.archive._tensor(self, copy=copy)
 
 
 def _view_extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:

@@ -217,27 +217,16 @@ class TextEncoderConfig:
         if model_type not in ("clip_text_model", "clip"):
             raise CheckpointError(f"config.json: model_type is {model_type!r}, expected 'clip_text_model'")
         fields: dict[str, Any] = {}
-        for name in (
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "hidden_act",
-        ):
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "hidden_act"):
             if name not in config_dict:
                 raise CheckpointError(f"config.json: missing key {name!r} of a CLIPTextConfig")
             fields[name] = config_dict[name]
         for name in ("vocab_size", "max_position_embeddings", "layer_norm_eps"):
             if name in config_dict:
                 fields[name] = config_dict[name]
-        if fields["hidden_act"] not in HIDDEN_ACTS:
-            raise CheckpointError(
-                f"config.json: hidden_act {fields['hidden_act']!r} is not supported (expected one of {HIDDEN_ACTS})"
-            )
-        if "CLIPTextModelWithProjection" in config_dict.get("architectures", ()):
+        if "CLIPTextModelWithProjection" in (config_dict.get("architectures") or ()):
             fields["projection_dim"] = config_dict.get("projection_dim", 512)
-        fields.update(sd_fields)
-        return cls(**fields)
+        return cls._checked(fields | sd_fields, "config.json")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -248,7 +237,14 @@ class TextEncoderConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise CheckpointError(f"text encoder config: unknown keys {unknown} (known: {sorted(known)})")
-        return cls(**data)
+        return cls._checked(data, "text encoder config")
+
+    @classmethod
+    def _checked(cls, fields: dict[str, Any], source: str) -> TextEncoderConfig:
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"{source}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -427,6 +423,7 @@ class ClipTextEncoder(nn.Module):
         extra_token_embeddings: torch.Tensor | None = None,
         *,
         num_layers: int | None = None,
+        pool_positions: torch.Tensor | None = None,
         attention_backend: AttentionBackend = "auto",
         linear_backend: LinearBackend = "auto",
     ) -> ClipTextOutput:
@@ -434,6 +431,8 @@ class ClipTextEncoder(nn.Module):
 
         extra_token_embeddings: (E, hidden) rows for ids vocab_size .. vocab_size + E - 1.
         num_layers: run only the first `num_layers` layers (default all); pooling needs all of them.
+        pool_positions: (B,) position to pool in each row, default the first EOS (a caller that wrote an
+        embedding's ids over the EOS slot, as A1111 can, names the slot it pools at).
         attention_backend: see tiengine.attention; linear_backend: see the module docstring.
         """
         config = self.config
@@ -451,7 +450,7 @@ class ClipTextEncoder(nn.Module):
 
         pooled = text_embeds = None
         if run == config.num_hidden_layers:
-            pooled = self._pool(x, input_ids)
+            pooled = self._pool(x, input_ids, pool_positions)
             if self.text_projection is not None:
                 text_embeds = self.text_projection(pooled)
         return ClipTextOutput(tuple(hidden_states), pooled, text_embeds)
@@ -464,6 +463,7 @@ class ClipTextEncoder(nn.Module):
         output_layer: int | None = None,
         final_norm: bool | None = None,
         pooled: bool = False,
+        pool_positions: torch.Tensor | None = None,
         attention_backend: AttentionBackend = "auto",
         linear_backend: LinearBackend = "auto",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -480,6 +480,7 @@ class ClipTextEncoder(nn.Module):
             input_ids,
             extra_token_embeddings,
             num_layers=config.num_hidden_layers if pooled else index,
+            pool_positions=pool_positions,
             attention_backend=attention_backend,
             linear_backend=linear_backend,
         )
@@ -544,8 +545,13 @@ class ClipTextEncoder(nn.Module):
                 f"(vocabulary {config.vocab_size} + {extra_rows} extra embedding rows)"
             )
 
-    def _pool(self, last_hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """final_layer_norm(last layer) at the first EOS of each row: (B, T, hidden) -> (B, hidden)."""
+    def _pool(
+        self, last_hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """final_layer_norm(last layer) at the first EOS of each row (or at `positions`): (B, T, hidden) -> (B, hidden)."""
+        if positions is not None:
+            rows = last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), positions]
+            return self.final_layer_norm(rows)  # (B, hidden)
         is_eos = input_ids == self.config.eos_token_id  # (B, T)
         if not bool(is_eos.any(dim=1).all()):
             row = int((~is_eos.any(dim=1)).nonzero()[0, 0])

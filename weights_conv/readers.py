@@ -338,7 +338,7 @@ class PickleCheckpoint:
         return TensorInfo(ref.dtype, tuple(ref.shape))
 
     def read(self, key: str) -> torch.Tensor:
-        return self._get(key).load()
+        return self._get(key).load(copy=True)
 
     @property
     def metadata(self) -> dict[str, str]:
