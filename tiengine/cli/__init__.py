@@ -15,8 +15,9 @@ from tiengine.errors import TiengineError
 
 COMMAND_MODULES = (
     "tiengine.cli.tokenize",
-    "tiengine.cli.embeddings",
     "tiengine.cli.parse",
+    "tiengine.cli.embeddings",
+    "tiengine.cli.encode",
     "tiengine.cli.generate",
 )
 

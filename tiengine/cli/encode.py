@@ -1,0 +1,106 @@
+"""`tiengine encode`: prompt and negative prompt -> conditioning tensors in a safetensors file.
+
+Tensor names: `positive.<part>.<entry>.context` (1, 77*k, C) for AND part <part> and schedule entry <entry>
+(and `.pooled` (1, P) for SDXL), `negative.<entry>.context` / `.pooled`. The safetensors metadata key
+`tiengine` holds JSON: the prompts, steps, per part its weight and schedule ([last_step, text, token
+count] per entry), the embeddings applied (name, short hash, prompt, chunk, slot, vectors, weight), the
+names skipped with the reason, and the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tiengine.cli import CliError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "encode",
+        help="compute a prompt's conditioning tensors and save them (safetensors + JSON metadata)",
+        description="Encode a prompt and negative prompt exactly as A1111 does (weights, BREAK, schedules, "
+        "AND, embeddings, clip skip) and write the per-step conditioning to a safetensors file.",
+    )
+    parser.add_argument("prompt")
+    parser.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
+    parser.add_argument("--model", type=Path, help="model folder or checkpoint (default: the built-in model)")
+    parser.add_argument("--embeddings", type=Path, metavar="DIR", help="folder of textual-inversion embeddings")
+    parser.add_argument("--steps", type=int, default=20, help="sampling steps the schedules are built for")
+    parser.add_argument("--sampler", default="Euler a",
+                        help="sampler the schedules are built for (second-order samplers count model calls)")
+    parser.add_argument("--clip-skip", type=int, default=1)
+    parser.add_argument("--emphasis", default="original", choices=["original", "no_norm", "ignore", "none", "lerp"])
+    parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--json", action="store_true", help="print the metadata as JSON")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out.suffix != ".safetensors":
+        raise CliError(f"--out must end in .safetensors, got {args.out}")
+    if args.out.exists() and not args.overwrite:
+        raise CliError(f"{args.out} already exists; pass --overwrite to replace it")
+    from safetensors.torch import save
+
+    from tiengine.atomic import atomic_write_bytes
+    from tiengine.engine import Engine
+    from tiengine.sampling import get_sampler
+
+    second_order = get_sampler(args.sampler).second_order
+    engine = Engine.load(args.model, embeddings=args.embeddings)
+    conditioning = engine.encode(args.prompt, args.negative, steps=args.steps, second_order=second_order,
+                                 clip_skip=args.clip_skip, emphasis=args.emphasis)
+    tensors = {}
+    parts = []
+    for part_index, (scheduled, weight) in enumerate(conditioning.positive):
+        parts.append({"weight": weight, "schedule": _schedule(scheduled)})
+        _add_tensors(tensors, f"positive.{part_index}", scheduled)
+    _add_tensors(tensors, "negative", conditioning.negative)
+    metadata = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "steps": args.steps,
+        "second_order": second_order,
+        "clip_skip": args.clip_skip,
+        "emphasis": args.emphasis,
+        "parts": parts,
+        "negative": {"schedule": _schedule(conditioning.negative)},
+        "applied_embeddings": [
+            {"name": a.name, "short_hash": a.short_hash, "prompt": a.prompt, "part": a.part,
+             "schedule_entry": a.schedule_entry, "chunk": a.chunk, "slot": a.slot, "vectors": a.n_vectors,
+             "weight": a.weight}
+            for a in conditioning.applied
+        ],
+        "skipped_embeddings": [{"name": m.name, "reason": m.reason} for m in conditioning.skipped],
+        "warnings": conditioning.warnings,
+        "model": str(engine.model_path) if engine.model_path else None,
+        "model_hash": engine.model_hash(),
+    }
+    payload = save(tensors, metadata={"tiengine": json.dumps(metadata, ensure_ascii=False)})
+    atomic_write_bytes(args.out, payload, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(metadata, ensure_ascii=False))
+    else:
+        shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())
+        print(f"wrote {args.out}: {shapes}")
+        for applied in metadata["applied_embeddings"]:
+            print(f"embedding {applied['name']} [{applied['short_hash']}] in the {applied['prompt']} prompt, "
+                  f"chunk {applied['chunk']} slot {applied['slot']}, weight {applied['weight']:.4g}")
+        for skipped in metadata["skipped_embeddings"]:
+            print(f"embedding {skipped['name']} skipped: {skipped['reason']}")
+    return 0
+
+
+def _schedule(scheduled) -> list:
+    return [[last_step, text, count] for (last_step, _, _), text, count in
+            zip(scheduled.entries, scheduled.texts, scheduled.token_counts)]
+
+
+def _add_tensors(tensors: dict, prefix: str, scheduled) -> None:
+    for entry_index, (_, context, pooled) in enumerate(scheduled.entries):
+        tensors[f"{prefix}.{entry_index}.context"] = context.detach().contiguous().cpu()
+        if pooled is not None:
+            tensors[f"{prefix}.{entry_index}.pooled"] = pooled.detach().contiguous().cpu()
