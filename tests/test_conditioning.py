@@ -160,7 +160,10 @@ def assert_close(ours, reference):
 
 @pytest.mark.parametrize("emphasis", ["original", "no_norm", "ignore", "none", "lerp"])
 def test_every_prompt_matches_reference_per_emphasis(family, emphasis):
-    for prompt in all_prompts():
+    """All 60 prompts with the default emphasis; the other modes differ only after encoding, so the
+    hand-written prompts (every syntax feature) and every third generated one suffice for them."""
+    prompts = all_prompts() if emphasis == "original" else BASE_PROMPTS + all_prompts()[len(BASE_PROMPTS) :: 3]
+    for prompt in prompts:
         ours, ours_pooled = family.ours([prompt], emphasis=emphasis)
         ref, ref_pooled = family.reference([prompt], emphasis=emphasis)
         assert_close(ours, ref)
@@ -170,7 +173,7 @@ def test_every_prompt_matches_reference_per_emphasis(family, emphasis):
 
 @pytest.mark.parametrize("clip_skip", [1, 2, 3])
 def test_clip_skip_matches_reference(family, clip_skip):
-    for prompt in all_prompts()[:25]:
+    for prompt in all_prompts()[:12]:
         ours, _ = family.ours([prompt], clip_skip=clip_skip)
         ref, _ = family.reference([prompt], clip_skip=clip_skip)
         assert_close(ours, ref)
