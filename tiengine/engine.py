@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from tiengine.embedding_library import EmbeddingLibrary, ReloadReport
     from tiengine.embeddings import Embedding
+    from tiengine.training import TrainProgress, TrainResult
 
 # Embedding-vector key each text encoder reads, per model family (tiengine.embeddings' keys).
 ENCODER_KEYS = {
@@ -371,6 +372,35 @@ class Engine:
         return self._sample(
             init_image, strength, prompt, negative_prompt, steps, sampler, scheduler, cfg_scale, seed, width,
             height, batch_size, clip_skip, emphasis, vae_tiling, callback,
+        )
+
+    # ------------------------------------------------------------------------------------ training
+
+    def train_embedding(
+        self,
+        images: str | os.PathLike[str] | list[str | os.PathLike[str]],
+        name: str,
+        *,
+        out: str | os.PathLike[str] | None = None,
+        also_save: tuple[str, ...] = (),
+        work_dir: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
+        resume: bool = False,
+        callback: Callable[[TrainProgress], bool | None] | None = None,
+        **settings: object,
+    ) -> TrainResult:
+        """Learn a textual-inversion embedding from a few images; every weight of this model stays frozen.
+
+        `settings` are `tiengine.training.TrainEmbeddingSettings` fields (vectors, init_text, steps,
+        batch_size, grad_accum, learning_rate, template, seed, save_every, ...). `callback` gets a
+        TrainProgress after each step and may return False to stop. The engine is not changed; use
+        `engine.add_embedding(result.embedding)` to prompt with the result. See tiengine.training.
+        """
+        from tiengine.training import settings_from_options, train_embedding
+
+        return train_embedding(
+            self, images, name, settings_from_options(**settings), out=out, also_save=also_save,
+            work_dir=work_dir, overwrite=overwrite, resume=resume, callback=callback,
         )
 
     # ------------------------------------------------------------------------------------ internals

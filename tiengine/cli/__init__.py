@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "tiengine.cli.embeddings",
     "tiengine.cli.encode",
     "tiengine.cli.generate",
+    "tiengine.cli.train",
 )
 
 

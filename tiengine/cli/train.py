@@ -1,0 +1,125 @@
+"""`tiengine train-embedding`: learn a textual-inversion embedding from a folder of 3-5+ images.
+
+The model stays frozen; only the new vectors are trained (tiengine.training). The embedding is written
+to `--out` (default `NAME.safetensors`), checkpoints, the loss log (`loss.csv`) and previews go to a
+hidden work folder beside it, and `--resume` continues an interrupted run exactly. A progress bar shows
+the loss and the time left; `--json` prints a summary instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from tiengine.cli import CliError
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train-embedding",
+        help="learn a textual-inversion embedding from a few images (the model stays frozen)",
+        description="Train a new embedding on IMAGES_DIR (images, optional NAME.txt captions beside them). "
+                    "With no --model, the small built-in model is used.",
+    )
+    parser.add_argument("images", type=Path, metavar="IMAGES_DIR", help="folder of training images")
+    parser.add_argument("--name", required=True, help="the embedding's name (the word you will type in prompts)")
+    parser.add_argument("--model", type=Path, help="model: converted folder, diffusers folder or .safetensors/.ckpt")
+    parser.add_argument("--embeddings", type=Path, metavar="DIR",
+                        help="embeddings the templates may mention (as at generation time)")
+    parser.add_argument("--init-text", default="*", metavar="TEXT",
+                        help="words whose token vectors start the embedding (default '*'; '' = zeros)")
+    parser.add_argument("--vectors", type=int, default=1, metavar="N", help="vectors per token, 1..75 (default 1)")
+    parser.add_argument("--steps", type=int, default=1000, metavar="S", help="optimizer steps (default 1000)")
+    parser.add_argument("--batch-size", type=int, default=1, metavar="B", help="images per micro-batch (default 1)")
+    parser.add_argument("--grad-accum", type=int, default=1, metavar="A",
+                        help="micro-batches per optimizer step (default 1)")
+    parser.add_argument("--lr", default="0.005", metavar="SCHEDULE",
+                        help="learning rate or schedule, e.g. '0.005:100, 1e-3:1000, 1e-5' (default 0.005)")
+    parser.add_argument("--template", default="auto", metavar="FILE|object|style",
+                        help="prompt templates with [name]/[filewords]: object, style, object-filewords, "
+                             "style-filewords or a file (default: object, or object-filewords with captions)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (-1: random; default 0)")
+    parser.add_argument("--save-every", type=int, default=500, metavar="K",
+                        help="checkpoint every K steps (0: only at the end; default 500)")
+    parser.add_argument("--out", type=Path, help="embedding file: .safetensors (default NAME.safetensors), .pt or .png")
+    parser.add_argument("--also", default="", metavar="FORMATS",
+                        help="more formats written beside --out, e.g. 'pt,png' (A1111 .pt, PNG with the embedding)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs / start a run over")
+    parser.add_argument("--work-dir", type=Path, help="checkpoints, loss.csv, previews (default .OUT.training/)")
+    parser.add_argument("--resolution", type=int, metavar="PX", help="training image size (default: the model's)")
+    parser.add_argument("--flip", action="store_true", help="also train on mirrored images")
+    parser.add_argument("--alpha-weight", action="store_true", help="weight the loss by the images' alpha channel")
+    parser.add_argument("--grad-clip", type=float, metavar="X", help="clip the gradient norm to X")
+    parser.add_argument("--mixed-precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                        help="autocast on GPU (auto: bf16, fp16 where bf16 is missing; CPU: fp32)")
+    parser.add_argument("--preview-every", type=int, default=0, metavar="K", help="preview image every K steps")
+    parser.add_argument("--preview-prompt", metavar="TEXT", help="prompt of the previews (default: the first template)")
+    parser.add_argument("--allow-word-name", action="store_true",
+                        help="allow a name that is an ordinary vocabulary word (it then replaces that word)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model weights dtype (default fp32)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary instead of a progress bar")
+    parser.set_defaults(func=run_train_embedding)
+
+
+def run_train_embedding(args: argparse.Namespace) -> int:
+    import torch
+
+    from tiengine.engine import Engine
+    from tiengine.training import TrainEmbeddingSettings, train_embedding
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    also = [fmt.strip() for fmt in args.also.split(",") if fmt.strip()]
+    settings = TrainEmbeddingSettings(
+        vectors=args.vectors, init_text=args.init_text, steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, learning_rate=args.lr, template=args.template, seed=args.seed,
+        resolution=args.resolution, flip=args.flip, alpha_weight=args.alpha_weight, grad_clip=args.grad_clip,
+        mixed_precision=args.mixed_precision, save_every=args.save_every, preview_every=args.preview_every,
+        preview_prompt=args.preview_prompt, allow_word_name=args.allow_word_name,
+    )
+    out = args.out or Path(f"{args.name}.safetensors")
+    engine = Engine.load(args.model, embeddings=args.embeddings, device=args.device,
+                         dtype=getattr(torch, DTYPES[args.dtype]))
+    from tqdm import tqdm
+
+    with tqdm(total=settings.steps, desc=f"training {args.name}", unit="step", file=sys.stderr,
+              disable=args.json, dynamic_ncols=True) as bar:
+        def advance(progress) -> None:
+            if bar.total != progress.steps:
+                bar.total = progress.steps
+            if bar.n == 0 and progress.step > 1:  # a resumed run: count (and time) from where it left off
+                bar.initial = bar.n = progress.step - 1
+            bar.set_postfix(loss=f"{progress.loss:.4f}", lr=f"{progress.learning_rate:.3g}", refresh=False)
+            bar.update(progress.step - bar.n)
+
+        result = train_embedding(engine, args.images, args.name, settings, out=out, also_save=also,
+                                 work_dir=args.work_dir, overwrite=args.overwrite, resume=args.resume,
+                                 callback=advance)
+    summary = {
+        "name": result.name, "steps": result.steps_done, "seed": result.seed,
+        "resumed_from": result.resumed_from,
+        "final_loss": result.losses[-1].loss if result.losses else None,
+        "outputs": [str(path) for path in result.outputs],
+        "work_dir": str(result.work_dir) if result.work_dir is not None else None,
+        "warnings": result.warnings,
+    }
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False))
+        return 0
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    if result.resumed_from is not None:
+        print(f"resumed at step {result.resumed_from}")
+    for path in result.outputs:
+        print(f"wrote {path} ({result.steps_done} steps, seed {result.seed})")
+    print(f"checkpoints, loss.csv and previews: {result.work_dir}")
+    return 0
