@@ -13,9 +13,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tiengine.errors import TiengineError
-from tiengine.layers import text_time_conditioning, timestep_embedding
+from tiengine.layers import Conv2d, text_time_conditioning, timestep_embedding
 from tiengine.unet import UNet2DConditionModel, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
@@ -96,12 +97,70 @@ def test_tiny_matches_diffusers(preset: str, size: tuple[int, int]) -> None:
     with torch.no_grad():
         expected = reference(sample, timestep, context, added_cond_kwargs=added).sample
         got = ours(sample, timestep, context, y)
-        got_nchw = UNet2DConditionModel(config, channels_last=False).eval()
-        got_nchw.load_state_dict(reference.state_dict())
-        got_plain = got_nchw(sample, timestep, context, y)
-    assert got.shape == expected.shape
+        nhwc = UNet2DConditionModel(config, channels_last=True).eval()
+        nhwc.load_state_dict(reference.state_dict())
+        got_nhwc = nhwc(sample, timestep, context, y)
+    assert got.shape == expected.shape and got.is_contiguous()
     assert relative_error(got, expected) <= FP32_RELATIVE_TOLERANCE
-    assert relative_error(got_plain, expected) <= FP32_RELATIVE_TOLERANCE
+    assert relative_error(got_nhwc, expected) <= FP32_RELATIVE_TOLERANCE
+
+
+def force_gemm_convolutions_(model: torch.nn.Module) -> int:
+    """Route every 3x3/1x1 convolution of model through Conv2d's im2col GEMM path; returns how many."""
+    convolutions = [m for m in model.modules() if isinstance(m, Conv2d)]
+    for convolution in convolutions:
+        convolution.gemm_max_rows = 1 << 30
+        convolution.gemm_min_weight = 0
+    return len(convolutions)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gemm_convolution_matches_conv2d(channels_last: bool) -> None:
+    generator = torch.Generator().manual_seed(20)
+    for in_channels, out_channels, kernel, stride, padding, size in [
+        (6, 5, 3, 1, 1, (7, 5)),
+        (6, 6, 3, 2, 1, (7, 6)),  # UNet downsampler, odd input
+        (6, 6, 3, 2, 0, (8, 9)),  # VAE downsampler after its own right/bottom pad
+        (8, 3, 1, 1, 0, (4, 6)),
+    ]:
+        convolution = Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding)
+        force_gemm_convolutions_(convolution)
+        x = torch.randn(2, in_channels, *size, generator=generator)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        expected = F.conv2d(x, convolution.weight, convolution.bias, stride=stride, padding=padding)
+        got = convolution(x)
+        assert got.shape == expected.shape
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_tiny_with_gemm_convolutions_matches_diffusers() -> None:
+    config = UNetConfig.tiny_sdxl()
+    reference = reference_unet(config, seed=21)
+    ours = ours_from(reference, config)
+    assert force_gemm_convolutions_(ours) > 20
+    sample, timestep, context = inputs(config, 2, 9, 12, seed=22)
+    pooled, time_ids = sdxl_extras(config, 2, seed=23)
+    with torch.no_grad():
+        expected = reference(
+            sample, timestep, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
+        got = ours(sample, timestep, context, ours.text_time_conditioning(pooled, time_ids))
+    assert relative_error(got, expected) <= FP32_RELATIVE_TOLERANCE
+
+
+def test_gradients_match_diffusers() -> None:
+    """Textual-inversion training differentiates through the UNet to the context."""
+    config = UNetConfig.tiny_sd1()
+    reference = reference_unet(config, seed=24)
+    ours = ours_from(reference, config)
+    sample, timestep, context = inputs(config, 2, 8, 8, seed=25)
+    context_ours = context.clone().requires_grad_()
+    context_reference = context.clone().requires_grad_()
+    reference(sample, timestep, context_reference).sample.square().sum().backward()
+    ours(sample, timestep, context_ours).square().sum().backward()
+    assert relative_error(context_ours.grad, context_reference.grad) <= FP32_RELATIVE_TOLERANCE
 
 
 def test_scalar_timestep_broadcasts() -> None:

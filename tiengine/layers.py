@@ -94,6 +94,58 @@ def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
+def pointwise(layer: nn.Linear | nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A Linear, or a 1x1 Conv2d applied per pixel, on tokens (B, N, C_in) -> (B, N, C_out).
+
+    A 1x1 convolution on (B, C, H, W) equals this on the (B, H*W, C) tokens, so Transformer2DModel's
+    conv and linear projections (SD1 vs SD2/SDXL checkpoints) share one path without layout changes.
+    """
+    weight = layer.weight.view(layer.weight.shape[0], -1)  # (C_out, C_in)
+    return F.linear(tokens, weight, layer.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and names) that runs weight-bound shapes as one matrix product.
+
+    When a large kernel (>= gemm_min_weight elements, more than the CPU caches hold) meets few output
+    pixels (B*H_out*W_out <= gemm_max_rows: the UNet's low-resolution levels), the convolution is
+    computed as im2col (the k*k shifted views of the small input, stacked) times the weight viewed as
+    (out, in*k*k): the same sums of the same products, through a GEMM that streams the stored weight
+    once instead of re-laying it out for oneDNN on every call. Other shapes use F.conv2d.
+    """
+
+    gemm_max_rows = 128
+    gemm_min_weight = 1 << 22
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel_h, kernel_w = self.kernel_size
+        stride_h, stride_w = self.stride
+        pad_h, pad_w = self.padding
+        batch, channels, height, width = x.shape
+        out_h = (height + 2 * pad_h - kernel_h) // stride_h + 1
+        out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
+        rows = batch * out_h * out_w
+        if (
+            rows > self.gemm_max_rows
+            or self.weight.numel() < self.gemm_min_weight
+            or self.groups != 1
+            or self.dilation != (1, 1)
+            or self.padding_mode != "zeros"
+        ):
+            return super().forward(x)
+        pixels = F.pad(x, (pad_w, pad_w, pad_h, pad_h)).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C) view
+        taps = [
+            pixels[:, i : i + stride_h * (out_h - 1) + 1 : stride_h, j : j + stride_w * (out_w - 1) + 1 : stride_w]
+            for i in range(kernel_h)
+            for j in range(kernel_w)
+        ]  # k*k views (B, H_out, W_out, C)
+        # (B, H_out, W_out, C, k*k) -> (rows, C*k*k), the order of the weight's (out, in, kh, kw) layout
+        columns = torch.stack(taps, dim=-1).reshape(rows, channels * kernel_h * kernel_w)
+        out = F.linear(columns, self.weight.view(self.out_channels, -1), self.bias)  # (rows, out)
+        out = out.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)  # (B, out, H_out, W_out)
+        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
 class TimestepEmbedding(nn.Module):
     """diffusers TimestepEmbedding: linear_1 -> SiLU -> linear_2."""
 
@@ -112,7 +164,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, *, padding: int, device=None, dtype=None) -> None:
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding, device=device, dtype=dtype)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -125,7 +177,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int, *, device=None, dtype=None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
+        self.conv = Conv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         # nearest interpolation copies values, so it runs in any dtype without rounding
@@ -157,12 +209,12 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, **factory)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, **factory)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1, **factory)
         self.time_emb_proj = None if temb_channels is None else nn.Linear(temb_channels, out_channels, **factory)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps, **factory)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, **factory)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1, **factory)
         self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1, **factory) if in_channels != out_channels else None
+            Conv2d(in_channels, out_channels, 1, **factory) if in_channels != out_channels else None
         )
 
     def forward(self, x: torch.Tensor, temb_silu: torch.Tensor | None = None) -> torch.Tensor:
@@ -315,13 +367,12 @@ class Transformer2DModel(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.use_linear_projection = use_linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6, **factory)
         if use_linear_projection:
             self.proj_in: nn.Module = nn.Linear(channels, channels, **factory)
             self.proj_out: nn.Module = nn.Linear(channels, channels, **factory)
         else:
-            self.proj_in = nn.Conv2d(channels, channels, 1, **factory)
+            self.proj_in = nn.Conv2d(channels, channels, 1, **factory)  # (C, C, 1, 1) weights
             self.proj_out = nn.Conv2d(channels, channels, 1, **factory)
         self.transformer_blocks = nn.ModuleList(
             [
@@ -336,16 +387,9 @@ class Transformer2DModel(nn.Module):
         """x (B, C, H, W), context (B, M, context_dim) -> (B, C, H, W)."""
         batch, channels, height, width = x.shape
         h = group_norm(self.norm, x)
-        if not self.use_linear_projection:
-            h = self.proj_in(h)
         h = h.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, H*W, C)
-        if self.use_linear_projection:
-            h = self.proj_in(h)
+        h = pointwise(self.proj_in, h)
         for block in self.transformer_blocks:
             h = block(h, context, backend=backend)
-        if self.use_linear_projection:
-            h = self.proj_out(h)
-        h = h.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
-        if not self.use_linear_projection:
-            h = self.proj_out(h)
-        return h + x
+        h = pointwise(self.proj_out, h)
+        return x + h.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W)

@@ -20,7 +20,7 @@ from torch import nn
 
 from tiengine.attention import ATTENTION_BACKENDS, AttentionBackend
 from tiengine.errors import TiengineError
-from tiengine.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+from tiengine.layers import Attention, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, group_norm
 
 __all__ = ["VaeConfig", "AutoencoderKL", "LatentDistribution", "blend_tiles"]
 
@@ -146,8 +146,7 @@ class _MidAttention(Attention):
         h = group_norm(self.group_norm, x)
         h = h.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, H*W, C)
         h = super().forward(h, backend=backend, chunk_size=chunk_size)  # (B, H*W, C)
-        h = h.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
-        return x + h
+        return x + h.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 class _MidBlock(nn.Module):
@@ -231,7 +230,7 @@ class Encoder(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         channels = config.block_out_channels
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1, **factory)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1, **factory)
         self.down_blocks = nn.ModuleList(
             [
                 _EncoderLevel(
@@ -242,7 +241,7 @@ class Encoder(nn.Module):
         )
         self.mid_block = _MidBlock(channels[-1], groups=config.norm_num_groups, **factory)
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[-1], eps=RESNET_EPS, **factory)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1, **factory)
+        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1, **factory)
 
     def forward(self, x: torch.Tensor, *, backend: AttentionBackend, chunk_size: int | None) -> torch.Tensor:
         x = self.conv_in(x)
@@ -259,7 +258,7 @@ class Decoder(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         channels = tuple(reversed(config.block_out_channels))  # lowest resolution first
-        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], 3, padding=1, **factory)
+        self.conv_in = Conv2d(config.latent_channels, channels[0], 3, padding=1, **factory)
         self.mid_block = _MidBlock(channels[0], groups=config.norm_num_groups, **factory)
         self.up_blocks = nn.ModuleList(
             [
@@ -270,7 +269,7 @@ class Decoder(nn.Module):
             ]
         )
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[-1], eps=RESNET_EPS, **factory)
-        self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1, **factory)
+        self.conv_out = Conv2d(channels[-1], config.out_channels, 3, padding=1, **factory)
 
     def forward(self, z: torch.Tensor, *, backend: AttentionBackend, chunk_size: int | None) -> torch.Tensor:
         x = self.conv_in(z)
@@ -283,7 +282,8 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """The SD VAE. attention_backend is forward's default; attention_chunk_size (queries per chunk,
     None = all) bounds the mid-block attention's memory for large images without changing its result.
-    channels_last=True runs on NHWC-strided activations (outputs are returned contiguous)."""
+    channels_last=True runs on NHWC-strided activations (outputs are returned contiguous; see
+    UNet2DConditionModel for why NCHW is the default)."""
 
     def __init__(
         self,
@@ -293,7 +293,7 @@ class AutoencoderKL(nn.Module):
         dtype: torch.dtype | None = None,
         attention_backend: AttentionBackend = "auto",
         attention_chunk_size: int | None = None,
-        channels_last: bool = True,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if attention_backend not in ATTENTION_BACKENDS:
@@ -308,8 +308,8 @@ class AutoencoderKL(nn.Module):
         latent = config.latent_channels
         self.encoder = Encoder(config, **factory)
         self.decoder = Decoder(config, **factory)
-        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1, **factory)
-        self.post_quant_conv = nn.Conv2d(latent, latent, 1, **factory)
+        self.quant_conv = Conv2d(2 * latent, 2 * latent, 1, **factory)
+        self.post_quant_conv = Conv2d(latent, latent, 1, **factory)
 
     @property
     def downscale_factor(self) -> int:
