@@ -1,0 +1,62 @@
+"""Packaging contracts: cheap imports, no reference libraries in the engine, lazily resolved public names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HEAVY = ("torch", "triton", "transformers", "diffusers", "PIL", "ftfy")
+
+
+def imported_after(code: str) -> list[str]:
+    probe = f"{code}\nimport sys, json\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def test_import_tiengine_loads_no_heavy_module():
+    loaded = imported_after("import tiengine")
+    assert not [name for name in HEAVY if name in loaded]
+
+
+def test_cli_help_loads_no_heavy_module():
+    loaded = imported_after("from tiengine.cli import build_parser\nbuild_parser().format_help()")
+    assert not [name for name in HEAVY if name in loaded]
+
+
+def test_tokenizer_needs_no_torch():
+    loaded = imported_after("import tiengine\ntiengine.ClipTokenizer.default().encode('a cat')")
+    assert "torch" not in loaded
+
+
+@pytest.mark.parametrize("package", ["tiengine", "kernels", "weights_conv"])
+def test_engine_code_never_imports_reference_libraries(package):
+    offenders = []
+    for path in (REPO / package).rglob("*.py"):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            stripped = line.strip()
+            if stripped.startswith(("import transformers", "from transformers", "import diffusers", "from diffusers")):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {stripped}")
+    assert not offenders
+
+
+def test_public_names_resolve():
+    import tiengine
+
+    for name in tiengine.__all__:
+        assert getattr(tiengine, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        tiengine.Nope  # noqa: B018
+
+
+def test_subpackages_install_inside_tiengine():
+    import tiengine.kernels
+    import tiengine.weights_conv
+
+    assert Path(tiengine.kernels.__file__).parent.name == "kernels"
+    assert Path(tiengine.weights_conv.__file__).parent.name == "weights_conv"
