@@ -5,7 +5,7 @@ of the group (`NAMED_ATTRIBUTES`), and only those:
 
 - shape: circle, square, triangle (upright, isosceles);
 - colour: red, green, blue, yellow (saturated);
-- size: small (9-11 px across at 64 px) or large (16-18 px);
+- size: small (10-12 px across at 64 px) or large (16-18 px);
 - position: left / right (a vertical column at x = 14 / 50), top / bottom (a horizontal row at
   y = 14 / 50), center (a horizontal row through the middle);
 - count: one, two or three objects.
@@ -53,7 +53,7 @@ POSITION_PHRASES = {
 
 COLOUR_HUES = {"red": 0.0, "yellow": 55.0, "green": 120.0, "blue": 225.0}  # degrees (HSV hue)
 HUE_JITTER = 8.0  # degrees either side
-SIZE_RANGES = {"small": (9.0, 11.0), "large": (16.0, 18.0)}  # object side / diameter, px at 64 px
+SIZE_RANGES = {"small": (10.0, 12.0), "large": (16.0, 18.0)}  # object side / diameter, px at 64 px
 # group centre (x, y) at 64 px and the axis along which its objects line up
 POSITION_ANCHORS = {
     "left": ((14.0, 32.0), "vertical"),

@@ -8,9 +8,11 @@ derived from the generator's constants, no learned parameters:
 2. Objects: 4-connected foreground components of at least MIN_OBJECT_AREA px (at 64 px); count is
    their number.
 3. Per object: shape from how low its mass sits in its bounding box (an upright triangle's centroid
-   is 1/6 of the box height below the box centre, a circle's and a square's at it) and from the mask's
-   fill of the box (square ~1.0, circle ~0.79); size from the bounding
-   box's longer side (small 9-11 px, large 16-18 px: threshold 13.5 px); colour from the circular
+   is 1/6 of the box height below the box centre, a circle's and a square's at it: "drop") and from
+   how far its farthest pixel lies from its centroid relative to sqrt(area) ("spread": 1/sqrt(pi) =
+   0.56 for a disc, 1/sqrt(2) = 0.71 for a square, ~0.6-0.67 for pixelated or blurred small squares;
+   unlike the bounding-box fill it survives blurred corners); size from the bounding
+   box's longer side (small 10-12 px, large 16-18 px: threshold 14 px); colour from the circular
    median hue of its pixels, nearest of toyworld.COLOUR_HUES.
 4. Group attributes: shape, colour and size are the objects' common value, None when they disagree (a
    "mixed" group never matches a prompt); position is the toyworld anchor nearest to the centroid of
@@ -47,10 +49,10 @@ from tiengine.toyworld import (
 )
 
 FOREGROUND_CHROMA = 0.3
-MIN_OBJECT_AREA = 15.0  # px at 64 px; the smallest rendered object (a 9 px triangle) covers ~40
-SIZE_THRESHOLD = 13.5  # px at 64 px, between small (<= 11) and large (>= 16)
-SQUARE_FILL = 0.91  # bounding-box fill above which a non-triangle is a square
-TRIANGLE_DROP = 0.08  # centroid below the box centre, in box heights, above which: triangle (ideal 1/6)
+MIN_OBJECT_AREA = 15.0  # px at 64 px; the smallest rendered object (a 10 px triangle) covers ~50
+SIZE_THRESHOLD = 14.0  # px at 64 px, between small (<= 12) and large (>= 16)
+SQUARE_SPREAD = 0.605  # farthest-pixel distance / sqrt(area) above which a non-triangle is a square
+TRIANGLE_DROP = 0.055  # centroid below the box centre, in box heights, above which: triangle (ideal 1/6)
 CHECKER_THRESHOLD = 0.06  # brightness correlation with the checkerboard (0.15-0.18 when rendered)
 BACKGROUND_MARGIN = 2  # px of background next to objects left out of the checker estimate
 
@@ -68,6 +70,7 @@ class DetectedObject:
     area: float  # px
     fill: float  # area / bounding-box area
     drop: float  # centroid row below the box centre, in box heights
+    spread: float  # farthest pixel's distance from the centroid / sqrt(area)
     side: float  # longer bounding-box side, px at 64 px
     hue: float  # degrees
     centroid: tuple[float, float]  # (x, y) px in the image
@@ -164,9 +167,10 @@ def _describe_object(component: np.ndarray, image: np.ndarray, scale: float) -> 
     area = float(component.sum())
     fill = area / (box_height * box_width)
     drop = float((rows.mean() - top + 0.5) / box_height - 0.5)
+    spread = float(np.hypot(rows - rows.mean(), cols - cols.mean()).max() / np.sqrt(area))
     if drop > TRIANGLE_DROP:
         shape = "triangle"
-    elif fill > SQUARE_FILL:
+    elif spread > SQUARE_SPREAD:
         shape = "square"
     else:
         shape = "circle"
@@ -179,6 +183,7 @@ def _describe_object(component: np.ndarray, image: np.ndarray, scale: float) -> 
         area=area / scale**2,
         fill=float(fill),
         drop=drop,
+        spread=spread,
         side=float(side),
         hue=hue,
         centroid=(float(cols.mean()), float(rows.mean())),

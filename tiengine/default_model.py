@@ -1,0 +1,35 @@
+"""The one place that names tiengine's default model: the packaged toy-world model folder.
+
+`tiengine/data/default_model/` is a converted model folder (config.json + unet / vae / text_encoder
+.safetensors, see tiengine.model_config) written by `python -m tiengine.train_base`; its MODEL_CARD.md
+says how it was made and how well it follows prompts. Every command uses it when no model is given.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from tiengine.errors import CheckpointError
+
+DEFAULT_MODEL_PACKAGE = "tiengine"
+DEFAULT_MODEL_FOLDER = ("data", "default_model")
+DEFAULT_MODEL_FILES = ("config.json", "unet.safetensors", "vae.safetensors", "text_encoder.safetensors")
+
+
+def default_model_path() -> Path:
+    """Path of the packaged default model folder; a CheckpointError naming what is missing if incomplete."""
+    folder = resources.files(DEFAULT_MODEL_PACKAGE).joinpath(*DEFAULT_MODEL_FOLDER)
+    path = Path(str(folder))
+    missing = [name for name in DEFAULT_MODEL_FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{path}: the packaged default model is incomplete (missing {', '.join(missing)}); reinstall tiengine "
+            "or rebuild it with `python -m tiengine.train_base --out <that folder> --seed 0`"
+        )
+    return path
+
+
+def default_model_card_path() -> Path:
+    """Path of the default model's MODEL_CARD.md."""
+    return default_model_path() / "MODEL_CARD.md"
