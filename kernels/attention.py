@@ -5,6 +5,8 @@ Contract
   queries, head_dim) with q's memory layout (torch.empty_like(q)), e.g. a (B, N, H, d) buffer seen as
   (B, H, N, d) stays that way, so the caller's transpose back is free.
 - Any strides: the transposed views of a linear layer's (B, N, H * d) output go in without copies.
+  The launcher tells the kernel the largest power of two dividing every row/slice offset
+  (common.element_alignment, e.g. 8 for a head stride of 40) so that loads vectorise and pipeline.
 - head_dim 1-256, cut into power-of-two dot widths (kernels/common.py): 40 = 32 + 16 (8 columns masked,
   1.2x the dot work instead of 1.6x for padding to 64), 80 = 64 + 16 and 160 = 128 + 32 (no padding),
   64 as is. Wider heads (the VAE mid-block's 512) are not supported: the dispatcher uses SDPA.
