@@ -8,9 +8,9 @@ power-of-two remainder part B (at least 16 wide), and every dot over the head di
 Where the two parts would be no smaller than the padded power of two (e.g. 112 -> 64 + 64), one padded
 part is used instead, since one wide dot is faster than two narrow ones.
 The cost of splitting: twice the dot instructions and loads per tile, and narrow (16- or 32-wide) part-B
-tiles use the tensor cores less efficiently than one wide tile; what it saves is the padded work
-(0.4 of the useful work at head dims 40, 80 and 160). Which side wins is measured in
-benchmarks/attention.py on a GPU.
+tiles use the tensor cores less efficiently than one wide tile; what it saves is padded work, 0.4x the
+useful work at head dim 40 (1.6x -> 1.2x) and 0.6x at 80 and 160 (1.6x -> 1.0x). Which side wins is
+measured by benchmarks/attention.py on a GPU.
 """
 
 from __future__ import annotations
