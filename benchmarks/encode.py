@@ -5,7 +5,9 @@ several batch sizes, fp32 and bf16, on the CPU, in one process with one thread c
 the same output: final_layer_norm(last layer) for every token plus the pooled EOS state
 (`ClipTextEncoder.encode(ids, pooled=True)` against `CLIPTextModel(input_ids=ids)`); the outputs are
 compared before timing. Calls are interleaved (peer, tiengine, peer, ...) after a warm-up, so load from
-other processes hits both alike; the median is reported.
+other processes hits both alike; the median is reported. `--clock wall` (default) times latency;
+`--clock cpu` times this process's CPU time, which other processes on a shared machine barely disturb
+(with one thread it is the compute time; with more it also counts time threads spend waiting).
 
 Floor: the encoder's FLOPs (2 per multiply-add of every linear layer and attention matmul, 13.3 GFLOP per
 77-token sequence for CLIP-L) divided by the matmul ceiling measured here with a large torch.mm in the
@@ -13,7 +15,12 @@ same dtype. Each time is also given as a multiple of that floor.
 
 Rows: one per (dtype, batch); the "penultimate" rows time the SD2/SDXL-style read (hidden_states[-2]),
 where transformers must run every layer and tiengine stops after the one it needs. Columns are listed in
-COLUMNS; the speedup (transformers / tiengine) comes last.
+COLUMNS: tiengine is the default ("auto") linear backend, then each backend forced; the speedup
+(transformers / tiengine) comes last.
+
+Adding a measurement (for example the prompt-processing share: parsing, chunking and weights as a
+percentage of encode time) is one (key, header, format) entry in COLUMNS, placed before the speedup, and
+its value set on each row in `_measure`.
 
 Usage: python benchmarks/encode.py [--threads 2] [--batches 1 2 8] [--dtypes fp32 bf16] [--json out.json]
 """
@@ -35,6 +42,7 @@ from tiengine.text_encoder import ClipTextEncoder, TextEncoderConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EOS = 49407
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 COLUMNS = (
     # (key, header, format)
     ("read", "read", "{}"),
@@ -42,7 +50,8 @@ COLUMNS = (
     ("batch", "batch", "{}"),
     ("transformers_ms", "transformers ms", "{:.1f}"),
     ("tiengine_ms", "tiengine ms", "{:.1f}"),
-    ("tiengine_torch_linear_ms", "tiengine[F.linear] ms", "{:.1f}"),
+    ("tiengine_onednn_ms", "tiengine[onednn] ms", "{:.1f}"),
+    ("tiengine_torch_ms", "tiengine[F.linear] ms", "{:.1f}"),
     ("floor_ms", "floor ms", "{:.1f}"),
     ("transformers_x_floor", "transformers x floor", "{:.2f}"),
     ("tiengine_x_floor", "tiengine x floor", "{:.2f}"),
@@ -65,34 +74,34 @@ def encode_flops(config: TextEncoderConfig, tokens: int) -> float:
     return layers * (linear + attention_core)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, Timing]:
-    """Median wall time of each function, calls interleaved round-robin after `warmup` rounds."""
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], warmup: int, repeats: int, clock: Callable[[], float]
+) -> dict[str, Timing]:
+    """Median time of each function on `clock`, calls interleaved round-robin after `warmup` rounds."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(clock() - start)
     return {name: Timing(statistics.median(values), len(values)) for name, values in samples.items()}
 
 
-def matmul_ceiling(dtype: torch.dtype, size: int, repeats: int) -> float:
-    """Best FLOP/s of a (size x size) @ (size x size) torch.mm in `dtype`."""
+def matmul_ceiling(dtype: torch.dtype, size: int, repeats: int, clock: Callable[[], float]) -> float:
+    """Best FLOP/s of a (size x size) @ (size x size) torch.mm in `dtype`, timed on `clock`."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(dtype)
     b = torch.randn(size, size, generator=generator).to(dtype)
     torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    best = float("inf")
+    for _ in range(repeats):
+        start = clock()
+        torch.mm(a, b)
+        best = min(best, clock() - start)
     return 2 * size**3 / best
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def build_models(seed: int):
@@ -139,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        ceilings[dtype_name] = matmul_ceiling(dtype, args.mm_size, repeats=5)
+        ceilings[dtype_name] = matmul_ceiling(dtype, args.mm_size, repeats=5, clock=CLOCKS[args.clock])
         reference.to(dtype)
         model.to(dtype)
         for read in args.reads:
@@ -156,6 +165,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": "cpu",
         "cpu": platform.processor() or platform.machine(),
         "threads": args.threads,
+        "clock": args.clock,
         "load_average_at_end": os.getloadavg(),
         "torch": torch.__version__,
         "transformers": _transformers_version(),
@@ -196,9 +206,15 @@ def _measure(read, dtype_name, batch, ids, reference, model, config, args) -> di
     with torch.inference_mode():
         diff = outputs_diff()
         timings = time_interleaved(
-            {"transformers": peer, "tiengine": ours, "tiengine_torch_linear": lambda: ours("torch")},
+            {
+                "transformers": peer,
+                "tiengine": ours,
+                "tiengine_onednn": lambda: ours("onednn"),
+                "tiengine_torch": lambda: ours("torch"),
+            },
             warmup=args.warmup,
             repeats=args.repeats,
+            clock=CLOCKS[args.clock],
         )
     row = {"read": read, "dtype": dtype_name, "batch": batch, "max_abs_diff": diff}
     for name, timing in timings.items():
@@ -227,6 +243,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 8])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--reads", nargs="+", choices=["last", "penultimate"], default=["last", "penultimate"])
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--mm-size", type=int, default=2048, help="side of the square matmul for the ceiling")
@@ -236,7 +253,8 @@ def main() -> None:
 
     print(
         f"# text encode, SD1 CLIP-L, 77-token chunks | cpu, {args.threads} threads | torch {torch.__version__}, "
-        f"transformers {_transformers_version()} | warm-up {args.warmup}, median of {args.repeats}, interleaved"
+        f"transformers {_transformers_version()} | {args.clock} clock, warm-up {args.warmup}, "
+        f"median of {args.repeats}, interleaved"
     )
     print(" | ".join(header for _, header, _ in COLUMNS))
     results = run(args)

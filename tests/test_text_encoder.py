@@ -350,9 +350,11 @@ def test_config_round_trip_and_errors() -> None:
     with pytest.raises(CheckpointError, match="missing key 'hidden_act'"):
         TextEncoderConfig.from_hf({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
                                    "num_attention_heads": 1})
-    with pytest.raises(CheckpointError, match="hidden_act 'relu'"):
+    with pytest.raises(CheckpointError, match="config.json: hidden_act must be one of .*, got 'relu'"):
         TextEncoderConfig.from_hf({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
                                    "num_attention_heads": 1, "hidden_act": "relu"})
+    with pytest.raises(CheckpointError, match="text encoder config: hidden_size 30 is not a multiple"):
+        TextEncoderConfig.from_dict({**VARIANTS["clip_l"].to_dict(), "hidden_size": 30, "num_attention_heads": 4})
     with pytest.raises(ValueError, match="output_layer 5"):
         TextEncoderConfig.tiny(num_hidden_layers=4, output_layer=5)
 
