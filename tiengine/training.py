@@ -66,8 +66,8 @@ if TYPE_CHECKING:
     from tiengine.engine import Engine
     from tiengine.tokenizer import ClipTokenizer
 
-__all__ = ["TrainEmbeddingSettings", "TrainProgress", "TrainResult", "TrainingError", "denoising_loss",
-           "initial_vectors", "train_embedding"]
+__all__ = ["TrainEmbeddingSettings", "TrainProgress", "TrainResult", "TrainingError", "alpha_loss_weights",
+           "denoising_loss", "initial_vectors", "train_embedding"]
 
 # Generator streams: (seed, stream, ...) seeds every random draw (module docstring).
 STREAM_ORDER, STREAM_STEP, STREAM_LATENT = 1, 2, 3
@@ -219,6 +219,15 @@ def denoising_loss(
     if weights is not None:
         error = error * weights.unsqueeze(1)
     return error.mean()
+
+
+def alpha_loss_weights(alpha: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Per-latent-pixel loss weights (h, w) from an alpha map (H, W) in [0, 1]: area-averaged to the
+    latent grid, shifted to minimum 0 and scaled to mean 1 (A1111's `use_weight`); constant alpha gives ones."""
+    weight = F.interpolate(alpha[None, None].float(), size=size, mode="area")[0, 0]  # (h, w)
+    weight = weight - weight.min()
+    mean = weight.mean()
+    return weight / mean if mean > 0 else torch.ones(size)
 
 
 def seeded_generator(*words: int) -> torch.Generator:
@@ -396,11 +405,12 @@ class _Run:
         self.options = EncodeOptions(clip_skip=settings.clip_skip, emphasis=settings.emphasis)
         others = {n: e for n, e in engine.vocabulary.embeddings.items() if n != self.name}
         self.other_embeddings = {n: e.short_hash or "memory" for n, e in others.items()}
+        # The init text is read with the plain vocabulary, before any embedding name can bind in it.
+        self.initial = initial_vectors(self.tokenizer, engine.slots, settings.init_text, settings.vectors)
         vocabulary = EmbeddingVocabulary.build(self.tokenizer, others)
         self.other_rows = {slot.embedding_key: vocabulary.extra_rows(slot.embedding_key, device=device,
                                                                      dtype=torch.float32) for slot in engine.slots}
         self.tokenizer.add_embedding(self.name, settings.vectors)
-        self.initial = initial_vectors(self.tokenizer, engine.slots, settings.init_text, settings.vectors)
         self.params = {key: torch.nn.Parameter(value.to(device, copy=True)) for key, value in self.initial.items()}
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.schedule.entries[0][0],
                                            weight_decay=settings.weight_decay)
@@ -452,16 +462,9 @@ class _Run:
         self.latents = torch.cat(latents).unflatten(0, (len(self.images), views))  # (n, views, C, h, w)
         self.weights = None
         if self.settings.alpha_weight:
-            size = self.latents.shape[-2:]
-            maps = []
-            for image in self.images:
-                if image.alpha is None:
-                    maps.append(torch.ones(size))
-                    continue
-                weight = F.interpolate(image.alpha[None, None], size=size, mode="area")[0, 0]  # (h, w)
-                weight = weight - weight.min()
-                maps.append(weight / weight.mean() if weight.mean() > 0 else torch.ones(size))
-            weights = torch.stack(maps)  # (n, h, w)
+            size = tuple(self.latents.shape[-2:])
+            weights = torch.stack([torch.ones(size) if image.alpha is None else alpha_loss_weights(image.alpha, size)
+                                   for image in self.images])  # (n, h, w)
             self.weights = torch.stack([weights, weights.flip(-1)][:views], dim=1).to(device)  # (n, views, h, w)
 
     # ------------------------------------------------------------------------------------ training

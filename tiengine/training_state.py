@@ -139,7 +139,8 @@ def write_loss_log(path: Path, rows: list[LossRow]) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(LOG_COLUMNS)
     for row in rows:
-        writer.writerow([row.step, f"{row.loss:.7g}", f"{row.learning_rate:.7g}", row.samples, f"{row.seconds:.3f}"])
+        # repr: the shortest text that reads back as the same float, so a resumed log equals an uninterrupted one
+        writer.writerow([row.step, repr(row.loss), repr(row.learning_rate), row.samples, f"{row.seconds:.3f}"])
     atomic_write_bytes(path, buffer.getvalue().encode("utf-8"), overwrite=True)
 
 
