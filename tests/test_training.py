@@ -16,7 +16,7 @@ from PIL import Image
 
 from model_builders import build_modules, tiny_model_config, tiny_model_folder
 from tiengine.chunking import tokenize_prompt
-from tiengine.conditioning import EncodeOptions, encode_texts, encoder_token_ids
+from tiengine.conditioning import encode_texts, encoder_token_ids
 from tiengine.embeddings import Embedding, load_embedding, save_embedding
 from tiengine.engine import Engine
 from tiengine.schedules import NoiseSchedule, eps_denoiser, v_denoiser

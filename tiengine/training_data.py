@@ -206,7 +206,8 @@ def load_templates(template: str | os.PathLike[str]) -> tuple[str, ...]:
             )
         lines.append(line)
     if not lines:
-        raise TrainingError(f"{path}: the template file holds no templates (one per line, each with {NAME_PLACEHOLDER})")
+        raise TrainingError(f"{path}: the template file holds no templates (one per line, each with "
+                            f"{NAME_PLACEHOLDER})")
     return tuple(lines)
 
 
