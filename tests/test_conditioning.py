@@ -282,7 +282,8 @@ def test_sd2_ids_zeroed_after_first_eos_except_embedding_slots():
     # embedding's vectors over slots 72-74.
     assert ids[71] == 267 and ids[72:75] == [49408, 49409, 49410] and ids[75:] == [0, 0]
     plain = encoder_token_ids(chunks[1:], 0, torch.device("cpu"))[0].tolist()
-    assert plain[:4] == [49406, 0, 0, 0] and plain.index(49407) == 8 and set(plain[9:]) == {0}
+    # chunk 2: BOS, the moved slots as "!" (0), then "a b c d e", EOS, zero padding
+    assert plain[:6] == [49406, 0, 0, 0, 320, 321] and plain.index(49407) == 9 and set(plain[10:]) == {0}
 
 
 @pytest.mark.parametrize("option,value", [("emphasis", "bogus"), ("clip_skip", 0), ("comma_backtrack", -1)])
