@@ -134,7 +134,7 @@ class Engine:
             module.eval().requires_grad_(False)
         self._cache: OrderedDict[tuple, Conditioning] = OrderedDict()
         self._model_hash: str | None = None
-        self.vocabulary = self._bind_embeddings()
+        self._bind_embeddings()
 
     # ------------------------------------------------------------------------------------- loading
 
@@ -174,7 +174,7 @@ class Engine:
         if self.library is None:
             return None
         report = self.library.reload()
-        self.vocabulary = self._bind_embeddings()
+        self._bind_embeddings()
         return report
 
     def add_embedding(self, embedding: Embedding) -> None:
@@ -184,11 +184,10 @@ class Engine:
             raise EngineError(f"{embedding.label}: {reason}")
         embeddings = dict(self.vocabulary.embeddings)
         embeddings[embedding.name] = embedding
-        self.vocabulary = EmbeddingVocabulary.build(self.tokenizer, embeddings, skipped=self.vocabulary.skipped)
-        self._rows = self._extra_rows()
-        self._cache.clear()
+        self._set_vocabulary(EmbeddingVocabulary.build(self.tokenizer, embeddings, skipped=self.vocabulary.skipped))
 
-    def _bind_embeddings(self) -> EmbeddingVocabulary:
+    def _bind_embeddings(self) -> None:
+        """Bind the library's embeddings that fit this model; the others become skipped names."""
         usable: dict[str, Embedding] = {}
         aliases: dict[str, list[str]] = {}
         skipped: dict[str, str] = {}
@@ -207,13 +206,17 @@ class Engine:
                     continue
                 usable[name] = entry.embedding
                 aliases[name] = self.library.path_keys(name)
-        vocabulary = EmbeddingVocabulary.build(
-            self.tokenizer, usable, aliases=aliases, skipped={k: v for k, v in skipped.items() if k not in usable}
+        self._set_vocabulary(
+            EmbeddingVocabulary.build(
+                self.tokenizer, usable, aliases=aliases, skipped={k: v for k, v in skipped.items() if k not in usable}
+            )
         )
+
+    def _set_vocabulary(self, vocabulary: EmbeddingVocabulary) -> None:
+        """Use `vocabulary`: rebuild the encoders' extra rows and forget cached conditioning."""
         self.vocabulary = vocabulary
         self._rows = self._extra_rows()
         self._cache.clear()
-        return vocabulary
 
     def _mismatch(self, embedding: Embedding) -> str | None:
         """Why `embedding` cannot be used with this model's encoders, or None."""
