@@ -232,6 +232,20 @@ def test_pooling_without_eos_is_an_error() -> None:
     assert pooled is None and context.shape == (2, 77, config.hidden_size)
 
 
+def test_pool_positions_override_the_first_eos() -> None:
+    config = VARIANTS["openclip_bigg"]
+    model = ClipTextEncoder(config).eval()
+    ids = chunk_ids([10, 76], config.pad_token_id, seed=14)
+    with torch.no_grad():
+        default = model(ids)
+        at_eos = model(ids, pool_positions=torch.tensor([10, 76]))
+        elsewhere = model(ids, pool_positions=torch.tensor([3, 0]))
+    assert torch.equal(at_eos.pooled_output, default.pooled_output)
+    last = model.final_layer_norm(default.hidden_states[-1])
+    assert max_diff(elsewhere.pooled_output, torch.stack([last[0, 3], last[1, 0]])) <= FP32_BOUND
+    assert max_diff(elsewhere.text_embeds, elsewhere.pooled_output @ model.text_projection.weight.T) <= FP32_BOUND
+
+
 def test_early_stop_matches_full_run_and_skips_layers() -> None:
     config = VARIANTS["openclip_h"]
     model = ClipTextEncoder(config).eval()
@@ -353,6 +367,9 @@ def test_config_round_trip_and_errors() -> None:
     with pytest.raises(CheckpointError, match="config.json: hidden_act must be one of .*, got 'relu'"):
         TextEncoderConfig.from_hf({"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
                                    "num_attention_heads": 1, "hidden_act": "relu"})
+    no_architectures = {"hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+                        "hidden_act": "gelu", "architectures": None, "projection_dim": 4}
+    assert TextEncoderConfig.from_hf(no_architectures).projection_dim is None
     with pytest.raises(CheckpointError, match="text encoder config: hidden_size 30 is not a multiple"):
         TextEncoderConfig.from_dict({**VARIANTS["clip_l"].to_dict(), "hidden_size": 30, "num_attention_heads": 4})
     with pytest.raises(ValueError, match="output_layer 5"):

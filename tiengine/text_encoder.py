@@ -22,10 +22,10 @@ and nothing else of the lookup.
 
 Linear layers: `linear_backend="onednn"` calls PyTorch's oneDNN inner product
 (`torch.ops.mkldnn._linear_pointwise`) on the unchanged nn.Linear parameters, with the bias and the
-residual add fused into it; "torch" calls F.linear (MKL sgemm for fp32 on CPU). Same math, fewer passes
-over the activations, and oneDNN's small-M fp32 kernels are faster than MKL's at 77 tokens; the op has
-no autograd formula, so "auto" uses it only for fp32 CPU inference (no gradient needed) and keeps
-F.linear for bf16, where both already run oneDNN kernels (benchmarks/encode.py measures both).
+residual add fused into it; "torch" calls F.linear (MKL sgemm for fp32 on CPU). Same math in fewer
+passes: in fp32 oneDNN's small-M kernels beat MKL's at 77 tokens, in bf16 both run oneDNN and only the
+fused passes differ (benchmarks/encode.py times both). The op has no autograd formula, so "auto" picks
+it for CPU fp32/bf16 only when no gradient is needed, and F.linear otherwise.
 
 Numerics: in fp32 this matches transformers to fp32 rounding. In fp16/bf16 the residual stream and the
 linear layers stay in the model dtype (as transformers does); every layer norm computes in fp32 and
@@ -146,16 +146,10 @@ class TextEncoderConfig:
         if num_hidden_layers not in (23, 24):
             raise ValueError(f"SD2's OpenCLIP-H text encoder has 23 or 24 layers, got {num_hidden_layers}")
         return cls(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=16,
-            hidden_act="gelu",
-            pad_token_id=0,
-            output_layer=23 - (num_hidden_layers + 1),
-            output_final_norm=True,
+            hidden_size=1024, intermediate_size=4096, num_hidden_layers=num_hidden_layers, num_attention_heads=16,
+            hidden_act="gelu", pad_token_id=0, output_layer=23 - (num_hidden_layers + 1), output_final_norm=True,
             clip_skip_enabled=False,
-        )
+        )  # fmt: skip
 
     @classmethod
     def sdxl_clip_l(cls, clip_skip_enabled: bool = False) -> TextEncoderConfig:
@@ -170,36 +164,20 @@ class TextEncoderConfig:
         """SDXL encoder 2: OpenCLIP ViT-bigG/14, penultimate layer without final_layer_norm; its pooled
         output (through text_projection) conditions the UNet's added embedding."""
         return cls(
-            hidden_size=1280,
-            intermediate_size=5120,
-            num_hidden_layers=32,
-            num_attention_heads=20,
-            hidden_act="gelu",
-            projection_dim=1280,
-            pad_token_id=0,
-            output_layer=-2,
-            output_final_norm=False,
-            clip_skip_enabled=False,
-        )
+            hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu",
+            projection_dim=1280, pad_token_id=0, output_layer=-2, output_final_norm=False, clip_skip_enabled=False,
+        )  # fmt: skip
 
     @classmethod
     def tiny(
-        cls,
-        hidden_act: str = "quick_gelu",
-        num_hidden_layers: int = 4,
-        projection_dim: int | None = None,
+        cls, hidden_act: str = "quick_gelu", num_hidden_layers: int = 4, projection_dim: int | None = None,
         **sd_fields: Any,
     ) -> TextEncoderConfig:
-        """A few-thousand-parameter encoder for tests; real vocabulary so real token ids work."""
+        """Hidden width 32 for tests; the real 49408-word vocabulary, so real token ids work."""
         return cls(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=num_hidden_layers,
-            num_attention_heads=2,
-            hidden_act=hidden_act,
-            projection_dim=projection_dim,
-            **sd_fields,
-        )
+            hidden_size=32, intermediate_size=64, num_hidden_layers=num_hidden_layers, num_attention_heads=2,
+            hidden_act=hidden_act, projection_dim=projection_dim, **sd_fields,
+        )  # fmt: skip
 
     # Serialisation ----------------------------------------------------------------------------------
 
@@ -389,9 +367,7 @@ class ClipTextTransformer(nn.Module):
         super().__init__()
         self.embeddings = ClipTextEmbeddings(config, device, dtype)
         self.encoder = ClipEncoder(config, device, dtype)
-        self.final_layer_norm = nn.LayerNorm(
-            config.hidden_size, eps=config.layer_norm_eps, device=device, dtype=dtype
-        )
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device, dtype=dtype)
 
 
 class ClipTextEncoder(nn.Module):
@@ -406,12 +382,10 @@ class ClipTextEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.text_model = ClipTextTransformer(config, device, dtype)
+        self.text_projection = None
         if config.projection_dim is not None:
-            self.text_projection = nn.Linear(
-                config.hidden_size, config.projection_dim, bias=False, device=device, dtype=dtype
-            )
-        else:
-            self.text_projection = None
+            width, projection = config.hidden_size, config.projection_dim
+            self.text_projection = nn.Linear(width, projection, bias=False, device=device, dtype=dtype)
 
     def final_layer_norm(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """The encoder's final LayerNorm (fp32 compute) applied to any hidden state (B, T, hidden)."""
@@ -498,7 +472,9 @@ class ClipTextEncoder(nn.Module):
         keys.pop("text_model.embeddings.position_ids", None)
         keys.pop("embeddings.position_ids", None)
         if not any(key.startswith("text_model.") for key in keys):
-            keys = {(key if key == "text_projection.weight" else f"text_model.{key}"): value for key, value in keys.items()}
+            keys = {
+                key if key == "text_projection.weight" else f"text_model.{key}": value for key, value in keys.items()
+            }
         return super().load_state_dict(keys, strict=strict, assign=assign)
 
     def _use_onednn(self, x: torch.Tensor, linear_backend: LinearBackend) -> bool:
@@ -515,27 +491,21 @@ class ClipTextEncoder(nn.Module):
             if reason is not None:
                 raise ValueError(f"linear_backend 'onednn' cannot run: {reason}")
             return True
-        return reason is None and x.dtype == torch.float32
+        return reason is None
 
     def _check_ids(self, input_ids: torch.Tensor, extra_token_embeddings: torch.Tensor | None) -> None:
         config = self.config
-        if input_ids.dim() != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise TokenIdError(
-                f"token ids must be an integer tensor of shape (batch, tokens), got {input_ids.dtype} "
-                f"{tuple(input_ids.shape)}"
-            )
-        if input_ids.shape[1] > config.max_position_embeddings:
-            raise TokenIdError(
-                f"{input_ids.shape[1]} tokens exceed the encoder's {config.max_position_embeddings} positions"
-            )
+        shape = tuple(input_ids.shape)
+        if len(shape) != 2 or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise TokenIdError(f"token ids must be integers of shape (batch, tokens), got {input_ids.dtype} {shape}")
+        if shape[1] > config.max_position_embeddings:
+            raise TokenIdError(f"{shape[1]} tokens exceed the encoder's {config.max_position_embeddings} positions")
         extra_rows = 0
         if extra_token_embeddings is not None:
-            if extra_token_embeddings.dim() != 2 or extra_token_embeddings.shape[1] != config.hidden_size:
-                raise TokenIdError(
-                    f"extra_token_embeddings must be (rows, {config.hidden_size}), got "
-                    f"{tuple(extra_token_embeddings.shape)}"
-                )
-            extra_rows = extra_token_embeddings.shape[0]
+            extra_shape = tuple(extra_token_embeddings.shape)
+            if len(extra_shape) != 2 or extra_shape[1] != config.hidden_size:
+                raise TokenIdError(f"extra_token_embeddings must be (rows, {config.hidden_size}), got {extra_shape}")
+            extra_rows = extra_shape[0]
         limit = config.vocab_size + extra_rows
         bad = (input_ids < 0) | (input_ids >= limit)
         if bad.any():
@@ -548,16 +518,12 @@ class ClipTextEncoder(nn.Module):
     def _pool(
         self, last_hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """final_layer_norm(last layer) at the first EOS of each row (or at `positions`): (B, T, hidden) -> (B, hidden)."""
-        if positions is not None:
-            rows = last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), positions]
-            return self.final_layer_norm(rows)  # (B, hidden)
-        is_eos = input_ids == self.config.eos_token_id  # (B, T)
-        if not bool(is_eos.any(dim=1).all()):
-            row = int((~is_eos.any(dim=1)).nonzero()[0, 0])
-            raise TokenIdError(
-                f"token ids row {row} has no EOS ({self.config.eos_token_id}); the pooled output needs one"
-            )
-        first_eos = is_eos.int().argmax(dim=1)  # (B,): argmax returns the first maximal position
-        rows = last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), first_eos]  # (B, hidden)
+        """final_layer_norm(last layer) at `positions`, default each row's first EOS: (B, T, hidden) -> (B, hidden)."""
+        if positions is None:
+            is_eos = input_ids == self.config.eos_token_id  # (B, T)
+            if not bool(is_eos.any(dim=1).all()):
+                row = int((~is_eos.any(dim=1)).nonzero()[0, 0])
+                raise TokenIdError(f"token ids row {row} has no EOS ({self.config.eos_token_id}); pooling needs one")
+            positions = is_eos.int().argmax(dim=1)  # (B,): argmax returns the first maximal position
+        rows = last_hidden[torch.arange(last_hidden.shape[0], device=last_hidden.device), positions]  # (B, hidden)
         return self.final_layer_norm(rows)
