@@ -97,7 +97,8 @@ def test_learning_rate_schedule_follows_a1111_syntax():
     assert [schedule.rate_at(s) for s in (0, 99, 100, 999, 1000, 50_000)] == [0.005, 0.005, 1e-3, 1e-3, 1e-5, 1e-5]
     assert schedule.last_step(5000) == 5000
     bounded = LearningRateSchedule.parse("0.01:50")
-    assert (bounded.rate_at(49), bounded.rate_at(50), bounded.last_step(100), bounded.last_step(20)) == (0.01, None, 50, 20)
+    assert (bounded.rate_at(49), bounded.rate_at(50)) == (0.01, None)
+    assert (bounded.last_step(100), bounded.last_step(20)) == (50, 20)
     assert LearningRateSchedule.parse("0.1:10, 0.2:-1").last_step(99) == 99
     for bad in ("abc", "0.1:0", "0.1:100, 0.2:50", "-0.1", "0.1, 0.2", "0.1:x"):
         with pytest.raises(TrainingError):
@@ -311,8 +312,8 @@ def test_resume_equals_an_uninterrupted_run(engine, images, tmp_path):
         for key, value in entries.items():
             assert torch.equal(value, b.optimizer_state[index][key]), key
     # A callback stop checkpoints too; resuming a finished run with more steps may replace its own output.
-    stopped = train_embedding(engine, images, "zorbly", dataclasses.replace(settings, steps=3), out=tmp_path / "s" / "z.safetensors",
-                              callback=lambda progress: progress.step < 2)
+    stopped = train_embedding(engine, images, "zorbly", dataclasses.replace(settings, steps=3),
+                              out=tmp_path / "s" / "z.safetensors", callback=lambda progress: progress.step < 2)
     assert stopped.stopped_early and stopped.steps_done == 2
     longer = train_embedding(engine, images, "zorbly", settings, out=tmp_path / "s" / "z.safetensors", resume=True)
     assert longer.resumed_from == 2 and torch.equal(longer.vectors["clip_l"], whole.vectors["clip_l"])
@@ -321,9 +322,12 @@ def test_resume_equals_an_uninterrupted_run(engine, images, tmp_path):
                         out=tmp_path / "s" / "z.safetensors", resume=True)
 
 
-def test_schedule_end_stops_training_with_a_warning(engine, images):
-    result = train_embedding(engine, images, "zorbly", dataclasses.replace(FAST, steps=10, learning_rate="0.05:3"))
+def test_engine_method_and_schedule_end(engine, images):
+    result = engine.train_embedding(images, "zorbly", vectors=2, steps=10, learning_rate="0.05:3", init_text="a cat")
     assert result.steps_done == 3 and any("ends at step 3" in warning for warning in result.warnings)
+    assert [row.learning_rate for row in result.losses] == [0.05, 0.05, 0.05]
+    with pytest.raises(TrainingError, match=r"unknown training option\(s\) \['lr'\]"):
+        engine.train_embedding(images, "zorbly", lr=0.1)
 
 
 # ------------------------------------------------------------------------------------ bad inputs

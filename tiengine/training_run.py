@@ -260,7 +260,7 @@ class EmbeddingTrainer:
         if self.work_dir is not None:
             self.work_dir.mkdir(parents=True, exist_ok=True)
         while self.step < self.last_step and not stopped:
-            loss, rate = self._optimizer_step(self.step)
+            loss, rate = self.optimizer_step(self.step)
             self.step += 1
             self.samples += settings.batch_size * settings.grad_accum
             self.seconds = time.perf_counter() - started
@@ -278,7 +278,10 @@ class EmbeddingTrainer:
                 stopped = self.callback(progress) is False and self.step < self.last_step
         return self._finish(start_step, stopped)
 
-    def _optimizer_step(self, step: int) -> tuple[float, float]:
+    def optimizer_step(self, step: int) -> tuple[float, float]:
+        """Train 0-based step `step` (its micro-batches, clipping, AdamW update); returns (loss, rate).
+
+        `train` calls it in order; benchmarks call it alone (the draws depend only on seed and step)."""
         settings = self.settings
         rate = self.schedule.rate_at(step)
         for group in self.optimizer.param_groups:
