@@ -129,6 +129,29 @@ def test_alpha_weights_are_shifted_to_minimum_zero_and_mean_one():
     assert torch.equal(alpha_loss_weights(torch.full((8, 8), 0.7), (4, 4)), torch.ones(4, 4))
 
 
+def test_alpha_weights_and_captions_in_a_run(engine, tmp_path):
+    opaque = write_images(tmp_path / "opaque", count=3, alpha=True)
+    for path in opaque.iterdir():  # alpha 255 everywhere: weights are ones, training equals plain RGB
+        image = Image.open(path)
+        image.putalpha(255)
+        image.save(path)
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    for path in opaque.iterdir():
+        Image.open(path).convert("RGB").save(rgb / path.name)
+    settings = dataclasses.replace(FAST, steps=2, save_every=0)
+    plain = train_embedding(engine, rgb, "zorbly", settings)
+    weighted = train_embedding(engine, opaque, "zorbly", dataclasses.replace(settings, alpha_weight=True))
+    assert torch.equal(plain.vectors["clip_l"], weighted.vectors["clip_l"])
+    holes = write_images(tmp_path / "holes", count=3, alpha=True)  # random alpha: weights differ
+    masked = train_embedding(engine, holes, "zorbly", dataclasses.replace(settings, alpha_weight=True))
+    unmasked = train_embedding(engine, holes, "zorbly", settings)
+    assert not torch.equal(masked.vectors["clip_l"], unmasked.vectors["clip_l"])
+    (rgb / "00-pattern.txt").write_text("a striped square", encoding="utf-8")
+    captioned = train_embedding(engine, rgb, "zorbly", settings)  # template "object": captions unused
+    assert any("caption files found but template 'object'" in warning for warning in captioned.warnings)
+
+
 # -------------------------------------------------------------------------- conditioning and loss
 
 
