@@ -189,7 +189,9 @@ class EmbeddingTrainer:
         self.other_embeddings = {n: e.short_hash or "memory" for n, e in others.items()}
         # The init text is read with the plain vocabulary, before any embedding name can bind in it.
         self.initial = initial_vectors(self.tokenizer, engine.slots, settings.init_text, settings.vectors)
-        vocabulary = EmbeddingVocabulary.build(self.tokenizer, others)
+        library = engine.library
+        aliases = {n: library.path_keys(n) for n in others} if library is not None else None
+        vocabulary = EmbeddingVocabulary.build(self.tokenizer, others, aliases=aliases)
         self.other_rows = {slot.embedding_key: vocabulary.extra_rows(slot.embedding_key, device=device,
                                                                      dtype=torch.float32) for slot in engine.slots}
         self.tokenizer.add_embedding(self.name, settings.vectors)
