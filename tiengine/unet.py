@@ -44,29 +44,14 @@ MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
 
 # diffusers config keys that must hold these values for the architecture implemented here
 _FIXED_DIFFUSERS_VALUES: dict[str, Any] = {
-    "act_fn": "silu",
-    "center_input_sample": False,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "dual_cross_attention": False,
-    "only_cross_attention": False,
-    "num_class_embeds": None,
-    "class_embed_type": None,
-    "encoder_hid_dim": None,
-    "time_cond_proj_dim": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "reverse_transformer_layers_per_block": None,
-    "mid_block_only_cross_attention": None,
-    "class_embeddings_concat": False,
-    "timestep_post_act": None,
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "cross_attention_norm": None,
-}
+    "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
+    "dual_cross_attention": False, "only_cross_attention": False, "num_class_embeds": None,
+    "class_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
+    "resnet_time_scale_shift": "default", "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
+    "conv_in_kernel": 3, "conv_out_kernel": 3, "reverse_transformer_layers_per_block": None,
+    "mid_block_only_cross_attention": None, "class_embeddings_concat": False, "timestep_post_act": None,
+    "time_embedding_dim": None, "time_embedding_act_fn": None, "cross_attention_norm": None,
+}  # fmt: skip
 
 
 def _per_level(value: Any, levels: int, name: str) -> tuple[int, ...]:
@@ -315,19 +300,8 @@ class _DownLevel(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         channels = config.block_out_channels[level]
-        self.resnets = nn.ModuleList(
-            [
-                ResnetBlock2D(
-                    in_channels if j == 0 else channels,
-                    channels,
-                    temb_channels=config.time_embed_dim,
-                    groups=config.norm_num_groups,
-                    eps=config.norm_eps,
-                    **factory,
-                )
-                for j in range(config.layers_per_block)
-            ]
-        )
+        widths = [in_channels] + [channels] * (config.layers_per_block - 1)
+        self.resnets = nn.ModuleList([_resnet(config, width, channels, **factory) for width in widths])
         if config.down_block_types[level] == "CrossAttnDownBlock2D":
             self.attentions: nn.ModuleList | None = nn.ModuleList(
                 [_transformer(config, level, **factory) for _ in range(config.layers_per_block)]
@@ -367,19 +341,12 @@ class _UpLevel(nn.Module):
         prev_channels = config.block_out_channels[min(level + 1, levels - 1)]  # input from the level below
         skip_in_channels = config.block_out_channels[max(level - 1, 0)]  # the level's own input width
         layers = config.layers_per_block + 1
-        self.resnets = nn.ModuleList(
-            [
-                ResnetBlock2D(
-                    (prev_channels if j == 0 else channels) + (skip_in_channels if j == layers - 1 else channels),
-                    channels,
-                    temb_channels=config.time_embed_dim,
-                    groups=config.norm_num_groups,
-                    eps=config.norm_eps,
-                    **factory,
-                )
-                for j in range(layers)
-            ]
-        )
+        # resnet j reads [x, skip]: x from below (j = 0) or the previous resnet, the skip from the down path
+        in_channels = [
+            (prev_channels if j == 0 else channels) + (skip_in_channels if j == layers - 1 else channels)
+            for j in range(layers)
+        ]
+        self.resnets = nn.ModuleList([_resnet(config, width, channels, **factory) for width in in_channels])
         if config.up_block_types[index] == "CrossAttnUpBlock2D":
             self.attentions: nn.ModuleList | None = nn.ModuleList(
                 [_transformer(config, level, **factory) for _ in range(layers)]
@@ -416,19 +383,7 @@ class _MidBlock(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         channels = config.block_out_channels[-1]
-        self.resnets = nn.ModuleList(
-            [
-                ResnetBlock2D(
-                    channels,
-                    channels,
-                    temb_channels=config.time_embed_dim,
-                    groups=config.norm_num_groups,
-                    eps=config.norm_eps,
-                    **factory,
-                )
-                for _ in range(2)
-            ]
-        )
+        self.resnets = nn.ModuleList([_resnet(config, channels, channels, **factory) for _ in range(2)])
         self.attentions = nn.ModuleList([_transformer(config, len(config.block_out_channels) - 1, **factory)])
 
     def forward(
@@ -437,6 +392,18 @@ class _MidBlock(nn.Module):
         x = self.resnets[0](x, temb_silu)
         x = self.attentions[0](x, context, backend=backend)
         return self.resnets[1](x, temb_silu)
+
+
+def _resnet(config: UNetConfig, in_channels: int, out_channels: int, *, device, dtype) -> ResnetBlock2D:
+    return ResnetBlock2D(
+        in_channels,
+        out_channels,
+        temb_channels=config.time_embed_dim,
+        groups=config.norm_num_groups,
+        eps=config.norm_eps,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def _transformer(config: UNetConfig, level: int, *, device, dtype) -> Transformer2DModel:

@@ -1,0 +1,104 @@
+"""VAE decode time: tiengine's AutoencoderKL vs diffusers' AutoencoderKL, same weights.
+
+Full-size SD VAE (random weights shared by both models), batch 1, latents 16x16 and 32x32 (128 and 256
+pixel images) so CPU runs stay short; fp32 and bf16. Timing, columns and JSON as benchmarks/unet.py:
+interleaved runs, medians, speedup = diffusers / tiengine, FLOP rate as a fraction of the measured matmul
+ceiling, and the max output difference relative to max |diffusers output|.
+
+    python benchmarks/vae.py [--latents 16 32] [--dtypes fp32 bf16] [--repeats 7] [--threads 2]
+                             [--clock wall|cpu] [--channels-last] [--profile] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from unet import (  # noqa: E402  (benchmarks/unet.py: shared timing and table helpers)
+    CLOCKS,
+    DTYPES,
+    count_flops,
+    interleaved_medians,
+    matmul_ceiling,
+    print_table,
+    profile_table,
+    randomize_,
+    relative_difference,
+    versions_header,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latents", type=int, nargs="+", default=[16, 32], help="latent sides (image side / 8)")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per model (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (use --threads 1)")
+    parser.add_argument("--channels-last", action="store_true", help="run tiengine with channels_last=True")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per model and row")
+    parser.add_argument("--json", type=Path, help="also write header and rows here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import diffusers
+
+    from tiengine.vae import AutoencoderKL, VaeConfig
+
+    config = VaeConfig.sd()
+    ours = AutoencoderKL(config, channels_last=args.channels_last).eval().requires_grad_(False)
+    randomize_(ours, seed=0)
+    with torch.device("meta"):
+        reference = diffusers.AutoencoderKL(**config.to_diffusers()).eval().requires_grad_(False)
+    header = versions_header(args.threads, args.clock)
+    header["model"] = f"SD VAE decoder (random weights shared by both models), tiengine channels_last={args.channels_last}"
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        ours.to(dtype)
+        reference.load_state_dict(ours.state_dict(), assign=True)  # same tensors, no copy
+        gc.collect()
+        ceiling = matmul_ceiling(dtype, args.clock)
+        header[f"matmul_ceiling_{dtype_name}"] = f"{ceiling / 1e9:.0f} GFLOP/s (2048^3 torch.mm)"
+        for side in args.latents:
+            latents = torch.randn(1, config.latent_channels, side, side, generator=torch.Generator().manual_seed(side))
+            latents = latents.to(dtype)
+            functions = {
+                "diffusers": lambda: reference.decode(latents).sample,
+                "tiengine": lambda: ours.decode(latents),
+            }
+            with torch.inference_mode():
+                difference = relative_difference(functions["tiengine"](), functions["diffusers"]())
+                flops = count_flops(functions["diffusers"])
+                seconds = interleaved_medians(functions, repeats=args.repeats, warmup=args.warmup, clock=args.clock)
+                if args.profile:
+                    for name, function in functions.items():
+                        print(f"== profile {name} {dtype_name} latent {side}x{side}\n{profile_table(function)}")
+            rows.append(
+                {
+                    "shape": f"latent 1x4x{side}x{side} -> image {8 * side}x{8 * side}",
+                    "dtype": dtype_name,
+                    "gflop": flops / 1e9,
+                    "diffusers_ms": seconds["diffusers"] * 1e3,
+                    "tiengine_ms": seconds["tiengine"] * 1e3,
+                    "speedup": seconds["diffusers"] / seconds["tiengine"],
+                    "diffusers_eff": flops / seconds["diffusers"] / ceiling,
+                    "tiengine_eff": flops / seconds["tiengine"] / ceiling,
+                    "max_rel_diff": difference,
+                }
+            )
+            print(rows[-1], flush=True)
+    print_table(header, rows)
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
