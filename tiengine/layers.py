@@ -100,15 +100,15 @@ def pointwise(layer: nn.Linear | nn.Conv2d, tokens: torch.Tensor) -> torch.Tenso
     A 1x1 convolution on (B, C, H, W) equals this on the (B, H*W, C) tokens, so Transformer2DModel's
     conv and linear projections (SD1 vs SD2/SDXL checkpoints) share one path without layout changes.
     """
-    weight = layer.weight.view(layer.weight.shape[0], -1)  # (C_out, C_in)
+    weight = layer.weight.reshape(layer.weight.shape[0], -1)  # (C_out, C_in), a view for contiguous weights
     return F.linear(tokens, weight, layer.bias)
 
 
 class Conv2d(nn.Conv2d):
-    """nn.Conv2d (same parameters and names) that runs weight-bound shapes as one matrix product.
+    """nn.Conv2d (same parameters and names) that runs weight-bound CPU shapes as one matrix product.
 
-    When a large kernel (>= gemm_min_weight elements, more than the CPU caches hold) meets few output
-    pixels (B*H_out*W_out <= gemm_max_rows: the UNet's low-resolution levels), the convolution is
+    On CPU, when a large kernel (>= gemm_min_weight elements, more than the caches hold) meets few
+    output pixels (B*H_out*W_out <= gemm_max_rows: the UNet's low-resolution levels), the convolution is
     computed as im2col (the k*k shifted views of the small input, stacked) times the weight viewed as
     (out, in*k*k): the same sums of the same products, through a GEMM that streams the stored weight
     once instead of re-laying it out for oneDNN on every call. Other shapes use F.conv2d.
@@ -126,7 +126,8 @@ class Conv2d(nn.Conv2d):
         out_w = (width + 2 * pad_w - kernel_w) // stride_w + 1
         rows = batch * out_h * out_w
         if (
-            rows > self.gemm_max_rows
+            x.device.type != "cpu"
+            or rows > self.gemm_max_rows
             or self.weight.numel() < self.gemm_min_weight
             or self.groups != 1
             or self.dilation != (1, 1)
@@ -141,7 +142,7 @@ class Conv2d(nn.Conv2d):
         ]  # k*k views (B, H_out, W_out, C)
         # (B, H_out, W_out, C, k*k) -> (rows, C*k*k), the order of the weight's (out, in, kh, kw) layout
         columns = torch.stack(taps, dim=-1).reshape(rows, channels * kernel_h * kernel_w)
-        out = F.linear(columns, self.weight.view(self.out_channels, -1), self.bias)  # (rows, out)
+        out = F.linear(columns, self.weight.reshape(self.out_channels, -1), self.bias)  # (rows, out)
         out = out.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)  # (B, out, H_out, W_out)
         return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
