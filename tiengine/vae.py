@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -391,7 +391,7 @@ def _ramp(length: int, ramp: int, rise: bool, fall: bool, device: torch.device) 
 
 
 def blend_tiles(
-    fn, x: torch.Tensor, *, tile_size: int, overlap: int, scale: int
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, tile_size: int, overlap: int, scale: int
 ) -> torch.Tensor:
     """Apply fn (B, C, h, w) -> (B, C', h*scale, w*scale) to overlapping tiles of x and blend the outputs.
 
