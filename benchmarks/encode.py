@@ -23,6 +23,12 @@ Adding a measurement (for example the prompt-processing share: parsing, chunking
 percentage of encode time) is one (key, header, format) entry in COLUMNS, placed before the speedup, and
 its value set on each row in `_measure`.
 
+Prompt case (second table): a real prompt of about 150 tokens (two chunks) with weights and two
+embeddings, through tiengine's whole A1111 conditioning (`encode_texts`: parse, chunk, weights, embedding
+rows, encoder, emphasis) against transformers encoding the same two 77-token chunks (model only, ids with
+A1111's placeholder 0 in the embedding slots). The "processing" column is tiengine's parse + chunk +
+weights alone (`tokenize_texts`) and its share of the whole conditioning time.
+
 Usage: python benchmarks/encode.py [--threads 2] [--batches 1 2 8] [--dtypes fp32 bf16] [--json out.json]
 """
 
@@ -164,6 +170,18 @@ def run(args: argparse.Namespace) -> dict:
                 row["transformers_x_floor"] = row["transformers_ms"] / row["floor_ms"]
                 row["tiengine_x_floor"] = row["tiengine_ms"] / row["floor_ms"]
                 print(_format_row(row), flush=True)
+    prompt_rows = []
+    print("# prompt case: ~150 tokens, weights, 2 embeddings; tiengine = whole A1111 conditioning, "
+          "transformers = model only on the same chunks")
+    print("dtype | tokens | chunks | processing ms | share of tiengine | tiengine ms | transformers ms | speedup")
+    for dtype_name in args.dtypes:
+        reference.to(DTYPES[dtype_name])
+        model.to(DTYPES[dtype_name])
+        case = prompt_case(args, reference, model, dtype_name)
+        prompt_rows.append(case)
+        print(f"{case['dtype']} | {case['tokens']} | {case['chunks']} | {case['processing_ms']:.2f} | "
+              f"{100 * case['processing_share']:.1f}% | {case['tiengine_ms']:.1f} | "
+              f"{case['transformers_model_only_ms']:.1f} | {case['speedup']:.2f}x", flush=True)
     return {
         "benchmark": "text encode, SD1 CLIP-L, 77-token chunks",
         "device": "cpu",
@@ -178,6 +196,7 @@ def run(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "repeats": args.repeats,
         "rows": rows,
+        "prompt_case": prompt_rows,
     }
 
 
@@ -225,6 +244,61 @@ def _measure(read, dtype_name, batch, ids, reference, model, config, args) -> di
         row[f"{name}_ms"] = 1e3 * timing.median_s
     row["speedup"] = row["transformers_ms"] / row["tiengine_ms"]
     return row
+
+
+PROMPT_CASE = (
+    "(masterpiece:1.2), best quality, ultra detailed, 8k, portrait of a girl standing in a sunlit forest, "
+    "(flowing red dress:1.3), [windy], long silver hair, soft cinematic lighting, volumetric fog, sharp focus, "
+    "intricate embroidery, golden hour, depth of field, bokeh, (rick:1.1), looking at viewer, smiling, "
+    "detailed eyes, detailed face, ornate jewelry, fantasy, illustration, artstation, trending, concept art, "
+    "by a famous painter, oil on canvas, highly detailed background, mountains, river, birds in the sky, "
+    "EasyNegative, vivid colors, high contrast, dramatic clouds, wide angle, full body, elegant pose, "
+    "rim light, subsurface scattering, photorealistic skin, film grain"
+)
+
+
+def prompt_case(args: argparse.Namespace, reference, model, dtype_name: str) -> dict:
+    """The whole A1111 conditioning of PROMPT_CASE (tiengine) vs the model-only peer on its chunks."""
+    from tiengine.conditioning import EncodeOptions, TextEncoderSlot, encode_texts, tokenize_texts
+    from tiengine.tokenizer import ClipTokenizer
+
+    tokenizer = ClipTokenizer.default()
+    tokenizer.add_embedding("EasyNegative", 8)
+    tokenizer.add_embedding("rick", 3)
+    dtype = DTYPES[dtype_name]
+    rows = torch.randn(11, model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    slots = [TextEncoderSlot("text_encoder", "clip_l", model)]
+    options = EncodeOptions()
+    (prompt,) = tokenize_texts([PROMPT_CASE], tokenizer, options)
+    peer_chunks = [
+        torch.tensor([[0 if token > EOS else token for token in chunk.tokens]]) for chunk in prompt.chunks
+    ]  # A1111's placeholders: (1, 77) each
+
+    def processing():
+        return tokenize_texts([PROMPT_CASE], tokenizer, options)
+
+    def ours():
+        return encode_texts([PROMPT_CASE], tokenizer, slots, {"clip_l": rows}, options)
+
+    def peer():
+        return [reference(input_ids=ids).last_hidden_state for ids in peer_chunks]
+
+    with torch.inference_mode():
+        timings = time_interleaved(
+            {"processing": processing, "tiengine": ours, "transformers": peer},
+            warmup=args.warmup, repeats=args.repeats, clock=CLOCKS[args.clock],
+        )
+    row = {name: 1e3 * timing.median_s for name, timing in timings.items()}
+    return {
+        "dtype": dtype_name,
+        "tokens": prompt.token_count,
+        "chunks": len(prompt.chunks),
+        "processing_ms": row["processing"],
+        "tiengine_ms": row["tiengine"],
+        "processing_share": row["processing"] / row["tiengine"],
+        "transformers_model_only_ms": row["transformers"],
+        "speedup": row["transformers"] / row["tiengine"],
+    }
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -24,7 +24,6 @@ import torch
 from tiengine.chunking import (
     DEFAULT_COMMA_BACKTRACK,
     EMPHASIS_MODES,
-    WINDOW_TOKENS,
     PromptChunk,
     TokenizedPrompt,
     empty_chunk,
@@ -97,9 +96,14 @@ def encode_texts(
     """
     if not texts:
         raise ConditioningError("encode_texts needs at least one text")
-    if not encoders:
-        raise ConditioningError("encode_texts needs at least one text encoder")
-    prompts = [
+    return encode_tokenized(
+        tokenize_texts(texts, tokenizer, options), encoders, extra_rows, options, zero_if_empty=zero_if_empty
+    )
+
+
+def tokenize_texts(texts: Sequence[str], tokenizer: ClipTokenizer, options: EncodeOptions = EncodeOptions()) -> list[TokenizedPrompt]:
+    """The chunks of each text under `options` (the token half of `encode_texts`, reusable across calls)."""
+    return [
         tokenize_prompt(
             text,
             tokenizer,
@@ -110,6 +114,21 @@ def encode_texts(
         )
         for text in texts
     ]
+
+
+def encode_tokenized(
+    prompts: Sequence[TokenizedPrompt],
+    encoders: Sequence[TextEncoderSlot],
+    extra_rows: Mapping[str, torch.Tensor] | None = None,
+    options: EncodeOptions = EncodeOptions(),
+    *,
+    zero_if_empty: bool = False,
+) -> EncodedTexts:
+    """The encoder half of `encode_texts`, for prompts chunked by `tokenize_texts` with the same options."""
+    if not prompts:
+        raise ConditioningError("encode_tokenized needs at least one prompt")
+    if not encoders:
+        raise ConditioningError("encoding needs at least one text encoder")
     chunk_batches = pad_chunk_batch(prompts)  # (chunks, B)
     contexts: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
@@ -123,10 +142,10 @@ def encode_texts(
                 pooled = chunk_pooled
         contexts.append(torch.cat(per_chunk, dim=1))  # (B, 77 * chunks, C_encoder)
     context = torch.cat(contexts, dim=2) if len(contexts) > 1 else contexts[0]
-    if zero_if_empty and all(text == "" for text in texts):
+    if zero_if_empty and all(prompt.text == "" for prompt in prompts):
         context = torch.zeros_like(context)
         pooled = None if pooled is None else torch.zeros_like(pooled)
-    return EncodedTexts(context, pooled, prompts)
+    return EncodedTexts(context, pooled, list(prompts))
 
 
 def encoder_token_ids(chunks: Sequence[PromptChunk], pad_token_id: int, device: torch.device) -> torch.Tensor:
@@ -204,8 +223,3 @@ def _apply_emphasis(
     empty_ids = encoder_token_ids([empty_chunk()], config.pad_token_id, z.device)
     z_empty, _ = slot.encoder.encode(empty_ids, rows, output_layer=layer)  # (1, 77, C)
     return z_empty + (z - z_empty) * w
-
-
-def window_count(context: torch.Tensor) -> int:
-    """How many 77-token windows a context (B, 77 * k, C) holds."""
-    return context.shape[1] // WINDOW_TOKENS

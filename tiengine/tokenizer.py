@@ -229,6 +229,15 @@ class ClipTokenizer:
             merges.append((parts[0], parts[1]))
         return cls(vocab, merges, source=str(vocab_path.parent))
 
+    def copy(self) -> ClipTokenizer:
+        """An independent tokenizer with the same vocabulary and added embeddings, without reloading files."""
+        clone = object.__new__(ClipTokenizer)
+        clone.__dict__.update(self.__dict__)  # the BPE pipeline and base vocabulary are never mutated
+        clone._embeddings = dict(self._embeddings)
+        clone._name_ids_cache = dict(self._name_ids_cache)
+        clone._first_id_index = None
+        return clone
+
     # ---------------------------------------------------------------------------------------- encoding
 
     @property

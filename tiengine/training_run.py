@@ -27,6 +27,7 @@ from tiengine.training_state import (LossRow, TrainingState, fingerprint_differe
                                      save_state, write_loss_log)
 
 if TYPE_CHECKING:
+    from tiengine.chunking import TokenizedPrompt
     from PIL import Image
 
     from tiengine.engine import Engine
@@ -54,6 +55,7 @@ class EmbeddingTrainer:
         self.last_preview: Image.Image | None = None
         self._epoch: int | None = None
         self._order: list[int] = []
+        self._chunked: dict[str, TokenizedPrompt] = {}  # template text -> its chunks, tokenized once
 
     # ------------------------------------------------------------------------------------ checks
 
@@ -96,9 +98,7 @@ class EmbeddingTrainer:
 
     def check_name(self) -> None:
         """Refuse names that cannot be typed, saved or told apart from ordinary words; load the tokenizer."""
-        from tiengine.tokenizer import ClipTokenizer
-
-        self.tokenizer = ClipTokenizer.default()
+        self.tokenizer = self.engine.tokenizer.copy()
         name = self.name
         if not isinstance(name, str) or not name.strip():
             raise TrainingError(f"embedding name must be a non-empty string, got {name!r}")
@@ -324,7 +324,7 @@ class EmbeddingTrainer:
         return self._order[position]
 
     def _micro_batch_loss(self, step: int, micro: int) -> torch.Tensor:
-        from tiengine.conditioning import encode_texts
+        from tiengine.conditioning import encode_tokenized, tokenize_texts
 
         settings, engine, device = self.settings, self.engine, self.engine.device
         batch = settings.batch_size
@@ -343,7 +343,10 @@ class EmbeddingTrainer:
                 for key, param in self.params.items()}  # (other ids + n, D) per encoder key
         unet = engine.modules["unet"]
         with self._autocast():
-            encoded = encode_texts(texts, self.tokenizer, engine.slots, rows, self.options)
+            for text in set(texts) - self._chunked.keys():
+                self._chunked[text] = tokenize_texts([text], self.tokenizer, self.options)[0]
+            prompts = [self._chunked[text] for text in texts]
+            encoded = encode_tokenized(prompts, engine.slots, rows, self.options)
             y = None
             if unet.config.addition_embed_type == "text_time":
                 size = float(self.resolution)
