@@ -58,7 +58,7 @@ DQ_GPU_BLOCKS = (
     AttentionBlocks(64, 64, 4, 3),
     AttentionBlocks(128, 64, 8, 2),
 )
-PREPROCESS_BLOCK_M = 64
+PREPROCESS_BLOCK_M = 32  # rows per program of the delta kernel (memory-bound; keeps d=256 tiles in registers)
 
 
 @triton.jit
