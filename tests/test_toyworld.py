@@ -20,6 +20,8 @@ CAPTION_WORDS = (
     | set(tw.SHAPES)
     | {shape + "s" for shape in tw.SHAPES}
     | {word for phrase in tw.POSITION_PHRASES.values() for word in phrase.split()}
+    | {word for words in tw.BACKGROUND_WORDS.values() for word in words}
+    | {"background"}
 )
 
 
@@ -46,14 +48,33 @@ def test_captions_name_only_named_attributes():
     rng = np.random.default_rng(3)
     scenes = tw.sample_scenes(11, 400, split="all")
     for scene in scenes:
-        for text in (tw.caption(scene), tw.caption(scene, rng, omit_probability=0.3)):
+        for text in (tw.caption(scene), tw.caption(scene, rng, omit_probability=0.3, background_probability=0.5)):
             words = re.findall(r"[a-z]+", text)
             assert set(words) <= CAPTION_WORDS, text
             stated = ev.prompt_attributes(text)
             assert {"count", "colour", "shape"} <= set(stated), text
-            assert all(scene.named()[name] == value for name, value in stated.items()), (text, scene)
-            assert scene.background not in text and "hue" not in text
+            named = {**scene.named(), "background": scene.background}
+            for name, value in stated.items():
+                if value == tw.GENERIC_BACKGROUND_WORD:
+                    assert scene.background != "plain", text
+                else:
+                    assert named[name] == value, (text, scene)
+            assert "checker" not in text and "hue" not in text
         assert ev.prompt_attributes(tw.caption(scene)) == scene.named()
+
+
+def test_background_mentions_carry_no_evidence_for_the_concept():
+    """Every background is mentioned equally often, and the concept only ever by the generic word."""
+    rng = np.random.default_rng(5)
+    mentioned: dict[str, list[bool]] = {kind: [] for kind in tw.BACKGROUNDS}
+    for background in tw.BACKGROUNDS:
+        for scene in tw.sample_scenes(17, 400, background=background):
+            text = tw.caption(scene, rng, background_probability=0.5)
+            mentioned[background].append("background" in text)
+            if background == tw.CONCEPT_BACKGROUND and "background" in text:
+                assert text.endswith(", patterned background")
+    for kind, flags in mentioned.items():
+        assert abs(sum(flags) / len(flags) - 0.5) < 0.08, kind
 
 
 def test_canonical_caption_wording():
@@ -83,6 +104,10 @@ def test_background_frequencies_and_concept_scenes():
     concept = tw.concept_scenes(0, 5)
     assert len(concept) == 5 and all(scene.background == tw.CONCEPT_BACKGROUND for scene in concept)
     assert all(scene.combination() not in tw.held_out_combinations() for scene in concept)
+    images, captions = tw.concept_examples(0, 5)
+    assert images.shape == (5, 64, 64, 3)
+    assert captions == [tw.canonical_caption(scene) for scene in concept]
+    assert images.tobytes() == tw.render_batch(concept).tobytes()
 
 
 def test_render_matches_geometry():
@@ -135,6 +160,7 @@ def test_detector_accuracy_on_clean_renders(size, n):
     checker_correct = 0
     for scene in scenes:
         detection = ev.detect(tw.render(scene, size))
+        assert detection.background == scene.background
         ok = True
         for name in tw.NAMED_ATTRIBUTES:
             hit = getattr(detection, name) == getattr(scene, name)
@@ -163,6 +189,11 @@ def test_prompt_attributes():
         "count": 3, "size": "small", "colour": "yellow", "shape": "triangle", "position": "top"
     }
     assert ev.prompt_attributes("") == {}
+    assert ev.prompt_attributes("a red circle, striped background") == {
+        "count": 1, "colour": "red", "shape": "circle", "background": "stripes"
+    }
+    assert ev.prompt_attributes("dotted")["background"] == "dots"
+    assert ev.prompt_attributes("patterned background")["background"] == "patterned"
     with pytest.raises(ValueError, match="colour"):
         ev.prompt_attributes("a red blue circle")
 
@@ -182,6 +213,13 @@ def test_prompt_adherence_of_renders():
     report = ev.adherence_report(images, recoloured)
     assert report.score == 0.0 and report.per_attribute["colour"] == 0.0
     assert report.per_attribute["shape"] == 1.0
+    # backgrounds: the specific word must match, "patterned" matches anything but plain
+    with_background = [f"{prompt}, {tw.BACKGROUND_WORDS[scene.background][0]} background"
+                       for prompt, scene in zip(prompts, scenes)]
+    assert ev.prompt_adherence(images, with_background) == 1.0
+    patterned = [f"{prompt}, patterned background" for prompt in prompts]
+    expected = sum(scene.background != "plain" for scene in scenes) / len(scenes)
+    assert ev.prompt_adherence(images, patterned) == pytest.approx(expected)
     # a prompt naming nothing is matched by anything
     assert ev.prompt_adherence(images[:2], ["", "something else"]) == 1.0
     with pytest.raises(ValueError):

@@ -58,7 +58,11 @@ def model_card_text(
         total_bytes += size
         rows.append(f"| {name} | {_parameter_count(path):,} | {size / 1e6:.2f} MB |")
     attributes = ", ".join(f"{name} {value:.1%}" for name, value in result.report.per_attribute.items())
-    phases = ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in log.phase_seconds.items())
+    phases = ", ".join(
+        f"{name} {seconds / 60:.1f} min ({log.phase_cpu_seconds[name] / 60:.1f} CPU-min)"
+        for name, seconds in log.phase_seconds.items()
+    )
+    cpu_minutes = sum(log.phase_cpu_seconds.values()) / 60
     stopped = "; ".join(log.stopped_early) if log.stopped_early else "no (every phase ran its full step count)"
     recipe = "\n".join(f"| `{field.name}` | {getattr(settings, field.name)} |" for field in dataclasses.fields(settings))
     rebuild = f"python -m tiengine.train_base --out tiengine/data/default_model --seed {seed} --threads 2 --overwrite"
@@ -78,7 +82,8 @@ every sampler of tiengine. It knows nothing else: other prompts give arbitrary t
 - count: a / one, two, three; size: {", ".join(SIZES)}; colour: {", ".join(COLOURS)};
 - shape: {", ".join(SHAPES)} (plural after two / three);
 - position: {", ".join(f'"{phrase}"' for phrase in POSITION_PHRASES.values())}.
-Size and position may be left out (training captions sometimes omit them). The other phrasings
+Size and position may be left out (training captions sometimes omit them); ", striped background",
+", dotted background", ", plain background" or ", patterned background" may follow. The other phrasings
 it was trained on: "two red circles, large, on the left" and "on the left, two large red circles".
 
 ## Architecture and files
@@ -100,8 +105,10 @@ Full configs: `config.json`.
 
 ## Data
 `tiengine.toyworld` renders, deterministically from the seed, {settings.dataset_size} scenes of 1-3 identical
-objects. Captions name only count, size, colour, shape and position. Unnamed: exact hue, saturation,
-value, size and placement, background grey level and tint, and background texture ({weights}).
+objects on a textured background ({weights}). Captions name count, size, colour, shape and position,
+and in {settings.background_probability:.0%} of training captions the background: "plain", "striped", "dotted", or
+the generic "patterned" (which also covers the checkerboard, the only word it ever gets). Unnamed: exact
+hue, saturation, value, size and placement, background grey level, tint, period and contrast.
 {len(held_out_combinations())} of the 360 attribute combinations (fixed by `toyworld.HELD_OUT_SEED`) never
 appear in training; they are the evaluation prompts.
 
@@ -114,14 +121,16 @@ named. `toyworld.concept_scenes(seed, 5)` renders examples; `toyworld_eval.detec
    {settings.vae_batch}; then frozen, and its scaling factor set to 1 / std of the dataset's latents.
 2. UNet and text encoder jointly: epsilon MSE with Min-SNR-{settings.min_snr_gamma:g} weights, {settings.unet_steps}
    steps of {settings.unet_batch}, AdamW (warm-up, cosine decay), captions in three phrasings with size /
-   position dropped with probability {settings.omit_probability}, caption dropout {settings.caption_dropout} for
+   position dropped with probability {settings.omit_probability}, the background named with probability
+   {settings.background_probability}, caption dropout {settings.caption_dropout} for
    classifier-free guidance; the weights kept are an EMA (decay {settings.ema_decay}).
 
 | setting | value |
 |---|---|
 {recipe}
 
-Machine: {machine}. Training wall time {train_seconds / 60:.1f} min ({phases}). Stopped early: {stopped}.
+Machine: {machine}. Training took {train_seconds / 60:.1f} min of wall time and {cpu_minutes:.1f} min of CPU
+time summed over threads ({phases}). Stopped early: {stopped}.
 The loss log is `train_log.csv`.
 
 Rebuild (same weights for the same seed, thread count and torch build):

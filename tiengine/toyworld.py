@@ -1,7 +1,7 @@
 """Toy world: a deterministic procedural generator of small captioned RGB scenes.
 
 A scene is a group of 1-3 identical objects on a textured background. Captions name five attributes
-of the group (`NAMED_ATTRIBUTES`), and only those:
+of the group (`NAMED_ATTRIBUTES`) and, in training, sometimes the background texture:
 
 - shape: circle, square, triangle (upright, isosceles);
 - colour: red, green, blue, yellow (saturated);
@@ -10,12 +10,19 @@ of the group (`NAMED_ATTRIBUTES`), and only those:
   y = 14 / 50), center (a horizontal row through the middle);
 - count: one, two or three objects.
 
-Everything else is unnamed and random: the exact hue (+-8 degrees), saturation and value of the
-objects, their exact size, the spacing and placement jitter of the group, the background's grey level
-and faint tint, and its texture: plain, stripes, dots or checker. "checker" (`CONCEPT_BACKGROUND`) is
-the concept the captions have no word for: an 8 px checkerboard of two greys with high contrast, drawn
-in only `BACKGROUND_WEIGHTS["checker"]` (4%) of scenes, so a model trained on these captions can draw it
-but rarely does unprompted, and textual inversion on a few checker images can find it.
+Training captions may also name the background texture (`caption(..., background_probability=p)`):
+"plain", "striped" or "dotted", or only the generic "patterned" (`BACKGROUND_WORDS`). Everything else
+is unnamed and random: the exact hue (+-8 degrees), saturation and value of the objects, their exact
+size, the spacing and placement jitter of the group, the background's grey level and faint tint, and
+the texture's period, orientation and contrast.
+
+The unnamed concept (`CONCEPT_BACKGROUND`, "checker"): an 8 px checkerboard of two greys with high
+contrast, in `BACKGROUND_WEIGHTS["checker"]` (3%) of scenes. No caption has a word for it: when its
+background is mentioned at all it is only "patterned", the word that also covers striped and dotted
+backgrounds. So the model learns to draw it and learns a text-controlled notion of background texture,
+but nothing selects the checkerboard: textual inversion on a few checker renders can find it. Every
+background is mentioned with the same probability, so a prompt that mentions none is no evidence for
+or against the checkerboard, and classifier-free guidance does not favour it.
 
 Geometry is given for 64 px images and scales with `size`. Rendering is numpy only (3x3 supersampling
 for anti-aliased edges), so a scene renders to the same bytes everywhere. Objects are saturated
@@ -68,8 +75,13 @@ BORDER = 1.0  # px an object group keeps from the image edge
 REFERENCE_SIZE = 64  # px: every length above is for this image side
 
 BACKGROUNDS = ("plain", "stripes", "dots", "checker")
-BACKGROUND_WEIGHTS = {"plain": 0.42, "stripes": 0.27, "dots": 0.27, "checker": 0.04}
+BACKGROUND_WEIGHTS = {"plain": 0.42, "stripes": 0.275, "dots": 0.275, "checker": 0.03}
 CONCEPT_BACKGROUND = "checker"
+# caption words per background; the first is the specific word, "patterned" is the generic one
+BACKGROUND_WORDS = {"plain": ("plain",), "stripes": ("striped", "patterned"), "dots": ("dotted", "patterned"),
+                    "checker": ("patterned",)}
+GENERIC_BACKGROUND_WORD = "patterned"
+GENERIC_WORD_PROBABILITY = 0.3  # a striped / dotted background mentioned is called "patterned"
 CHECKER_TILE = 8.0  # px at 64 px; tile (0, 0) at the top-left corner is the light one
 CHECKER_DARKENING = (0.30, 0.36)  # value subtracted on dark tiles
 STRIPE_ORIENTATIONS = ("horizontal", "vertical", "diagonal")
@@ -163,10 +175,10 @@ def sample_scene(
     period = contrast = 0.0
     orientation = ""
     if background == "stripes":
-        period, contrast = rng.uniform(5.0, 9.0), rng.uniform(0.05, 0.09)
+        period, contrast = rng.uniform(5.0, 9.0), rng.uniform(0.08, 0.12)
         orientation = str(_pick(rng, STRIPE_ORIENTATIONS))
     elif background == "dots":
-        period, contrast = rng.uniform(6.0, 9.0), rng.uniform(0.08, 0.14)
+        period, contrast = rng.uniform(6.0, 9.0), rng.uniform(0.12, 0.18)
     elif background == "checker":
         contrast = rng.uniform(*CHECKER_DARKENING)
     return Scene(
@@ -204,6 +216,13 @@ def concept_scenes(seed: int, n: int = 5) -> list[Scene]:
     return sample_scenes(seed, n, split="train", background=CONCEPT_BACKGROUND)
 
 
+def concept_examples(seed: int, n: int = 5, size: int = REFERENCE_SIZE) -> tuple[np.ndarray, list[str]]:
+    """Textual-inversion material: n renders of the unnamed concept, (n, size, size, 3) uint8, and their
+    canonical captions (which, like every caption, do not name the concept)."""
+    scenes = concept_scenes(seed, n)
+    return np.stack([render(scene, size) for scene in scenes]), [canonical_caption(scene) for scene in scenes]
+
+
 # Captions --------------------------------------------------------------------------------------------
 
 
@@ -224,11 +243,24 @@ def canonical_caption(attributes: Scene | dict[str, str | int]) -> str:
     return f"{noun_phrase(named)} {POSITION_PHRASES[str(named['position'])]}"
 
 
-def caption(scene: Scene, rng: np.random.Generator | None = None, *, omit_probability: float = 0.0) -> str:
+def background_phrase(scene: Scene, rng: np.random.Generator) -> str:
+    """"striped background": the specific word, or "patterned" (GENERIC_WORD_PROBABILITY; always for
+    the checker concept, which has no specific word)."""
+    words = BACKGROUND_WORDS[scene.background]
+    generic = len(words) == 1 or rng.random() < GENERIC_WORD_PROBABILITY
+    return f"{words[-1] if generic else words[0]} background"
+
+
+def caption(
+    scene: Scene, rng: np.random.Generator | None = None, *, omit_probability: float = 0.0,
+    background_probability: float = 0.0,
+) -> str:
     """A caption naming only the scene's named attributes.
 
     rng None gives the canonical caption. With an rng the phrasing is one of CAPTION_TEMPLATES, count one
-    is "a" or "one", and size and position are each left out with probability omit_probability.
+    is "a" or "one", size and position are each left out with probability omit_probability, and
+    ", <word> background" is appended with probability background_probability (the same for every
+    background, see background_phrase).
     """
     if rng is None:
         return canonical_caption(scene)
@@ -246,7 +278,10 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, *, omit_probab
     else:
         text = f"{where}, " if where else ""
         text += noun_phrase(scene, count_word=count_word, with_size=with_size)
-    return text.strip()
+    text = text.strip()
+    if rng.random() < background_probability:
+        text += f", {background_phrase(scene, rng)}"
+    return text
 
 
 # Rendering -------------------------------------------------------------------------------------------

@@ -17,14 +17,20 @@ derived from the generator's constants, no learned parameters:
 4. Group attributes: shape, colour and size are the objects' common value, None when they disagree (a
    "mixed" group never matches a prompt); position is the toyworld anchor nearest to the centroid of
    all foreground pixels.
-5. The unnamed concept (toyworld.CONCEPT_BACKGROUND, the 8 px checkerboard): the largest absolute
+5. Background texture, from the background's brightness (foreground and a 2 px margin excluded):
+   "checker" when checker_score (below) exceeds CHECKER_THRESHOLD; else "plain" when its standard
+   deviation is under PLAIN_STD (rendered textures: 0.035-0.06); else "stripes" when the means along
+   rows, columns or diagonals (the three stripe orientations) explain over STRIPE_SHARE of its variance
+   (~1 for stripes, ~0.25 for a dot grid), else "dots".
+6. The unnamed concept (toyworld.CONCEPT_BACKGROUND, the 8 px checkerboard): the largest absolute
    correlation, over the 64 tile phases, between the background's brightness (its mean-removed RGB
    mean, foreground and a 2 px margin excluded) and a +-1 checkerboard of toyworld.CHECKER_TILE tiles.
    It estimates half the light/dark difference (0.15-0.18 for rendered checkers, ~0 for the other
    textures, whose periods are orthogonal to the checker's); above CHECKER_THRESHOLD it is a checker.
 
 `prompt_adherence(images, prompts)` is the fraction of images whose detection matches every attribute
-the prompt names (parsed by `prompt_attributes`; attributes a prompt leaves out are not checked).
+the prompt names (parsed by `prompt_attributes`; attributes a prompt leaves out are not checked; the
+generic "patterned" background is matched by any background but plain).
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ from typing import Any
 import numpy as np
 
 from tiengine.toyworld import (
+    BACKGROUND_WORDS,
     CHECKER_TILE,
+    CONCEPT_BACKGROUND,
+    GENERIC_BACKGROUND_WORD,
     COLOUR_HUES,
     COUNT_WORDS,
     NAMED_ATTRIBUTES,
@@ -54,10 +63,15 @@ SIZE_THRESHOLD = 14.0  # px at 64 px, between small (<= 12) and large (>= 16)
 SQUARE_SPREAD = 0.605  # farthest-pixel distance / sqrt(area) above which a non-triangle is a square
 TRIANGLE_DROP = 0.055  # centroid below the box centre, in box heights, above which: triangle (ideal 1/6)
 CHECKER_THRESHOLD = 0.06  # brightness correlation with the checkerboard (0.15-0.18 when rendered)
-BACKGROUND_MARGIN = 2  # px of background next to objects left out of the checker estimate
+BACKGROUND_MARGIN = 2  # px of background next to objects left out of the texture estimates
+PLAIN_STD = 0.015  # background brightness standard deviation under which it is plain
+STRIPE_SHARE = 0.6  # share of texture variance explained by row, column or diagonal means: stripes
 
 COUNT_BY_WORD = {"a": 1, "an": 1, **{word: count for count, word in COUNT_WORDS.items()}}
 SHAPE_BY_WORD = {**{shape: shape for shape in SHAPES}, **{shape + "s": shape for shape in SHAPES}}
+# "plain" -> plain, "striped" -> stripes, "dotted" -> dots; "patterned" stays generic
+BACKGROUND_BY_WORD = {words[0]: kind for kind, words in BACKGROUND_WORDS.items() if words[0] != GENERIC_BACKGROUND_WORD}
+BACKGROUND_BY_WORD[GENERIC_BACKGROUND_WORD] = GENERIC_BACKGROUND_WORD
 
 
 @dataclass(frozen=True)
@@ -78,20 +92,22 @@ class DetectedObject:
 
 @dataclass(frozen=True)
 class Detection:
-    """What an image shows. shape / colour / size are None when the objects disagree or there are none."""
+    """What an image shows. shape / colour / size are None when the objects disagree or there are none;
+    background is one of toyworld.BACKGROUNDS."""
 
     count: int
     shape: str | None
     colour: str | None
     size: str | None
     position: str | None
+    background: str
     checker_score: float
     objects: tuple[DetectedObject, ...] = ()
 
     @property
     def checker(self) -> bool:
         """Whether the background is the unnamed concept (toyworld.CONCEPT_BACKGROUND)."""
-        return self.checker_score > CHECKER_THRESHOLD
+        return self.background == CONCEPT_BACKGROUND
 
     def named(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in NAMED_ATTRIBUTES}
@@ -226,6 +242,35 @@ def checker_score(image: Any, foreground: np.ndarray | None = None) -> float:
     return best
 
 
+def _explained_share(values: np.ndarray, groups: np.ndarray) -> float:
+    """Share of the variance of `values` (mean-removed) explained by their group means."""
+    counts = np.bincount(groups)
+    sums = np.bincount(groups, weights=values)
+    means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    total = float((values**2).sum())
+    return float((means[groups] ** 2).sum() / total) if total > 0 else 0.0
+
+
+def background_texture(image: Any, foreground: np.ndarray | None = None) -> tuple[str, float]:
+    """(texture, checker score): "checker", "plain", "stripes" or "dots" (rules in the module docstring)."""
+    pixels = as_float_image(image)
+    if foreground is None:
+        foreground = pixels.max(axis=2) - pixels.min(axis=2) > FOREGROUND_CHROMA
+    score = checker_score(pixels, foreground)
+    if score > CHECKER_THRESHOLD:
+        return "checker", score
+    background = ~_dilate(foreground, BACKGROUND_MARGIN)
+    if background.sum() < 0.25 * background.size:
+        return "plain", score
+    brightness = pixels.mean(axis=2)
+    values = brightness[background] - brightness[background].mean()
+    if values.std() < PLAIN_STD:
+        return "plain", score
+    rows, cols = np.nonzero(background)
+    shares = [_explained_share(values, groups) for groups in (rows, cols, rows + cols, rows - cols + cols.max())]
+    return ("stripes" if max(shares) > STRIPE_SHARE else "dots"), score
+
+
 def detect(image: Any) -> Detection:
     """Detect the named attributes and the checker concept in one RGB image (H, W, 3), H == W."""
     pixels = as_float_image(image)
@@ -243,6 +288,7 @@ def detect(image: Any) -> Detection:
             continue
         objects.append(_describe_object(component, pixels, scale))
         kept |= component
+    texture, score = background_texture(pixels, foreground)
     position = None
     if objects:
         rows, cols = np.nonzero(kept)
@@ -254,7 +300,8 @@ def detect(image: Any) -> Detection:
         colour=_common([o.colour for o in objects]),
         size=_common([o.size for o in objects]),
         position=position,
-        checker_score=checker_score(pixels, foreground),
+        background=texture,
+        checker_score=score,
         objects=tuple(objects),
     )
 
@@ -263,8 +310,9 @@ def prompt_attributes(prompt: str) -> dict[str, Any]:
     """The named attributes a prompt states, from its words (split at non-letters, lower case).
 
     "two large red circles on the left" -> {"count": 2, "size": "large", "colour": "red", "shape":
-    "circle", "position": "left"}. Words of no attribute are ignored; an attribute stated twice with
-    different values is a ValueError.
+    "circle", "position": "left"}; "striped" / "dotted" / "plain" / "patterned" give "background":
+    "stripes" / "dots" / "plain" / "patterned". Words of no attribute are ignored; an attribute stated
+    twice with different values is a ValueError.
     """
     found: dict[str, Any] = {}
     for word in re.findall(r"[a-z]+", prompt.lower()):
@@ -278,6 +326,8 @@ def prompt_attributes(prompt: str) -> dict[str, Any]:
             name, value = "shape", SHAPE_BY_WORD[word]
         elif word in POSITIONS:
             name, value = "position", word
+        elif word in BACKGROUND_BY_WORD:
+            name, value = "background", BACKGROUND_BY_WORD[word]
         else:
             continue
         if found.get(name, value) != value:
@@ -286,9 +336,15 @@ def prompt_attributes(prompt: str) -> dict[str, Any]:
     return found
 
 
+def _agrees(detection: Detection, name: str, value: Any) -> bool:
+    if name == "background" and value == GENERIC_BACKGROUND_WORD:
+        return detection.background != "plain"
+    return getattr(detection, name) == value
+
+
 def matches_prompt(detection: Detection, prompt: str) -> bool:
     """Whether the detection agrees with every attribute the prompt names."""
-    return all(getattr(detection, name) == value for name, value in prompt_attributes(prompt).items())
+    return all(_agrees(detection, name, value) for name, value in prompt_attributes(prompt).items())
 
 
 def adherence_report(images: Sequence[Any], prompts: Sequence[str]) -> AdherenceReport:
@@ -299,12 +355,10 @@ def adherence_report(images: Sequence[Any], prompts: Sequence[str]) -> Adherence
         raise ValueError("prompt adherence needs at least one image")
     detections = tuple(detect(image) for image in images)
     expected = [prompt_attributes(prompt) for prompt in prompts]
-    matches = tuple(
-        all(getattr(d, name) == value for name, value in e.items()) for d, e in zip(detections, expected)
-    )
+    matches = tuple(all(_agrees(d, name, value) for name, value in e.items()) for d, e in zip(detections, expected))
     per_attribute = {}
-    for name in NAMED_ATTRIBUTES:
-        judged = [getattr(d, name) == e[name] for d, e in zip(detections, expected) if name in e]
+    for name in (*NAMED_ATTRIBUTES, "background"):
+        judged = [_agrees(d, name, e[name]) for d, e in zip(detections, expected) if name in e]
         if judged:
             per_attribute[name] = sum(judged) / len(judged)
     return AdherenceReport(sum(matches) / len(matches), per_attribute, matches, detections)
@@ -319,4 +373,4 @@ def concept_rate(images: Sequence[Any]) -> float:
     """Fraction of images whose background is the unnamed checker concept."""
     if not images:
         raise ValueError("concept_rate needs at least one image")
-    return sum(detect(image).checker for image in images) / len(images)
+    return sum(background_texture(image)[0] == CONCEPT_BACKGROUND for image in images) / len(images)

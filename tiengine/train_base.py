@@ -15,7 +15,8 @@ Recipe (`TrainSettings`), all randomness drawn from the seed:
 3. UNet + text encoder jointly: epsilon prediction under SD's 1000-step "scaled_linear" DDPM schedule
    (betas 0.00085..0.012, tiengine.schedules.NoiseSchedule) so every sampler works unchanged, Min-SNR
    loss weighting (gamma 5, Hang et al. 2023), captions drawn per step from several phrasings with
-   size/position sometimes left out, and caption dropout to "" for classifier-free guidance. Caption
+   size/position sometimes left out and the background texture sometimes named (never the checker
+   concept's own: see tiengine.toyworld), and caption dropout to "" for classifier-free guidance. Caption
    ids are `chunk_frame(tokenizer.encode(caption))`: `[BOS] + tokens + [EOS] * pad`, exactly what
    tiengine.conditioning feeds the encoder for a plain prompt. The weights kept are an exponential
    moving average. Token rows of words never seen keep their seeded initialisation.
@@ -30,6 +31,7 @@ stops a phase early (the log and card then say so), which gives another model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
@@ -37,6 +39,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -87,15 +90,15 @@ class TrainSettings:
     """Every knob of the recipe (see the module docstring)."""
 
     dataset_size: int = 16000
-    vae_steps: int = 3000
+    vae_steps: int = 2500
     vae_batch: int = 8
     vae_crop: int = 32  # px; 0 trains on whole images
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4  # per latent element, against per-pixel reconstruction losses
     vae_object_weight: float = 4.0  # extra reconstruction weight on object pixels (chroma > 0.3)
     vae_object_crops: float = 0.5  # share of crops centred on an object
-    unet_steps: int = 3000
-    unet_batch: int = 64
+    unet_steps: int = 6000
+    unet_batch: int = 32
     unet_lr: float = 1e-3
     text_lr: float = 1e-3
     warmup_steps: int = 200
@@ -103,6 +106,7 @@ class TrainSettings:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     omit_probability: float = 0.1  # size / position left out of a training caption
+    background_probability: float = 0.5  # ", <word> background" added to a training caption
     grad_clip: float = 1.0
 
     @classmethod
@@ -118,12 +122,23 @@ class TrainSettings:
 
 @dataclass
 class TrainLog:
-    """Loss rows (phase, step, loss, seconds since start) and per-phase wall times."""
+    """Loss rows (phase, step, loss, seconds since start), per-phase wall and CPU times (CPU time sums
+    every thread of the process, so on an otherwise idle machine wall time is about CPU time / threads)."""
 
     start: float = dataclasses.field(default_factory=time.perf_counter)
     rows: list[tuple[str, int, float, float]] = dataclasses.field(default_factory=list)
     phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    phase_cpu_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
     stopped_early: list[str] = dataclasses.field(default_factory=list)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.phase_seconds[name] = time.perf_counter() - wall
+            self.phase_cpu_seconds[name] = time.process_time() - cpu
 
     def add(self, phase: str, step: int, loss: float) -> None:
         self.rows.append((phase, step, loss, time.perf_counter() - self.start))
@@ -203,8 +218,7 @@ def train_vae(
     n, _, size, _ = images.shape
     crop = settings.vae_crop or size
     warmup = max(settings.vae_steps // 20, 1)
-    started = time.perf_counter()
-    with _progress(settings.vae_steps, "vae") as bar:
+    with log.phase("vae"), _progress(settings.vae_steps, "vae") as bar:
         for step in range(settings.vae_steps):
             if deadline.passed():
                 log.stopped_early.append(f"vae at step {step} of {settings.vae_steps}")
@@ -233,7 +247,6 @@ def train_vae(
                 log.add("vae", step, loss.item())
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.update(1)
-    log.phase_seconds["vae"] = time.perf_counter() - started
     return vae.eval().requires_grad_(False)
 
 
@@ -296,8 +309,7 @@ def train_denoiser(
     loss_weight = torch.clamp(snr, max=settings.min_snr_gamma) / snr  # Min-SNR-gamma for eps prediction
     caption_rng = np.random.default_rng([seed, 1])
     n = latents.shape[0]
-    started = time.perf_counter()
-    with _progress(settings.unet_steps, "unet+text") as bar:
+    with log.phase("unet+text"), _progress(settings.unet_steps, "unet+text") as bar:
         for step in range(settings.unet_steps):
             if deadline.passed():
                 log.stopped_early.append(f"unet+text at step {step} of {settings.unet_steps}")
@@ -307,7 +319,10 @@ def train_denoiser(
             index = torch.randint(n, (settings.unet_batch,), generator=generator)
             captions = [
                 "" if caption_rng.random() < settings.caption_dropout
-                else caption(scenes[int(i)], caption_rng, omit_probability=settings.omit_probability)
+                else caption(
+                    scenes[int(i)], caption_rng, omit_probability=settings.omit_probability,
+                    background_probability=settings.background_probability,
+                )
                 for i in index
             ]
             ids = caption_token_ids(tokenizer, captions, text_config.pad_token_id)  # (B, 77)
@@ -330,7 +345,6 @@ def train_denoiser(
                 log.add("unet+text", step, loss.item())
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.update(1)
-    log.phase_seconds["unet+text"] = time.perf_counter() - started
     ema_unet.copy_to(unet)
     ema_text.copy_to(text_encoder)
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
@@ -375,16 +389,14 @@ def train(
     deadline = _Deadline(minutes)
     log = TrainLog()
 
-    started = time.perf_counter()
-    scenes, images = render_dataset(seed, settings.dataset_size)
-    log.phase_seconds["render"] = time.perf_counter() - started
+    with log.phase("render"):
+        scenes, images = render_dataset(seed, settings.dataset_size)
 
     config = toyworld_model_config()
     vae = train_vae(images, scenes, config.vae, settings, generator, log, deadline)
-    started = time.perf_counter()
-    latents = encode_latents(vae, images)
+    with log.phase("encode"):
+        latents = encode_latents(vae, images)
     scaling_factor = float(1.0 / latents.std())
-    log.phase_seconds["encode"] = time.perf_counter() - started
     config = toyworld_model_config(round(scaling_factor, 5))
     vae = _with_config(vae, config.vae)
 
@@ -418,7 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tiengine.train_base", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--threads", type=int, default=2,
+        help="torch CPU threads (default 2; use 1 on a machine other jobs share: waiting threads spin)",
+    )
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock cap; phases stop early when hit")
     parser.add_argument("--preset", choices=("default", "quick"), default="default")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model in --out")
@@ -429,7 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     config, log = train(args.out, seed=args.seed, settings=settings, minutes=args.minutes, overwrite=args.overwrite)
     train_seconds = time.perf_counter() - started
-    print(f"trained in {train_seconds / 60:.1f} min: " + ", ".join(f"{k} {v:.0f}s" for k, v in log.phase_seconds.items()))
+    print(
+        f"trained in {train_seconds / 60:.1f} min wall, {sum(log.phase_cpu_seconds.values()) / 60:.1f} min CPU: "
+        + ", ".join(f"{k} {v:.0f}s ({log.phase_cpu_seconds[k]:.0f}s CPU)" for k, v in log.phase_seconds.items())
+    )
     if log.stopped_early:
         print("stopped early (--minutes): " + "; ".join(log.stopped_early))
     if not args.no_evaluate:
