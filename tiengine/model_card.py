@@ -41,6 +41,17 @@ def _numel(shape: list[int]) -> int:
     return count
 
 
+def _attention_sides(config) -> str:
+    """"16, 8": the latent sides of the down blocks that have cross-attention."""
+    side = config.unet.sample_size
+    sides = []
+    for block in config.unet.down_block_types:
+        if block.startswith("CrossAttn"):
+            sides.append(str(side))
+        side //= 2
+    return ", ".join(sides)
+
+
 def model_card_text(
     *, folder: Path, settings: TrainSettings, seed: int, preset: str, log: TrainLog, train_seconds: float,
     machine: str, result: EvaluationResult,
@@ -99,8 +110,8 @@ windows, `[BOS] + tokens + [EOS] * pad`, read at the last layer through final_la
 hidden {text_config.hidden_size}, {text_config.num_hidden_layers} layers, {text_config.num_attention_heads} heads, so
 its token table is most of its size. Rows of tokens the captions never use keep their seeded random
 initialisation. UNet: block_out_channels {list(config.unet.block_out_channels)}, {config.unet.layers_per_block}
-layer per block, cross-attention ({config.unet.cross_attention_dim}-wide context) at the two lower levels and
-the middle. VAE: block_out_channels {list(config.vae.block_out_channels)}, {config.vae.layers_per_block} layer per block.
+layer per block, cross-attention ({config.unet.cross_attention_dim}-wide context) at the latent sides
+{_attention_sides(config)} and in the middle block. VAE: block_out_channels {list(config.vae.block_out_channels)}, {config.vae.layers_per_block} layer per block.
 Full configs: `config.json`.
 
 ## Data

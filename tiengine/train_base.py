@@ -66,8 +66,10 @@ def toyworld_model_config(vae_scaling_factor: float = 1.0) -> ModelConfig:
     )
     unet = UNetConfig(
         block_out_channels=(32, 64, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        # cross-attention at 16x16 and 8x8 (and the middle), none at 4x4: SD1's layout, so text reaches
+        # the fine textures of the background as well as the objects
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         num_attention_heads=(1, 2, 2),
         cross_attention_dim=text_encoder.hidden_size,
         layers_per_block=1,

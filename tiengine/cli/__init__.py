@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "tiengine.cli.encode",
     "tiengine.cli.generate",
     "tiengine.cli.train",
+    "tiengine.cli.demo",
 )
 
 

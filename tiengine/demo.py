@@ -1,0 +1,240 @@
+"""End-to-end textual inversion on the default model: learn a concept the captions never named.
+
+The toy world (tiengine.toyworld) draws a checkerboard background in a few percent of its scenes, and no
+caption has a word for it: when a caption mentions that background at all it says only "patterned", the
+word that also covers striped and dotted ones. The default model can draw it but nothing in a prompt
+selects it. `run_demo`:
+
+1. renders `CONCEPT_IMAGES` checkerboard scenes with toyworld.concept_examples and writes them as PNG
+   files with their captions (NAME.txt, the scene's named attributes) into OUT/concept_images/;
+2. trains a textual-inversion embedding on them with the engine (tiengine.training, exactly what
+   `tiengine train-embedding` runs; the printed command reproduces it) using the template
+   `TEMPLATE` ("[filewords], [name] background"), starting from the vector of "patterned";
+3. generates every evaluation prompt three ways from the same seeds: the prompt alone, with the nearest
+   words the model knows (", patterned background"), and with the embedding (", NAME background");
+4. detects the checkerboard in each image (toyworld_eval.background_texture) and the prompt's named
+   attributes (toyworld_eval.matches_prompt), writes OUT/demo_grid.png and OUT/scores.json.
+
+Evaluation prompts are the canonical captions of toyworld.held_out_combinations(): object groups the
+model never saw in training, so the concept has to transfer to new scenes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tiengine.errors import TiengineError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from tiengine.engine import Engine
+
+CONCEPT_NAME = "toyconcept"
+CONCEPT_IMAGES = 5
+INIT_TEXT = "patterned"
+TEMPLATE = "[filewords], [name] background"
+GENERIC_SUFFIX = ", patterned background"
+TRAIN_STEPS = 600
+TRAIN_BATCH = 5
+LEARNING_RATE = "0.02:400, 0.005"
+SAMPLE_STEPS = 20
+SAMPLER = "DPM++ 2M"
+CFG_SCALE = 5.0
+GRID_ROWS = 8
+GRID_SCALE = 2  # grid cells are the 64 px images scaled up by this factor (nearest neighbour)
+
+# targets of the demonstration (share of images showing the concept)
+TARGET_WITH = 0.70
+TARGET_WITHOUT = 0.10
+
+
+class DemoError(TiengineError):
+    """The demo cannot run: an output folder that would be overwritten, or bad settings."""
+
+
+@dataclass
+class ArmScore:
+    """One way of prompting: its suffix, how often the concept appeared, how often the prompt was followed."""
+
+    label: str
+    suffix: str
+    concept_rate: float
+    prompt_adherence: float
+
+
+@dataclass
+class DemoReport:
+    name: str
+    arms: list[ArmScore]
+    images_per_arm: int
+    train_steps: int
+    train_seconds: float
+    total_seconds: float
+    embedding_path: str
+    grid_path: str
+    train_command: str
+    outputs: list[str] = field(default_factory=list)
+
+    def arm(self, label: str) -> ArmScore:
+        return next(arm for arm in self.arms if arm.label == label)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"concept present in generated images ({self.images_per_arm} images each, held-out prompts):"]
+        for arm in self.arms:
+            lines.append(
+                f"  {arm.label:<22} {arm.concept_rate:6.1%}   (prompt followed {arm.prompt_adherence:.1%})"
+            )
+        with_rate = self.arm("with the embedding").concept_rate
+        without_rate = self.arm("prompt alone").concept_rate
+        verdict = "met" if with_rate >= TARGET_WITH and without_rate < TARGET_WITHOUT else "NOT met"
+        lines.append(
+            f"targets (>= {TARGET_WITH:.0%} with the embedding, < {TARGET_WITHOUT:.0%} without): {verdict}"
+        )
+        lines.append(f"training: {self.train_steps} steps in {self.train_seconds:.0f} s; whole demo "
+                     f"{self.total_seconds / 60:.1f} min")
+        return lines
+
+
+def evaluation_prompts() -> list[str]:
+    """The canonical caption of every held-out combination, sorted (a fixed list)."""
+    from tiengine.evaluate_base import held_out_prompts
+
+    return held_out_prompts(1)
+
+
+def write_concept_images(folder: Path, seed: int, *, overwrite: bool) -> list[Path]:
+    """CONCEPT_IMAGES renders of the concept as NN.png + NN.txt (caption) in `folder`."""
+    from PIL import Image
+
+    from tiengine.atomic import atomic_write, atomic_write_bytes
+    from tiengine.toyworld import concept_examples
+
+    images, captions = concept_examples(seed, CONCEPT_IMAGES)  # (n, 64, 64, 3) uint8, n captions
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, (pixels, caption) in enumerate(zip(images, captions), start=1):
+        image = Image.fromarray(pixels)
+        path = folder / f"{index:02d}.png"
+        atomic_write(path, lambda temporary, image=image: image.save(temporary, format="PNG"), overwrite=overwrite)
+        atomic_write_bytes(folder / f"{index:02d}.txt", caption.encode("utf-8"), overwrite=overwrite)
+        written.append(path)
+    return written
+
+
+def _grid(columns: list[tuple[str, list[Image.Image]]]) -> Image.Image:
+    from PIL import Image
+
+    from tiengine.images import labelled_grid
+
+    scaled = [
+        (label, [image.resize((image.width * GRID_SCALE, image.height * GRID_SCALE), Image.NEAREST)
+                 for image in images[:GRID_ROWS]])
+        for label, images in columns
+    ]
+    return labelled_grid(scaled)
+
+
+def run_demo(
+    out: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    train_steps: int = TRAIN_STEPS,
+    prompts: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> DemoReport:
+    """Run the demonstration into the folder `out` (see the module docstring); returns the scores.
+
+    progress(stage, done, total) is called as training steps and generated images complete.
+    """
+    import numpy as np
+
+    from tiengine.atomic import atomic_write, atomic_write_bytes
+    from tiengine.engine import Engine
+    from tiengine.toyworld_eval import background_texture, detect, matches_prompt
+    from tiengine.toyworld import CONCEPT_BACKGROUND
+    from tiengine.training import TrainEmbeddingSettings
+
+    if train_steps < 1:
+        raise DemoError(f"training steps must be >= 1, got {train_steps}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DemoError(f"{out}: the folder is not empty; pick another --out or pass --overwrite to replace its files")
+    started = time.perf_counter()
+    report = progress or (lambda stage, done, total: None)
+
+    images_dir = out / "concept_images"
+    outputs = [str(path) for path in write_concept_images(images_dir, seed, overwrite=overwrite)]
+    template_path = atomic_write_bytes(out / "template.txt", (TEMPLATE + "\n").encode("utf-8"), overwrite=overwrite)
+    embedding_path = out / f"{CONCEPT_NAME}.safetensors"
+
+    engine = Engine.load(model)
+    settings = TrainEmbeddingSettings(
+        vectors=1, init_text=INIT_TEXT, steps=train_steps, batch_size=TRAIN_BATCH, learning_rate=LEARNING_RATE,
+        template=str(template_path), seed=seed, save_every=0,
+    )
+    train_command = (
+        f"tiengine train-embedding {images_dir} --name {CONCEPT_NAME} --init-text {INIT_TEXT} "
+        f"--steps {train_steps} --batch-size {TRAIN_BATCH} --lr '{LEARNING_RATE}' --template {template_path} "
+        f"--seed {seed} --save-every 0 --out {embedding_path}"
+    )
+    train_started = time.perf_counter()
+    result = engine.train_embedding(
+        images_dir, CONCEPT_NAME, out=embedding_path, overwrite=overwrite,
+        callback=lambda step: report("training", step.step, step.steps), **asdict(settings),
+    )
+    train_seconds = time.perf_counter() - train_started
+    if result.embedding is None:
+        raise DemoError(f"the model's text encoder widths {engine.encoder_widths} fit no embedding file")
+    outputs += [str(path) for path in result.outputs]
+    engine.add_embedding(result.embedding)
+
+    prompts = list(prompts) if prompts is not None else evaluation_prompts()
+    arm_suffixes = [
+        ("prompt alone", ""),
+        ("nearest words", GENERIC_SUFFIX),
+        ("with the embedding", f", {CONCEPT_NAME} background"),
+    ]
+    columns = []
+    arms = []
+    total_images = len(prompts) * len(arm_suffixes)
+    for number, (label, suffix) in enumerate(arm_suffixes):
+        images = []
+        for index, prompt in enumerate(prompts):
+            generated = engine.generate(
+                prompt + suffix, steps=SAMPLE_STEPS, sampler=SAMPLER, cfg_scale=CFG_SCALE, seed=seed + index
+            )
+            images += generated.images
+            report("generating", number * len(prompts) + index + 1, total_images)
+        pixels = [np.asarray(image.convert("RGB")) for image in images]
+        concept = sum(background_texture(p)[0] == CONCEPT_BACKGROUND for p in pixels) / len(pixels)
+        followed = sum(matches_prompt(detect(p), prompt) for p, prompt in zip(pixels, prompts)) / len(pixels)
+        arms.append(ArmScore(label, suffix, concept, followed))
+        columns.append((label if not suffix else suffix.lstrip(", "), images))
+
+    from PIL import Image
+
+    training_images = [Image.open(path).convert("RGB") for path in sorted(images_dir.glob("*.png"))]
+    grid = _grid([("training images", training_images)] + columns)
+    grid_path = atomic_write(out / "demo_grid.png", lambda temporary: grid.save(temporary, format="PNG"),
+                             overwrite=overwrite)
+    demo = DemoReport(
+        name=CONCEPT_NAME, arms=arms, images_per_arm=len(prompts), train_steps=result.steps_done,
+        train_seconds=train_seconds, total_seconds=0.0, embedding_path=str(embedding_path),
+        grid_path=str(grid_path), train_command=train_command, outputs=outputs,
+    )
+    demo.total_seconds = time.perf_counter() - started
+    scores_path = out / "scores.json"
+    demo.outputs += [str(grid_path), str(scores_path)]
+    atomic_write_bytes(scores_path, (json.dumps(asdict(demo), indent=2) + "\n").encode("utf-8"), overwrite=overwrite)
+    return demo
