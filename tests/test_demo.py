@@ -60,6 +60,9 @@ def test_cli_error_and_help(capsys, tmp_path):
     (tmp_path / "keep.txt").write_text("mine", encoding="utf-8")
     assert main(["demo", "--out", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "new"), "--threads", "0"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "--overwrite" in capsys.readouterr().out

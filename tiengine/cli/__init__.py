@@ -28,6 +28,17 @@ class CliError(TiengineError):
     """A usage failure found by the CLI itself: printed to stderr as one line, exit status 2."""
 
 
+def apply_threads(threads: int | None) -> None:
+    """`--threads N`: torch's CPU thread count (None: torch's own choice)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise CliError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tiengine",

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from tiengine.cli import CliError
+from tiengine.cli import apply_threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,15 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from tiengine.demo import run_demo
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CliError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int) -> None:

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from tiengine.cli import CliError
+from tiengine.cli import apply_threads
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -74,10 +74,7 @@ def run_train_embedding(args: argparse.Namespace) -> int:
     from tiengine.engine import Engine
     from tiengine.training import TrainEmbeddingSettings, train_embedding
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise CliError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     also = [fmt.strip() for fmt in args.also.split(",") if fmt.strip()]
     settings = TrainEmbeddingSettings(
         vectors=args.vectors, init_text=args.init_text, steps=args.steps, batch_size=args.batch_size,
