@@ -26,10 +26,8 @@ import contextlib
 import functools
 import json
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,34 +47,12 @@ from tiengine.training_run import EmbeddingTrainer  # noqa: E402
 from tiengine.unet import UNet2DConditionModel  # noqa: E402
 from tiengine.vae import AutoencoderKL  # noqa: E402
 
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from unet import CLOCKS, cpu_name, interleaved_medians, randomize_  # noqa: E402  (shared benchmark helpers)
+
 PROMPT = "a photo of a [name]"
 IMAGES = 5
 LEARNING_RATE = 5e-3
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Seeded uniform weights with unit fan-in variance, norm scales near 1, small biases."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            if param.ndim >= 2:
-                bound = (3.0 / param[0].numel()) ** 0.5
-                param.uniform_(-bound, bound, generator=generator)
-            elif name.endswith("weight"):
-                param.uniform_(0.8, 1.2, generator=generator)
-            else:
-                param.uniform_(-0.2, 0.2, generator=generator)
 
 
 def model_config(name: str) -> ModelConfig:
@@ -202,24 +178,6 @@ class DiffusersTextualInversion:
         self.optimizer.zero_grad()
         with torch.no_grad():  # every row but the placeholder's back to its original value
             self.table.weight[self.keep] = self.original[self.keep]
-
-
-def interleaved_medians(functions: dict[str, Callable[[], object]], *, repeats: int, warmup: int,
-                        clock: str, synchronize: Callable[[], None]) -> dict[str, float]:
-    now = CLOCKS[clock]
-    names = list(functions)
-    for _ in range(warmup):
-        for name in names:
-            functions[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
-            synchronize()
-            start = now()
-            functions[name]()
-            synchronize()
-            times[name].append(now() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:

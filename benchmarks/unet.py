@@ -52,12 +52,14 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time
 
 
 def interleaved_medians(
-    functions: dict[str, Callable[[], object]], *, repeats: int, warmup: int, clock: str = "wall"
+    functions: dict[str, Callable[[], object]], *, repeats: int, warmup: int, clock: str = "wall",
+    synchronize: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Median seconds per function, runs interleaved and the order rotated every repetition.
 
     clock "cpu" counts this process's CPU seconds instead of wall seconds: with one thread it is
     insensitive to other processes taking the cores (it still shares caches and memory bandwidth).
+    synchronize runs before and after each timed call (torch.cuda.synchronize on a GPU).
     """
     now = CLOCKS[clock]
     names = list(functions)
@@ -68,10 +70,39 @@ def interleaved_medians(
     for repeat in range(repeats):
         order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
+            synchronize()
             start = now()
             functions[name]()
+            synchronize()
             times[name].append(now() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def measure_row(
+    functions: dict[str, Callable[[], torch.Tensor]], *, shape: str, dtype_name: str, args: argparse.Namespace,
+    ceiling: float,
+) -> dict[str, object]:
+    """Time "diffusers" against "tiengine" (same inputs) and compare their outputs: one table row."""
+    with torch.inference_mode():
+        difference = relative_difference(functions["tiengine"](), functions["diffusers"]())
+        flops = count_flops(functions["diffusers"])
+        seconds = interleaved_medians(functions, repeats=args.repeats, warmup=args.warmup, clock=args.clock)
+        if args.profile:
+            for name, function in functions.items():
+                print(f"== profile {name} {dtype_name} {shape}\n{profile_table(function)}")
+    row = {
+        "shape": shape,
+        "dtype": dtype_name,
+        "gflop": flops / 1e9,
+        "diffusers_ms": seconds["diffusers"] * 1e3,
+        "tiengine_ms": seconds["tiengine"] * 1e3,
+        "speedup": seconds["diffusers"] / seconds["tiengine"],
+        "diffusers_eff": flops / seconds["diffusers"] / ceiling,
+        "tiengine_eff": flops / seconds["tiengine"] / ceiling,
+        "max_rel_diff": difference,
+    }
+    print(row, flush=True)
+    return row
 
 
 def versions_header(threads: int, clock: str) -> dict[str, str]:
@@ -176,27 +207,10 @@ def main() -> None:
                 "diffusers": lambda: reference(sample, timestep, context).sample,
                 "tiengine": lambda: ours(sample, timestep, context),
             }
-            with torch.inference_mode():
-                difference = relative_difference(functions["tiengine"](), functions["diffusers"]())
-                flops = count_flops(functions["diffusers"])
-                seconds = interleaved_medians(functions, repeats=args.repeats, warmup=args.warmup, clock=args.clock)
-                if args.profile:
-                    for name, function in functions.items():
-                        print(f"== profile {name} {dtype_name} latent {side}x{side}\n{profile_table(function)}")
             rows.append(
-                {
-                    "shape": f"latent {args.batch}x4x{side}x{side}",
-                    "dtype": dtype_name,
-                    "gflop": flops / 1e9,
-                    "diffusers_ms": seconds["diffusers"] * 1e3,
-                    "tiengine_ms": seconds["tiengine"] * 1e3,
-                    "speedup": seconds["diffusers"] / seconds["tiengine"],
-                    "diffusers_eff": flops / seconds["diffusers"] / ceiling,
-                    "tiengine_eff": flops / seconds["tiengine"] / ceiling,
-                    "max_rel_diff": difference,
-                }
+                measure_row(functions, shape=f"latent {args.batch}x4x{side}x{side}", dtype_name=dtype_name,
+                            args=args, ceiling=ceiling)
             )
-            print(rows[-1], flush=True)
     print_table(header, rows)
     if args.json:
         args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))

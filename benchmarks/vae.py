@@ -23,13 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from unet import (  # noqa: E402  (benchmarks/unet.py: shared timing and table helpers)
     CLOCKS,
     DTYPES,
-    count_flops,
-    interleaved_medians,
     matmul_ceiling,
+    measure_row,
     print_table,
-    profile_table,
     randomize_,
-    relative_difference,
     versions_header,
 )
 
@@ -74,27 +71,8 @@ def main() -> None:
                 "diffusers": lambda: reference.decode(latents).sample,
                 "tiengine": lambda: ours.decode(latents),
             }
-            with torch.inference_mode():
-                difference = relative_difference(functions["tiengine"](), functions["diffusers"]())
-                flops = count_flops(functions["diffusers"])
-                seconds = interleaved_medians(functions, repeats=args.repeats, warmup=args.warmup, clock=args.clock)
-                if args.profile:
-                    for name, function in functions.items():
-                        print(f"== profile {name} {dtype_name} latent {side}x{side}\n{profile_table(function)}")
-            rows.append(
-                {
-                    "shape": f"latent 1x4x{side}x{side} -> image {8 * side}x{8 * side}",
-                    "dtype": dtype_name,
-                    "gflop": flops / 1e9,
-                    "diffusers_ms": seconds["diffusers"] * 1e3,
-                    "tiengine_ms": seconds["tiengine"] * 1e3,
-                    "speedup": seconds["diffusers"] / seconds["tiengine"],
-                    "diffusers_eff": flops / seconds["diffusers"] / ceiling,
-                    "tiengine_eff": flops / seconds["tiengine"] / ceiling,
-                    "max_rel_diff": difference,
-                }
-            )
-            print(rows[-1], flush=True)
+            shape = f"latent 1x4x{side}x{side} -> image {8 * side}x{8 * side}"
+            rows.append(measure_row(functions, shape=shape, dtype_name=dtype_name, args=args, ceiling=ceiling))
     print_table(header, rows)
     if args.json:
         args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
