@@ -12,7 +12,7 @@ selects it. `run_demo`:
    `TEMPLATE` ("[filewords], [name] background"), starting from the vector of "patterned";
 3. generates every evaluation prompt three ways from the same seeds: the prompt alone, with the nearest
    words the model knows (", patterned background"), and with the embedding (", NAME background");
-4. detects the checkerboard in each image (toyworld_eval.background_texture) and the prompt's named
+4. detects the checkerboard in each image (toyworld_eval.detect(...).checker) and the prompt's named
    attributes (toyworld_eval.matches_prompt), writes OUT/demo_grid.png and OUT/scores.json.
 
 Evaluation prompts are the canonical captions of toyworld.held_out_combinations(): object groups the
@@ -33,8 +33,6 @@ from tiengine.errors import TiengineError
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from tiengine.engine import Engine
 
 CONCEPT_NAME = "toyconcept"
 CONCEPT_IMAGES = 5
@@ -159,8 +157,7 @@ def run_demo(
 
     from tiengine.atomic import atomic_write, atomic_write_bytes
     from tiengine.engine import Engine
-    from tiengine.toyworld_eval import background_texture, detect, matches_prompt
-    from tiengine.toyworld import CONCEPT_BACKGROUND
+    from tiengine.toyworld_eval import detect, matches_prompt
     from tiengine.training import TrainEmbeddingSettings
 
     if train_steps < 1:
@@ -216,9 +213,9 @@ def run_demo(
             )
             images += generated.images
             report("generating", number * len(prompts) + index + 1, total_images)
-        pixels = [np.asarray(image.convert("RGB")) for image in images]
-        concept = sum(background_texture(p)[0] == CONCEPT_BACKGROUND for p in pixels) / len(pixels)
-        followed = sum(matches_prompt(detect(p), prompt) for p, prompt in zip(pixels, prompts)) / len(pixels)
+        detections = [detect(np.asarray(image.convert("RGB"))) for image in images]
+        concept = sum(detection.checker for detection in detections) / len(detections)
+        followed = sum(matches_prompt(d, prompt) for d, prompt in zip(detections, prompts)) / len(detections)
         arms.append(ArmScore(label, suffix, concept, followed))
         columns.append((label if not suffix else suffix.lstrip(", "), images))
 
