@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from tiengine.atomic import atomic_write_bytes
 from tiengine.attention import attention, resolve_backend
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -236,11 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"... {shape.name}", file=sys.stderr, flush=True)
         rows.append(run_shape(shape, DTYPES[dtype_name], device, args.mode, warmup, repeats))
     print(format_table(info, rows))
-    if args.json_path:  # atomic: a temporary file beside the target, then a rename
-        partial = f"{args.json_path}.partial"
-        with open(partial, "w", encoding="utf-8") as f:
-            json.dump({"header": info, "rows": rows}, f, indent=2)
-        os.replace(partial, args.json_path)
+    if args.json_path:
+        atomic_write_bytes(args.json_path, json.dumps({"header": info, "rows": rows}, indent=2).encode(), overwrite=True)
     return 0
 
 

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tiengine.atomic import atomic_write_bytes
+
 REPO = Path(__file__).resolve().parent.parent
 
 SD15_UNET = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
@@ -257,8 +259,8 @@ def main() -> None:
               f"{row['peak_bytes'] / gib:>9.2f} {added / gib:>10.2f} {added / size:>11.2f} {row['wall_s']:>8.1f} "
               f"{row['ratio_to_diffusers']:>18.2f}")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"file_bytes": size, "rows": rows, "torch": torch.__version__,
-                                         "diffusers": diffusers.__version__}, indent=2))  # fmt: skip
+        report = {"file_bytes": size, "rows": rows, "torch": torch.__version__, "diffusers": diffusers.__version__}
+        atomic_write_bytes(args.json, json.dumps(report, indent=2).encode(), overwrite=True)
 
 
 if __name__ == "__main__":

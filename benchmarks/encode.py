@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tiengine.atomic import atomic_write_bytes
 from tiengine.text_encoder import ClipTextEncoder, TextEncoderConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -341,10 +342,7 @@ def main() -> None:
     print(f"# FLOPs per 77-token sequence: {results['flops_per_sequence'] / 1e9:.2f} G; "
           f"load average at end: {results['load_average_at_end'][0]:.1f}")
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as handle:
-            json.dump(results, handle, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_bytes(args.json, json.dumps(results, indent=2).encode(), overwrite=True)
 
 
 if __name__ == "__main__":

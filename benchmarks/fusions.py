@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 from datetime import datetime, timezone
@@ -22,6 +21,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
+
+from tiengine.atomic import atomic_write_bytes
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -138,11 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio"] = eager["ms"] / triton["ms"] if "ms" in eager and "ms" in triton else None
         ratio = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
         print(f"| {row['kernel']} | {row['shape']} | {'x'.join(map(str, row['dims']))} | {cells[0]} | {cells[1]} | {ratio} |")
-    if args.json_path:  # atomic: a temporary file beside the target, then a rename
-        partial = f"{args.json_path}.partial"
-        with open(partial, "w", encoding="utf-8") as f:
-            json.dump({"header": info, "rows": rows}, f, indent=2)
-        os.replace(partial, args.json_path)
+    if args.json_path:
+        atomic_write_bytes(args.json_path, json.dumps({"header": info, "rows": rows}, indent=2).encode(), overwrite=True)
     return 0
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
+from tiengine.atomic import atomic_write_bytes  # noqa: E402
+
 
 def load_corpus() -> tuple[list[str], str]:
     wild = REPO.parent / "shared" / "wild" / "prompts.jsonl"
@@ -91,7 +93,7 @@ def main() -> None:
         print(f"{mode:<8} {ours_rate:>12.0f} {theirs_rate:>14.0f} {ratio:>6.2f}x")
     print("# tiengine includes ftfy/HTML cleaning; transformers is given pre-cleaned text")
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "results": results}, indent=2))
+        atomic_write_bytes(args.json, json.dumps({"header": header, "results": results}, indent=2).encode(), overwrite=True)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tiengine.atomic import atomic_write_bytes  # noqa: E402
 from tiengine.engine import Engine  # noqa: E402
 from tiengine.model_config import ModelConfig  # noqa: E402
 from tiengine.text_encoder import ClipTextEncoder  # noqa: E402
@@ -245,7 +246,7 @@ def main() -> None:
               f"{row['diffusers_samples_s']:.2f} | {row['diffusers_cached_samples_s']:.2f} | {row['ratio']:.2f}x | "
               f"{row['ratio_cached']:.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        atomic_write_bytes(args.json, json.dumps({"header": header, "rows": rows}, indent=2).encode(), overwrite=True)
 
 
 if __name__ == "__main__":

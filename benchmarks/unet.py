@@ -20,12 +20,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from tiengine.atomic import atomic_write_bytes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -76,6 +78,21 @@ def interleaved_medians(
             synchronize()
             times[name].append(now() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def dtype_passes(
+    ours: torch.nn.Module, reference: torch.nn.Module, args: argparse.Namespace, header: dict[str, str]
+) -> Iterator[tuple[str, torch.dtype, float]]:
+    """Per dtype of args.dtypes: both models cast to it on the same tensors (the reference is loaded with
+    assign=True, no copy), and the matmul ceiling in FLOP/s, also recorded in header."""
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        ours.to(dtype)
+        reference.load_state_dict(ours.state_dict(), assign=True)
+        gc.collect()
+        ceiling = matmul_ceiling(dtype, args.clock)
+        header[f"matmul_ceiling_{dtype_name}"] = f"{ceiling / 1e9:.0f} GFLOP/s (2048^3 torch.mm)"
+        yield dtype_name, dtype, ceiling
 
 
 def measure_row(
@@ -191,13 +208,7 @@ def main() -> None:
     header = versions_header(args.threads, args.clock)
     header["model"] = "SD1.5 UNet (859.5M parameters, random weights shared by both models)"
     rows = []
-    for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
-        ours.to(dtype)
-        reference.load_state_dict(ours.state_dict(), assign=True)  # same tensors, no copy
-        gc.collect()
-        ceiling = matmul_ceiling(dtype, args.clock)
-        header[f"matmul_ceiling_{dtype_name}"] = f"{ceiling / 1e9:.0f} GFLOP/s (2048^3 torch.mm)"
+    for dtype_name, dtype, ceiling in dtype_passes(ours, reference, args, header):
         for side in args.latents:
             generator = torch.Generator().manual_seed(side)
             sample = torch.randn(args.batch, 4, side, side, generator=generator).to(dtype)
@@ -213,7 +224,7 @@ def main() -> None:
             )
     print_table(header, rows)
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        atomic_write_bytes(args.json, json.dumps({"header": header, "rows": rows}, indent=2).encode(), overwrite=True)
 
 
 if __name__ == "__main__":

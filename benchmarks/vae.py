@@ -12,7 +12,6 @@ ceiling, and the max output difference relative to max |diffusers output|.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import sys
 from pathlib import Path
@@ -23,12 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from unet import (  # noqa: E402  (benchmarks/unet.py: shared timing and table helpers)
     CLOCKS,
     DTYPES,
-    matmul_ceiling,
+    dtype_passes,
     measure_row,
     print_table,
     randomize_,
     versions_header,
 )
+
+from tiengine.atomic import atomic_write_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -57,13 +58,7 @@ def main() -> None:
     header = versions_header(args.threads, args.clock)
     header["model"] = f"SD VAE decoder (random weights shared by both models), tiengine channels_last={not args.nchw}"
     rows = []
-    for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
-        ours.to(dtype)
-        reference.load_state_dict(ours.state_dict(), assign=True)  # same tensors, no copy
-        gc.collect()
-        ceiling = matmul_ceiling(dtype, args.clock)
-        header[f"matmul_ceiling_{dtype_name}"] = f"{ceiling / 1e9:.0f} GFLOP/s (2048^3 torch.mm)"
+    for dtype_name, dtype, ceiling in dtype_passes(ours, reference, args, header):
         for side in args.latents:
             latents = torch.randn(1, config.latent_channels, side, side, generator=torch.Generator().manual_seed(side))
             latents = latents.to(dtype)
@@ -75,7 +70,7 @@ def main() -> None:
             rows.append(measure_row(functions, shape=shape, dtype_name=dtype_name, args=args, ceiling=ceiling))
     print_table(header, rows)
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+        atomic_write_bytes(args.json, json.dumps({"header": header, "rows": rows}, indent=2).encode(), overwrite=True)
 
 
 if __name__ == "__main__":
