@@ -177,6 +177,8 @@ def test_checker_detection_on_concept_and_other_textures():
     assert ev.concept_rate(concept) == 1.0
     others = [tw.render(scene) for scene in tw.sample_scenes(4, 200) if scene.background != tw.CONCEPT_BACKGROUND]
     assert ev.concept_rate(others) == 0.0
+    mixed = concept[:5] + others[:15]
+    assert ev.adherence_report(mixed, [""] * 20).concept_rate == ev.concept_rate(mixed) == 0.25
     assert ev.checker_score(np.full((64, 64, 3), 128, np.uint8)) == 0.0
 
 

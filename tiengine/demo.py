@@ -12,8 +12,8 @@ selects it. `run_demo`:
    `TEMPLATE` ("[filewords], [name] background"), starting from the vector of "patterned";
 3. generates every evaluation prompt three ways from the same seeds: the prompt alone, with the nearest
    words the model knows (", patterned background"), and with the embedding (", NAME background");
-4. detects the checkerboard in each image (toyworld_eval.detect(...).checker) and the prompt's named
-   attributes (toyworld_eval.matches_prompt), writes OUT/demo_grid.png and OUT/scores.json.
+4. detects the checkerboard and the prompt's named attributes in each image
+   (toyworld_eval.adherence_report), writes OUT/demo_grid.png and OUT/scores.json.
 
 Evaluation prompts are the canonical captions of toyworld.held_out_combinations(): object groups the
 model never saw in training, so the concept has to transfer to new scenes.
@@ -157,7 +157,7 @@ def run_demo(
 
     from tiengine.atomic import atomic_write, atomic_write_bytes
     from tiengine.engine import Engine
-    from tiengine.toyworld_eval import detect, matches_prompt
+    from tiengine.toyworld_eval import adherence_report
     from tiengine.training import TrainEmbeddingSettings
 
     if train_steps < 1:
@@ -213,10 +213,8 @@ def run_demo(
             )
             images += generated.images
             report("generating", number * len(prompts) + index + 1, total_images)
-        detections = [detect(np.asarray(image.convert("RGB"))) for image in images]
-        concept = sum(detection.checker for detection in detections) / len(detections)
-        followed = sum(matches_prompt(d, prompt) for d, prompt in zip(detections, prompts)) / len(detections)
-        arms.append(ArmScore(label, suffix, concept, followed))
+        scores = adherence_report([np.asarray(image.convert("RGB")) for image in images], prompts)
+        arms.append(ArmScore(label, suffix, scores.concept_rate, scores.score))
         columns.append((label if not suffix else suffix.lstrip(", "), images))
 
     from PIL import Image

@@ -33,7 +33,7 @@ from tiengine.sampling import get_sampler, guided_denoiser
 from tiengine.schedules import NoiseSchedule, batch_generators, eps_denoiser, get_sigmas, initial_noise
 from tiengine.tokenizer import ClipTokenizer
 from tiengine.toyworld import canonical_caption, held_out_combinations, render, sample_scenes
-from tiengine.toyworld_eval import AdherenceReport, adherence_report, concept_rate, detect
+from tiengine.toyworld_eval import AdherenceReport, adherence_report, detect
 
 if TYPE_CHECKING:
     from tiengine.train_base import TrainLog, TrainSettings
@@ -165,11 +165,12 @@ def evaluate_model(
     model = load_toy_model(path)
     prompts = held_out_prompts(per_prompt)
     images = generate(model, prompts, seed=seed, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
+    report = adherence_report(list(images), prompts)
     return EvaluationResult(
         prompts=prompts,
         images=images,
-        report=adherence_report(list(images), prompts),
-        checker_rate=concept_rate(list(images)),
+        report=report,
+        checker_rate=report.concept_rate,
         reconstruction_accuracy=reconstruction_accuracy(model, seed=seed),
         steps=steps,
         cfg_scale=cfg_scale,

@@ -123,6 +123,11 @@ class AdherenceReport:
     matches: tuple[bool, ...]
     detections: tuple[Detection, ...] = field(default=(), repr=False)
 
+    @property
+    def concept_rate(self) -> float:
+        """Fraction of the images whose background is the unnamed checker concept."""
+        return sum(detection.checker for detection in self.detections) / len(self.detections)
+
 
 def as_float_image(image: Any) -> np.ndarray:
     """(H, W, 3) float64 in [0, 1] from a uint8 or float array (or anything np.asarray takes, e.g. PIL)."""
