@@ -223,13 +223,11 @@ def run_demo(
     grid = _grid([("training images", training_images)] + columns)
     grid_path = atomic_write(out / "demo_grid.png", lambda temporary: grid.save(temporary, format="PNG"),
                              overwrite=overwrite)
+    scores_path = out / "scores.json"
     demo = DemoReport(
         name=CONCEPT_NAME, arms=arms, images_per_arm=len(prompts), train_steps=result.steps_done,
-        train_seconds=train_seconds, total_seconds=0.0, embedding_path=str(embedding_path),
-        grid_path=str(grid_path), train_command=train_command, outputs=outputs,
+        train_seconds=train_seconds, total_seconds=time.perf_counter() - started, embedding_path=str(embedding_path),
+        grid_path=str(grid_path), train_command=train_command, outputs=[*outputs, str(grid_path), str(scores_path)],
     )
-    demo.total_seconds = time.perf_counter() - started
-    scores_path = out / "scores.json"
-    demo.outputs += [str(grid_path), str(scores_path)]
     atomic_write_bytes(scores_path, (json.dumps(asdict(demo), indent=2) + "\n").encode("utf-8"), overwrite=overwrite)
     return demo

@@ -4,6 +4,7 @@ tiengine.evaluate_base: what it is, the data, the recipe, the rebuild command, s
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,15 +31,8 @@ def _parameter_count(path: Path) -> int:
     total = 0
     with safe_open(str(path), framework="pt") as file:
         for key in file.keys():
-            total += _numel(file.get_slice(key).get_shape())
+            total += math.prod(file.get_slice(key).get_shape())
     return total
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _attention_sides(config) -> str:
