@@ -14,6 +14,7 @@ from tiengine.model_config import load_models
 from tiengine.train_base import toyworld_model_config
 from tiengine.toyworld_eval import adherence_report
 
+
 def test_folder_files_and_card():
     path = default_model.default_model_path()
     assert default_model.default_model_card_path() == path / "MODEL_CARD.md"
