@@ -18,7 +18,7 @@ def test_folder_files_and_card():
     path = default_model.default_model_path()
     assert default_model.default_model_card_path() == path / "MODEL_CARD.md"
     card = (path / "MODEL_CARD.md").read_text(encoding="utf-8")
-    for needed in ("python -m tiengine.train_base", "Prompt adherence on held-out prompts", "fp16", "checker"):
+    for needed in ("python -m tiengine.train_base", "Prompt adherence on held-out prompts", "fp16", "purple"):
         assert needed in card
     total = sum((path / f"{name}.safetensors").stat().st_size for name in ("unet", "vae", "text_encoder"))
     assert total < 15_000_000

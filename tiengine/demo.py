@@ -1,22 +1,26 @@
 """End-to-end textual inversion on the default model: learn a concept the captions never named.
 
-The toy world (tiengine.toyworld) draws a checkerboard background in a few percent of its scenes, and no
-caption has a word for it: when a caption mentions that background at all it says only "patterned", the
-word that also covers striped and dotted ones. The default model can draw it but nothing in a prompt
-selects it. `run_demo`:
+The toy world (tiengine.toyworld) colours the objects of a fifth of its scenes with any hue and then
+names no colour; purple (toyworld.CONCEPT_HUE, halfway between blue and red) is among those hues, but no
+caption ever has a word for it. The default model can draw it but nothing in a prompt selects it.
+`run_demo`:
 
-1. renders `CONCEPT_IMAGES` checkerboard scenes with toyworld.concept_examples and writes them as PNG
-   files with their captions (NAME.txt, the scene's named attributes) into OUT/concept_images/;
+1. renders `CONCEPT_IMAGES` scenes of purple objects with toyworld.concept_examples and writes them as
+   PNG files with their captions (NAME.txt: count, size, shape and position, no colour) into
+   OUT/concept_images/;
 2. trains a textual-inversion embedding on them with the engine (tiengine.training, exactly what
    `tiengine train-embedding` runs; the printed command reproduces it) using the template
-   `TEMPLATE` ("[filewords], [name] background"), starting from the vector of "patterned";
-3. generates every evaluation prompt three ways from the same seeds: the prompt alone, with the nearest
-   words the model knows (", patterned background"), and with the embedding (", NAME background");
-4. detects the checkerboard and the prompt's named attributes in each image
-   (toyworld_eval.adherence_report), writes OUT/demo_grid.png and OUT/scores.json.
+   `TEMPLATE` ("[filewords], [name]"), starting from the vector of `INIT_TEXT`;
+3. generates every evaluation prompt three ways from the same seeds: the prompt alone, with the English
+   word the model was never taught (", purple"), and with the embedding (", NAME");
+4. detects the concept (every object within toyworld.CONCEPT_HUE_TOLERANCE of purple) and the prompt's
+   named attributes in each image (toyworld_eval.adherence_report), writes OUT/demo_grid.png and
+   OUT/scores.json.
 
-Evaluation prompts are the canonical captions of toyworld.held_out_combinations(): object groups the
-model never saw in training, so the concept has to transfer to new scenes.
+Evaluation prompts are the canonical captions of toyworld.held_out_combinations() with the colour word
+left out: object groups the model never saw in training, so the concept has to transfer to new scenes.
+Without a colour word the model picks a hue of its own, so the prompt alone shows how often it draws
+purple by chance.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ if TYPE_CHECKING:
 
 CONCEPT_NAME = "toyconcept"
 CONCEPT_IMAGES = 5
-INIT_TEXT = "patterned"
-TEMPLATE = "[filewords], [name] background"
-GENERIC_SUFFIX = ", patterned background"
+INIT_TEXT = "blue"
+TEMPLATE = "[filewords], [name]"
+NEAREST_WORD_SUFFIX = ", purple"  # the English word, in no training caption (its token row is untrained)
 TRAIN_STEPS = 600
 TRAIN_BATCH = 5
 LEARNING_RATE = "0.02:400, 0.005"
@@ -101,10 +105,10 @@ class DemoReport:
 
 
 def evaluation_prompts() -> list[str]:
-    """The canonical caption of every held-out combination, sorted (a fixed list)."""
-    from tiengine.evaluate_base import held_out_prompts
+    """The canonical caption of every held-out combination without its colour word, sorted (a fixed list)."""
+    from tiengine.evaluate_base import held_out_prompts, without_colour
 
-    return held_out_prompts(1)
+    return [without_colour(prompt) for prompt in held_out_prompts(1)]
 
 
 def write_concept_images(folder: Path, seed: int, *, overwrite: bool) -> list[Path]:
@@ -199,8 +203,8 @@ def run_demo(
     prompts = list(prompts) if prompts is not None else evaluation_prompts()
     arm_suffixes = [
         ("prompt alone", ""),
-        ("nearest words", GENERIC_SUFFIX),
-        ("with the embedding", f", {CONCEPT_NAME} background"),
+        ("nearest word", NEAREST_WORD_SUFFIX),
+        ("with the embedding", f", {CONCEPT_NAME}"),
     ]
     columns = []
     arms = []
