@@ -15,6 +15,9 @@ from tiengine.errors import CheckpointError
 DEFAULT_MODEL_PACKAGE = "tiengine"
 DEFAULT_MODEL_FOLDER = ("data", "default_model")
 DEFAULT_MODEL_FILES = ("config.json", "unet.safetensors", "vae.safetensors", "text_encoder.safetensors")
+# classifier-free guidance scale the default model is scored and run at: a model this small follows its
+# prompts best at low guidance (MODEL_CARD.md gives its adherence per scale)
+DEFAULT_MODEL_CFG_SCALE = 3.0
 
 
 def default_model_path() -> Path:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from tiengine.conditioning import TextEncoderSlot, encode_texts
+from tiengine.default_model import DEFAULT_MODEL_CFG_SCALE, default_model_path
 from tiengine.model_config import ModelConfig, load_models
 from tiengine.sampling import get_sampler, guided_denoiser
 from tiengine.schedules import NoiseSchedule, batch_generators, eps_denoiser, get_sigmas, initial_noise
@@ -40,9 +41,11 @@ from tiengine.toyworld_eval import AdherenceReport, adherence_report, concept_ra
 if TYPE_CHECKING:
     from tiengine.train_base import TrainLog, TrainSettings
 
+# the default model's sampling settings (its card's scores use them; the demo generates with them)
 DEFAULT_STEPS = 20
-DEFAULT_CFG = 5.0
+DEFAULT_CFG = DEFAULT_MODEL_CFG_SCALE
 DEFAULT_SAMPLER = "DPM++ 2M"
+GUIDANCE_SWEEP = (2.0, 3.0, 5.0, 7.0)  # CFG scales whose held-out adherence the card also reports
 COLOUR_WORD_PATTERN = r"\b(?:" + "|".join(COLOURS) + r")\b"
 
 
@@ -61,8 +64,6 @@ class ToyModel:
 def load_toy_model(path: str | os.PathLike[str] | None = None, *, dtype: torch.dtype = torch.float32) -> ToyModel:
     """Load a converted model folder (default: the packaged default model) on the CPU in `dtype`."""
     if path is None:
-        from tiengine.default_model import default_model_path
-
         path = default_model_path()
     config, modules = load_models(path, device="cpu", dtype=dtype)
     for module in modules.values():
@@ -156,27 +157,35 @@ class EvaluationResult:
     cfg_scale: float
     sampler: str
     seed: int
+    adherence_by_cfg: dict[float, float]  # held-out adherence at each CFG scale of the sweep (same prompts, seeds)
 
     def summary(self) -> str:
         attributes = ", ".join(f"{name} {value:.1%}" for name, value in self.report.per_attribute.items())
+        sweep = ", ".join(f"CFG {scale:g} {score:.1%}" for scale, score in self.adherence_by_cfg.items())
         return (
             f"held-out prompt adherence {self.report.score:.1%} over {len(self.prompts)} images "
             f"({len(set(self.prompts))} prompts; {self.sampler}, {self.steps} steps, CFG {self.cfg_scale}, "
-            f"seed {self.seed}); per attribute: {attributes}; the unnamed concept's colour from the prompts "
-            f"without their colour word {self.concept_rate_without_colour:.1%}; detector on VAE reconstructions "
-            f"{self.reconstruction_accuracy:.1%}"
+            f"seed {self.seed}); per attribute: {attributes}; by guidance scale: {sweep}; the unnamed concept's "
+            f"colour from the prompts without their colour word {self.concept_rate_without_colour:.1%}; detector "
+            f"on VAE reconstructions {self.reconstruction_accuracy:.1%}"
         )
 
 
 def evaluate_model(
     path: str | os.PathLike[str] | None = None, *, seed: int = 0, per_prompt: int = 5, steps: int = DEFAULT_STEPS,
-    cfg_scale: float = DEFAULT_CFG, sampler: str = DEFAULT_SAMPLER,
+    cfg_scale: float = DEFAULT_CFG, sampler: str = DEFAULT_SAMPLER, guidance_sweep: Sequence[float] = GUIDANCE_SWEEP,
 ) -> EvaluationResult:
-    """Generate every held-out prompt `per_prompt` times and score the images."""
+    """Generate every held-out prompt `per_prompt` times and score the images (at `cfg_scale`, and the
+    adherence alone at each scale of `guidance_sweep`)."""
     model = load_toy_model(path)
     prompts = held_out_prompts(per_prompt)
     images = generate(model, prompts, seed=seed, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
     report = adherence_report(list(images), prompts)
+    adherence_by_cfg = {}
+    for scale in sorted({*guidance_sweep, cfg_scale}):
+        swept = images if scale == cfg_scale else generate(model, prompts, seed=seed, steps=steps, cfg_scale=scale,
+                                                           sampler=sampler)
+        adherence_by_cfg[scale] = adherence_report(list(swept), prompts).score
     colourless = generate(model, [without_colour(prompt) for prompt in prompts], seed=seed, steps=steps,
                           cfg_scale=cfg_scale, sampler=sampler)
     return EvaluationResult(
@@ -189,6 +198,7 @@ def evaluate_model(
         cfg_scale=cfg_scale,
         sampler=sampler,
         seed=seed,
+        adherence_by_cfg=adherence_by_cfg,
     )
 
 

@@ -66,6 +66,7 @@ def model_card_text(
         total_bytes += size
         rows.append(f"| {name} | {_parameter_count(path):,} | {size / 1e6:.2f} MB |")
     attributes = ", ".join(f"{name} {value:.1%}" for name, value in result.report.per_attribute.items())
+    sweep = ", ".join(f"CFG {scale:g} {score:.1%}" for scale, score in result.adherence_by_cfg.items())
     phases = ", ".join(
         f"{name} {seconds / 60:.1f} min ({log.phase_cpu_seconds[name] / 60:.1f} CPU-min)"
         for name, seconds in log.phase_seconds.items()
@@ -159,6 +160,9 @@ each ({len(result.prompts)} images), {result.sampler}, {result.steps} steps, CFG
 - **Prompt adherence on held-out prompts: {result.report.score:.1%}** (an image counts when the rule-based
   detector of `tiengine.toyworld_eval` finds every attribute the prompt names).
 - Per attribute: {attributes}.
+- Adherence by guidance scale (same prompts and seeds): {sweep}. This small model follows
+  its prompts best at low guidance, so its CFG is {result.cfg_scale:g} (the scores above, `tiengine demo`, and
+  `tiengine generate` when it runs this model without `--cfg`).
 - The concept's colour without any embedding, from the same prompts with their colour word left out
   (the model's own choice of hue): {result.concept_rate_without_colour:.1%} of those images.
 - Detector on the VAE's reconstructions of rendered held-out scenes: {result.reconstruction_accuracy:.1%}.

@@ -240,11 +240,15 @@ def concept_scenes(seed: int, n: int = 5) -> list[Scene]:
     return sample_scenes(seed, n, split="train", unnamed_hue=CONCEPT_HUE)
 
 
-def concept_examples(seed: int, n: int = 5, size: int = REFERENCE_SIZE) -> tuple[np.ndarray, list[str]]:
+def concept_examples(
+    seed: int, n: int = 5, size: int = REFERENCE_SIZE, *, colour_word: str = UNNAMED_COLOUR
+) -> tuple[np.ndarray, list[str]]:
     """Textual-inversion material: n renders of the unnamed concept, (n, size, size, 3) uint8, and their
-    canonical captions (which, like every caption, do not name the concept)."""
+    canonical captions with `colour_word` where a colour word stands (by default none: no caption names
+    the concept; "[name]" puts a textual-inversion placeholder there)."""
     scenes = concept_scenes(seed, n)
-    return np.stack([render(scene, size) for scene in scenes]), [canonical_caption(scene) for scene in scenes]
+    captions = [canonical_caption({**scene.named(), "colour": colour_word}) for scene in scenes]
+    return np.stack([render(scene, size) for scene in scenes]), captions
 
 
 def colour_blend(hue: float) -> tuple[tuple[str, float], tuple[str, float]]:

@@ -113,7 +113,7 @@ class TrainSettings:
     vae_kl_weight: float = 1e-4  # per latent element, against per-pixel reconstruction losses
     vae_object_weight: float = 4.0  # extra reconstruction weight on object pixels (chroma > 0.3)
     vae_object_crops: float = 0.5  # share of crops centred on an object
-    unet_steps: int = 6000
+    unet_steps: int = 8000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     text_lr: float = 1e-3
