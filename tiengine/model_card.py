@@ -127,7 +127,8 @@ appear in training; they are the evaluation prompts.
 The unnamed concept for textual inversion is **purple**, hue {CONCEPT_HUE:g} degrees: drawn among the unnamed
 colours, never named (the word "purple" is in no caption; its token row is untrained).
 `toyworld.concept_scenes(seed, 5)` renders examples; `toyworld_eval.detect(image).concept` detects it
-(every object's hue within {CONCEPT_HUE_TOLERANCE:g} degrees).
+(every object's hue within {CONCEPT_HUE_TOLERANCE:g} degrees). `tiengine demo` learns it back as an embedding from 5
+such images and measures how often generated images show it (README, "The demo").
 
 ## Training (seed {seed}, preset "{preset}")
 1. VAE on random {settings.vae_crop} px crops: MSE + L1 + {settings.vae_kl_weight} x KL, {settings.vae_steps} steps of

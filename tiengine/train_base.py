@@ -1,6 +1,6 @@
 """Train the packaged default model: a tiny Stable Diffusion 1.x on toy-world scenes, on a CPU.
 
-    python -m tiengine.train_base --out DIR --seed 0 [--threads 2] [--minutes N] [--preset default]
+    python -m tiengine.train_base --out DIR --seed 1 [--threads 2] [--minutes N] [--preset default]
 
 Architecture: the SD1 stack in a tiny configuration (`toyworld_model_config`): a CLIP text encoder
 with the full CLIP vocabulary (49408 token rows, BOS/EOS framing, SD1's reading: last layer through
@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from tiengine.atomic import FileExistsRefusal, atomic_write_bytes
+from tiengine.default_model import DEFAULT_MODEL_SEED
 from tiengine.model_config import ModelConfig
 from tiengine.schedules import NoiseSchedule
 from tiengine.text_encoder import ClipTextEncoder, TextEncoderConfig
@@ -500,7 +501,8 @@ def machine_description(threads: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tiengine.train_base", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=DEFAULT_MODEL_SEED,
+                        help=f"seed of the data, initialisation and batches (default {DEFAULT_MODEL_SEED}: the packaged model)")
     parser.add_argument(
         "--threads", type=int, default=2,
         help="torch CPU threads (default 2; use 1 on a machine other jobs share: waiting threads spin)",
