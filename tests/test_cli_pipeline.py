@@ -96,6 +96,7 @@ def test_generate_and_info_round_trip(capsys, tmp_path, model, embeddings):
     fields = json.loads(capsys.readouterr().out)
     assert fields["Prompt"] == "a toy castle" and fields["Negative prompt"] == "blurry"
     assert fields["Sampler"] == "DPM++ 2M" and fields["Seed"] == "5" and "toy: " in fields["TI hashes"]
+    assert fields["CFG scale"] == "7"  # A1111's default for a model of one's own
     assert main(["generate", "a toy castle", "--model", str(model), "--steps", "2", "--size", "32x32",
                  "--out", str(out)]) == 2
     assert "already exist" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tiengine import default_model
+from tiengine.cli import main
 from tiengine.errors import CheckpointError
 from tiengine.evaluate_base import generate, held_out_prompts, load_toy_model
 from tiengine.model_config import load_models
@@ -19,7 +20,7 @@ def test_folder_files_and_card():
     path = default_model.default_model_path()
     assert default_model.default_model_card_path() == path / "MODEL_CARD.md"
     card = (path / "MODEL_CARD.md").read_text(encoding="utf-8")
-    for needed in ("python -m tiengine.train_base", "Prompt adherence on held-out prompts", "fp16", "checker"):
+    for needed in ("python -m tiengine.train_base", "Prompt adherence on held-out prompts", "fp16", "purple"):
         assert needed in card
     total = sum((path / f"{name}.safetensors").stat().st_size for name in ("unet", "vae", "text_encoder"))
     assert total < 15_000_000
@@ -53,3 +54,15 @@ def test_follows_held_out_prompts():
     report = adherence_report(list(images), prompts)
     assert report.score > 0.6, report
     assert report.per_attribute["colour"] >= 0.9 and report.per_attribute["count"] >= 0.9, report
+
+
+def test_generate_runs_the_built_in_model_at_its_guidance_scale(capsys, tmp_path):
+    out = tmp_path / "circles.png"
+    assert main(["generate", "two large red circles on the left", "--seed", "1", "--steps", "4", "--out", str(out)]) == 0
+    assert main(["info", str(out), "--json"]) == 0
+    fields = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert fields["CFG scale"] == f"{default_model.DEFAULT_MODEL_CFG_SCALE:g}" and fields["Size"] == "64x64"
+    assert main(["generate", "two large red circles on the left", "--seed", "1", "--steps", "4", "--cfg", "7.5",
+                 "--out", str(tmp_path / "strong.png")]) == 0
+    assert main(["info", str(tmp_path / "strong.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["CFG scale"] == "7.5"

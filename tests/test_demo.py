@@ -9,9 +9,11 @@ import pytest
 from PIL import Image
 
 from tiengine.cli import main
-from tiengine.demo import CONCEPT_IMAGES, CONCEPT_NAME, TARGET_WITHOUT, TRAIN_STEPS, DemoError, run_demo
+from tiengine.demo import (CONCEPT_IMAGES, CONCEPT_NAME, TARGET_WITH, TARGET_WITHOUT, TRAIN_STEPS, DemoError,
+                           evaluation_prompts, run_demo)
 from tiengine.embeddings import load_embedding
-from tiengine.toyworld import concept_examples
+from tiengine.toyworld import COLOURS, concept_examples
+from tiengine.toyworld_eval import prompt_attributes
 
 
 @pytest.fixture(scope="module")
@@ -23,22 +25,41 @@ def demo_run(tmp_path_factory):
 
 def test_scores_the_three_arms_on_the_held_out_prompts(demo_run):
     _, report = demo_run
-    assert [arm.label for arm in report.arms] == ["prompt alone", "nearest words", "with the embedding"]
+    assert [arm.label for arm in report.arms] == ["prompt alone", "nearest word", "with the embedding"]
+    assert [arm.colour_word for arm in report.arms] == ["", "purple", CONCEPT_NAME]
     assert report.images_per_arm == 36 and report.train_steps == TRAIN_STEPS
-    # the model draws the concept rarely on its own: what the embedding has to change
-    assert report.arm("prompt alone").concept_rate < TARGET_WITHOUT, report.summary_lines()
     # every image was scored: rates are multiples of 1/36
     for arm in report.arms:
         assert round(arm.concept_rate * 36, 6) == round(arm.concept_rate * 36)
+    # the demonstration's claim: the model draws the concept rarely on its own, the English word does not
+    # reach it, the learned embedding does
+    assert report.arm("prompt alone").concept_rate < TARGET_WITHOUT, report.summary_lines()
+    assert report.arm("nearest word").concept_rate < TARGET_WITHOUT, report.summary_lines()
+    assert report.arm("with the embedding").concept_rate >= TARGET_WITH, report.summary_lines()
+    assert report.summary_lines()[4].endswith(": met")
+
+
+def test_evaluation_prompts_put_the_word_where_a_colour_word_stands():
+    plain = evaluation_prompts()
+    named = evaluation_prompts(CONCEPT_NAME)
+    assert len(plain) == len(named) == 36
+    for without, with_name in zip(plain, named):
+        assert not set(without.split()) & {*COLOURS, CONCEPT_NAME}
+        words = with_name.split()
+        attributes = prompt_attributes(without)
+        assert words[words.index(CONCEPT_NAME) + 1].rstrip("s") == attributes["shape"]
+        assert with_name.replace(f" {CONCEPT_NAME}", "") == without
 
 
 def test_outputs_are_the_training_set_embedding_grid_and_scores(demo_run):
     out, report = demo_run
-    images, captions = concept_examples(0, CONCEPT_IMAGES)
+    images, captions = concept_examples(0, CONCEPT_IMAGES, colour_word="[name]")
     for index in range(CONCEPT_IMAGES):
         written = np.asarray(Image.open(out / "concept_images" / f"{index + 1:02d}.png"))
         assert written.tobytes() == images[index].tobytes()
-        assert (out / "concept_images" / f"{index + 1:02d}.txt").read_text(encoding="utf-8") == captions[index]
+        caption = (out / "concept_images" / f"{index + 1:02d}.txt").read_text(encoding="utf-8")
+        assert caption == captions[index] and caption.count("[name]") == 1
+    assert (out / "template.txt").read_text(encoding="utf-8") == "[filewords]\n"
     embedding = load_embedding(out / f"{CONCEPT_NAME}.safetensors")
     assert embedding.name == CONCEPT_NAME
     assert embedding.vectors["clip_l"].shape == (1, 32)

@@ -52,7 +52,8 @@ def test_captions_name_only_named_attributes():
             words = re.findall(r"[a-z]+", text)
             assert set(words) <= CAPTION_WORDS, text
             stated = ev.prompt_attributes(text)
-            assert {"count", "colour", "shape"} <= set(stated), text
+            assert {"count", "shape"} <= set(stated), text
+            assert ("colour" in stated) == (scene.colour != tw.UNNAMED_COLOUR), text
             named = {**scene.named(), "background": scene.background}
             for name, value in stated.items():
                 if value == tw.GENERIC_BACKGROUND_WORD:
@@ -60,18 +61,19 @@ def test_captions_name_only_named_attributes():
                 else:
                     assert named[name] == value, (text, scene)
             assert "checker" not in text and "hue" not in text
-        assert ev.prompt_attributes(tw.caption(scene)) == scene.named()
+        expected = {name: value for name, value in scene.named().items() if value != tw.UNNAMED_COLOUR}
+        assert ev.prompt_attributes(tw.caption(scene)) == expected
 
 
-def test_background_mentions_carry_no_evidence_for_the_concept():
-    """Every background is mentioned equally often, and the concept only ever by the generic word."""
+def test_background_mentions_carry_no_evidence_for_the_checkerboard():
+    """Every background is mentioned equally often, and the checkerboard only ever by the generic word."""
     rng = np.random.default_rng(5)
     mentioned: dict[str, list[bool]] = {kind: [] for kind in tw.BACKGROUNDS}
     for background in tw.BACKGROUNDS:
         for scene in tw.sample_scenes(17, 400, background=background):
             text = tw.caption(scene, rng, background_probability=0.5)
             mentioned[background].append("background" in text)
-            if background == tw.CONCEPT_BACKGROUND and "background" in text:
+            if background == "checker" and "background" in text:
                 assert text.endswith(", patterned background")
     for kind, flags in mentioned.items():
         assert abs(sum(flags) / len(flags) - 0.5) < 0.08, kind
@@ -82,6 +84,8 @@ def test_canonical_caption_wording():
     assert tw.canonical_caption(attributes) == "two large red circles on the left"
     attributes.update(count=1, position="center", shape="triangle")
     assert tw.canonical_caption(attributes) == "one large red triangle in the center"
+    attributes.update(colour=tw.UNNAMED_COLOUR)
+    assert tw.canonical_caption(attributes) == "one large triangle in the center"
 
 
 def test_held_out_split():
@@ -91,18 +95,30 @@ def test_held_out_split():
     train = tw.sample_scenes(5, 2000, split="train")
     assert not any(scene.combination() in held_out for scene in train)
     held = tw.sample_scenes(5, 200, split="held_out")
-    assert all(scene.combination() in held_out for scene in held)
+    assert all(scene.combination() in held_out for scene in held if scene.colour != tw.UNNAMED_COLOUR)
     # every value of every attribute still occurs in training
-    for index, values in enumerate((tw.SHAPES, tw.COLOURS, tw.SIZES, tw.POSITIONS, tw.COUNTS)):
+    for index, values in enumerate((tw.SHAPES, (*tw.COLOURS, tw.UNNAMED_COLOUR), tw.SIZES, tw.POSITIONS, tw.COUNTS)):
         assert {scene.combination()[index] for scene in train} == set(values)
 
 
-def test_background_frequencies_and_concept_scenes():
+def test_frequencies_unnamed_hues_and_concept_scenes():
     scenes = tw.sample_scenes(9, 5000, split="all")
-    share = sum(scene.background == tw.CONCEPT_BACKGROUND for scene in scenes) / len(scenes)
-    assert abs(share - tw.BACKGROUND_WEIGHTS[tw.CONCEPT_BACKGROUND]) < 0.01
+    for background, weight in tw.BACKGROUND_WEIGHTS.items():
+        share = sum(scene.background == background for scene in scenes) / len(scenes)
+        assert abs(share - weight) < 0.02, background
+    unnamed = [scene for scene in scenes if scene.colour == tw.UNNAMED_COLOUR]
+    assert abs(len(unnamed) / len(scenes) - tw.UNNAMED_COLOUR_PROBABILITY) < 0.02
+    # unnamed hues cover the circle evenly: the concept's window gets its share of them
+    in_window = sum(ev.shows_concept_hue(scene.hue) for scene in unnamed) / len(unnamed)
+    assert abs(in_window - 2 * tw.CONCEPT_HUE_TOLERANCE / 360) < 0.02
+    # named colours stay within HUE_JITTER of their hue, far from the concept's
+    for scene in scenes:
+        if scene.colour != tw.UNNAMED_COLOUR:
+            assert ev.hue_distance(scene.hue, tw.COLOUR_HUES[scene.colour]) <= tw.HUE_JITTER
+            assert not ev.shows_concept_hue(scene.hue)
     concept = tw.concept_scenes(0, 5)
-    assert len(concept) == 5 and all(scene.background == tw.CONCEPT_BACKGROUND for scene in concept)
+    assert len(concept) == 5 and all(scene.colour == tw.UNNAMED_COLOUR for scene in concept)
+    assert all(ev.hue_distance(scene.hue, tw.CONCEPT_HUE) <= tw.HUE_JITTER for scene in concept)
     assert all(scene.combination() not in tw.held_out_combinations() for scene in concept)
     images, captions = tw.concept_examples(0, 5)
     assert images.shape == (5, 64, 64, 3)
@@ -163,22 +179,43 @@ def test_detector_accuracy_on_clean_renders(size, n):
         assert detection.background == scene.background
         ok = True
         for name in tw.NAMED_ATTRIBUTES:
-            hit = getattr(detection, name) == getattr(scene, name)
+            hit = getattr(detection, name) == getattr(scene, name) or getattr(scene, name) == tw.UNNAMED_COLOUR
             correct[name] += hit
             ok &= hit
         correct_all += ok
-        checker_correct += detection.checker == (scene.background == tw.CONCEPT_BACKGROUND)
+        assert ok == ev.matches_scene(detection, scene)
+        checker_correct += detection.checker == (scene.background == "checker")
+        # measured hue: within 2 degrees of the rendered one (anti-aliased edges mix in the background)
+        assert all(ev.hue_distance(found.hue, scene.hue) < 2.0 for found in detection.objects), scene
     assert correct_all / len(scenes) >= 0.98, correct
     assert checker_correct == len(scenes)
 
 
-def test_checker_detection_on_concept_and_other_textures():
+def test_concept_detection_on_concept_and_other_colours():
     concept = [tw.render(scene) for scene in tw.concept_scenes(4, 20)]
     assert ev.concept_rate(concept) == 1.0
-    others = [tw.render(scene) for scene in tw.sample_scenes(4, 200) if scene.background != tw.CONCEPT_BACKGROUND]
-    assert ev.concept_rate(others) == 0.0
-    mixed = concept[:5] + others[:15]
+    named = [tw.render(scene) for scene in tw.sample_scenes(4, 200) if scene.colour != tw.UNNAMED_COLOUR]
+    assert ev.concept_rate(named) == 0.0
+    mixed = concept[:5] + named[:15]
     assert ev.adherence_report(mixed, [""] * 20).concept_rate == ev.concept_rate(mixed) == 0.25
+    # no objects: no concept, whatever the background
+    assert ev.concept_rate([np.full((64, 64, 3), 128, np.uint8)]) == 0.0
+    # one purple object beside a blue one is not the concept: every object must have its hue
+    scene = replace(tw.concept_scenes(4, 1)[0], count=2, position="top")
+    (first_x, _), (second_x, _) = tw.object_centres(scene)
+    left = np.arange(64) < (first_x + second_x) / 2
+    pixels = tw.render(scene).copy()
+    pixels[:, left] = tw.render(replace(scene, hue=tw.COLOUR_HUES["blue"]))[:, left]
+    detection = ev.detect(pixels)
+    assert len(detection.objects) == 2 and not detection.concept
+    assert sorted(ev.shows_concept_hue(found.hue) for found in detection.objects) == [False, True]
+
+
+def test_checker_detection():
+    checkers = [tw.render(scene) for scene in tw.sample_scenes(4, 20, background="checker")]
+    assert all(ev.detect(image).checker for image in checkers)
+    others = [tw.render(scene) for scene in tw.sample_scenes(4, 200) if scene.background != "checker"]
+    assert not any(ev.detect(image).checker for image in others)
     assert ev.checker_score(np.full((64, 64, 3), 128, np.uint8)) == 0.0
 
 
@@ -201,7 +238,7 @@ def test_prompt_attributes():
 
 
 def test_prompt_adherence_of_renders():
-    scenes = tw.sample_scenes(21, 30, split="held_out")
+    scenes = [scene for scene in tw.sample_scenes(21, 40, split="held_out") if scene.colour != tw.UNNAMED_COLOUR]
     images = [tw.render(scene) for scene in scenes]
     prompts = [tw.caption(scene) for scene in scenes]
     assert ev.prompt_adherence(images, prompts) == 1.0

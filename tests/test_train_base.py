@@ -42,6 +42,59 @@ def test_caption_ids_match_conditioning(tokenizer):
     assert ids[-1].tolist() == [BOS_TOKEN_ID] + [EOS_TOKEN_ID] * 76
 
 
+def test_colour_blend_weights():
+    from tiengine.toyworld import COLOUR_HUES, colour_blend
+
+    for name, hue in COLOUR_HUES.items():
+        assert colour_blend(hue)[0] == (name, 1.0)
+    (first, first_weight), (second, second_weight) = colour_blend(290.0)  # between blue 225 and red 360
+    assert (first, second) == ("blue", "red")
+    assert first_weight == pytest.approx(70 / 135) and second_weight == pytest.approx(65 / 135)
+    assert colour_blend(27.5) == (("red", 0.5), ("yellow", 0.5))
+    assert colour_blend(-10.0) == colour_blend(350.0)
+    for hue in np.linspace(0.0, 359.9, 50):
+        (_, a), (_, b) = colour_blend(hue)
+        assert a + b == pytest.approx(1.0) and 0.0 <= b < 1.0
+
+
+def test_blended_colour_slot_sits_before_the_shape_word(tokenizer):
+    """Unnamed-colour captions get one extra row, before the shape word, equal to the blend of the two
+    colour words' rows; named-colour and dropped captions are untouched."""
+    from tiengine.text_encoder import ClipTextEncoder
+    from tiengine.toyworld import UNNAMED_COLOUR, colour_blend
+
+    config = tb.toyworld_model_config().text_encoders["text_encoder"]
+    encoder = ClipTextEncoder(config)
+    scenes = sample_scenes(0, 40)
+    rng = np.random.default_rng(0)
+    captions = [caption(scene, rng) for scene in scenes]
+    captions[0] = ""
+    ids = tb.caption_token_ids(tokenizer, captions, config.pad_token_id)
+    tokens = tb.ColourSlotTokens.of(tokenizer)
+    blended, rows = tb.blend_colour_slots(ids, scenes, captions, encoder, tokens, 1.0, np.random.default_rng(1))
+    table = encoder.text_model.embeddings.token_embedding.weight
+    expected_rows = []
+    for row, (scene, text) in enumerate(zip(scenes, captions)):
+        if scene.colour != UNNAMED_COLOUR or not text:
+            assert blended[row].tolist() == ids[row].tolist(), text
+            continue
+        original = ids[row].tolist()
+        shape_position = next(i for i, token in enumerate(original) if token in tokens.shapes)
+        assert blended[row].tolist() == [*original[:shape_position], config.vocab_size + len(expected_rows),
+                                         *original[shape_position:-1]]
+        (first, a), (second, b) = colour_blend(scene.hue)
+        expected_rows.append(a * table[tokens.colours[first]] + b * table[tokens.colours[second]])
+    assert len(expected_rows) >= 3
+    torch.testing.assert_close(rows, torch.stack(expected_rows), rtol=0, atol=0)
+    # gradients reach the colour words' rows through the blend
+    context, _ = encoder.encode(blended, rows)
+    context.sum().backward()
+    assert table.grad[tokens.colours["blue"]].abs().sum() > 0
+    # probability 0: nothing changes
+    unchanged, none = tb.blend_colour_slots(ids, scenes, captions, encoder, tokens, 0.0, np.random.default_rng(1))
+    assert none is None and unchanged.tolist() == ids.tolist()
+
+
 def test_model_config_is_tiny_sd1():
     config = tb.toyworld_model_config(0.5)
     text = config.text_encoders["text_encoder"]

@@ -111,10 +111,12 @@ def test_templates_and_captions(tmp_path):
     assert fill_template("a photo of [name], [filewords]", "zorb", "red fox") == "a photo of zorb, red fox"
     path = tmp_path / "templates.txt"
     path.write_text("a [name] here\n\n[filewords] by [name]\nno placeholder\n", encoding="utf-8")
-    with pytest.raises(TrainingError, match=r"templates.txt:4: .*no \[name\]"):
+    with pytest.raises(TrainingError, match=r"templates.txt:4: .*neither \[name\] nor \[filewords\]"):
         load_templates(str(path))
-    path.write_text("a [name] here\n\n[filewords] by [name]\n", encoding="utf-8")
-    assert load_templates(str(path)) == ("a [name] here", "[filewords] by [name]")
+    path.write_text("a [name] here\n\n[filewords] by [name]\n[filewords]\n", encoding="utf-8")
+    assert load_templates(str(path)) == ("a [name] here", "[filewords] by [name]", "[filewords]")
+    # [filewords] first (A1111's order), so a caption can place the name itself
+    assert fill_template("[filewords], photo", "zorb", "two [name] cubes") == "two zorb cubes, photo"
     (tmp_path / "03-red-fox.png").write_bytes(b"")
     assert caption_for(tmp_path / "03-red-fox.png") == ("red-fox", False)
     (tmp_path / "03-red-fox.txt").write_text("  a fox in snow \n", encoding="utf-8")
@@ -150,6 +152,18 @@ def test_alpha_weights_and_captions_in_a_run(engine, tmp_path):
     (rgb / "00-pattern.txt").write_text("a striped square", encoding="utf-8")
     captioned = train_embedding(engine, rgb, "zorbly", settings)  # template "object": captions unused
     assert any("caption files found but template 'object'" in warning for warning in captioned.warnings)
+    # the name placed by the captions: template "[filewords]", every caption carrying [name]
+    slot_template = tmp_path / "slot.txt"
+    slot_template.write_text("[filewords]\n", encoding="utf-8")
+    slot_settings = dataclasses.replace(settings, template=str(slot_template))
+    for image in sorted(rgb.glob("*.png")):
+        image.with_suffix(".txt").write_text("a striped [name] square", encoding="utf-8")
+    slotted = train_embedding(engine, rgb, "zorbly", slot_settings)
+    assert not torch.equal(slotted.vectors["clip_l"], slotted.initial_vectors["clip_l"])
+    (rgb / "00-pattern.txt").write_text("a striped square", encoding="utf-8")
+    with pytest.raises(TrainingError, match=r"00-pattern.png: template '\[filewords\]' takes \[name\] from the "
+                                            r"caption, and the caption 'a striped square' has none"):
+        train_embedding(engine, rgb, "zorbly", slot_settings)
 
 
 # -------------------------------------------------------------------------- conditioning and loss

@@ -15,6 +15,10 @@ from tiengine.errors import CheckpointError
 DEFAULT_MODEL_PACKAGE = "tiengine"
 DEFAULT_MODEL_FOLDER = ("data", "default_model")
 DEFAULT_MODEL_FILES = ("config.json", "unet.safetensors", "vae.safetensors", "text_encoder.safetensors")
+# classifier-free guidance scale the default model is scored and run at: a model this small follows its
+# prompts best at low guidance (MODEL_CARD.md gives its adherence per scale)
+DEFAULT_MODEL_CFG_SCALE = 3.0
+DEFAULT_MODEL_SEED = 1  # `python -m tiengine.train_base --seed` that made the packaged weights
 
 
 def default_model_path() -> Path:
@@ -25,7 +29,7 @@ def default_model_path() -> Path:
     if missing:
         raise CheckpointError(
             f"{path}: the packaged default model is incomplete (missing {', '.join(missing)}); reinstall tiengine "
-            "or rebuild it with `python -m tiengine.train_base --out <that folder> --seed 0`"
+            f"or rebuild it with `python -m tiengine.train_base --out <that folder> --seed {DEFAULT_MODEL_SEED}`"
         )
     return path
 

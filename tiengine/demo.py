@@ -1,22 +1,28 @@
 """End-to-end textual inversion on the default model: learn a concept the captions never named.
 
-The toy world (tiengine.toyworld) draws a checkerboard background in a few percent of its scenes, and no
-caption has a word for it: when a caption mentions that background at all it says only "patterned", the
-word that also covers striped and dotted ones. The default model can draw it but nothing in a prompt
-selects it. `run_demo`:
+The toy world (tiengine.toyworld) colours the objects of a fifth of its scenes with any hue and then
+names no colour; purple (toyworld.CONCEPT_HUE, halfway between blue and red) is among those hues, but no
+caption ever has a word for it. The default model can draw it but nothing in a prompt selects it.
+`run_demo`:
 
-1. renders `CONCEPT_IMAGES` checkerboard scenes with toyworld.concept_examples and writes them as PNG
-   files with their captions (NAME.txt, the scene's named attributes) into OUT/concept_images/;
+1. renders `CONCEPT_IMAGES` scenes of purple objects with toyworld.concept_examples and writes them as
+   PNG files with their captions into OUT/concept_images/; a caption names count, size, shape and
+   position and puts `[name]` where a colour word would stand ("three small [name] triangles on the
+   left");
 2. trains a textual-inversion embedding on them with the engine (tiengine.training, exactly what
-   `tiengine train-embedding` runs; the printed command reproduces it) using the template
-   `TEMPLATE` ("[filewords], [name] background"), starting from the vector of "patterned";
-3. generates every evaluation prompt three ways from the same seeds: the prompt alone, with the nearest
-   words the model knows (", patterned background"), and with the embedding (", NAME background");
-4. detects the checkerboard and the prompt's named attributes in each image
-   (toyworld_eval.adherence_report), writes OUT/demo_grid.png and OUT/scores.json.
+   `tiengine train-embedding` runs; the printed command reproduces it) using the template `TEMPLATE`
+   ("[filewords]": the caption is the whole prompt, the name in the colour word's place), starting from
+   the vector of `INIT_TEXT`;
+3. generates every evaluation prompt three ways from the same seeds, with the colour word's place left
+   empty ("a small circle on the left"), holding the English word the model was never taught ("a small
+   purple circle on the left") and holding the embedding's name ("a small toyconcept circle on the left");
+4. detects the concept (every object within toyworld.CONCEPT_HUE_TOLERANCE of purple) and the prompt's
+   named attributes in each image (toyworld_eval.adherence_report), writes OUT/demo_grid.png and
+   OUT/scores.json.
 
 Evaluation prompts are the canonical captions of toyworld.held_out_combinations(): object groups the
-model never saw in training, so the concept has to transfer to new scenes.
+model never saw in training, so the concept has to transfer to new scenes. Without a colour word the
+model picks a hue of its own, so the prompt alone shows how often it draws purple by chance.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,15 +42,12 @@ if TYPE_CHECKING:
 
 CONCEPT_NAME = "toyconcept"
 CONCEPT_IMAGES = 5
-INIT_TEXT = "patterned"
-TEMPLATE = "[filewords], [name] background"
-GENERIC_SUFFIX = ", patterned background"
-TRAIN_STEPS = 600
+INIT_TEXT = "blue"
+TEMPLATE = "[filewords]"  # the captions hold [name] in the colour word's place
+NEAREST_WORD = "purple"  # the English word, in no training caption (its token row is untrained)
+TRAIN_STEPS = 1200
 TRAIN_BATCH = 5
-LEARNING_RATE = "0.02:400, 0.005"
-SAMPLE_STEPS = 20
-SAMPLER = "DPM++ 2M"
-CFG_SCALE = 5.0
+LEARNING_RATE = "0.05"
 GRID_ROWS = 8
 GRID_SCALE = 2  # grid cells are the 64 px images scaled up by this factor (nearest neighbour)
 
@@ -59,10 +62,10 @@ class DemoError(TiengineError):
 
 @dataclass
 class ArmScore:
-    """One way of prompting: its suffix, how often the concept appeared, how often the prompt was followed."""
+    """One way of prompting: its colour word, how often the concept appeared, how often the prompt was followed."""
 
     label: str
-    suffix: str
+    colour_word: str
     concept_rate: float
     prompt_adherence: float
 
@@ -100,21 +103,26 @@ class DemoReport:
         return lines
 
 
-def evaluation_prompts() -> list[str]:
-    """The canonical caption of every held-out combination, sorted (a fixed list)."""
-    from tiengine.evaluate_base import held_out_prompts
+def evaluation_prompts(colour_word: str = "") -> list[str]:
+    """The canonical caption of every held-out combination with `colour_word` in the colour word's place
+    (empty: none), sorted (a fixed list)."""
+    from tiengine.toyworld import canonical_caption, held_out_combinations
 
-    return held_out_prompts(1)
+    return [
+        canonical_caption({"shape": shape, "colour": colour_word, "size": size, "position": position, "count": count})
+        for shape, _, size, position, count in sorted(held_out_combinations())
+    ]
 
 
 def write_concept_images(folder: Path, seed: int, *, overwrite: bool) -> list[Path]:
-    """CONCEPT_IMAGES renders of the concept as NN.png + NN.txt (caption) in `folder`."""
+    """CONCEPT_IMAGES renders of the concept as NN.png + NN.txt (caption with [name]) in `folder`."""
     from PIL import Image
 
     from tiengine.atomic import atomic_write, atomic_write_bytes
     from tiengine.toyworld import concept_examples
+    from tiengine.training_data import NAME_PLACEHOLDER
 
-    images, captions = concept_examples(seed, CONCEPT_IMAGES)  # (n, 64, 64, 3) uint8, n captions
+    images, captions = concept_examples(seed, CONCEPT_IMAGES, colour_word=NAME_PLACEHOLDER)  # (n, 64, 64, 3) uint8
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for index, (pixels, caption) in enumerate(zip(images, captions), start=1):
@@ -145,7 +153,6 @@ def run_demo(
     model: str | os.PathLike[str] | None = None,
     seed: int = 0,
     train_steps: int = TRAIN_STEPS,
-    prompts: Sequence[str] | None = None,
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> DemoReport:
@@ -157,6 +164,7 @@ def run_demo(
 
     from tiengine.atomic import atomic_write, atomic_write_bytes
     from tiengine.engine import Engine
+    from tiengine.evaluate_base import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
     from tiengine.toyworld_eval import adherence_report
     from tiengine.training import TrainEmbeddingSettings
 
@@ -196,26 +204,23 @@ def run_demo(
     outputs += [str(path) for path in result.outputs]
     engine.add_embedding(result.embedding)
 
-    prompts = list(prompts) if prompts is not None else evaluation_prompts()
-    arm_suffixes = [
-        ("prompt alone", ""),
-        ("nearest words", GENERIC_SUFFIX),
-        ("with the embedding", f", {CONCEPT_NAME} background"),
-    ]
+    arm_words = [("prompt alone", ""), ("nearest word", NEAREST_WORD), ("with the embedding", CONCEPT_NAME)]
+    plain_prompts = evaluation_prompts()
     columns = []
     arms = []
-    total_images = len(prompts) * len(arm_suffixes)
-    for number, (label, suffix) in enumerate(arm_suffixes):
+    total_images = len(plain_prompts) * len(arm_words)
+    for number, (label, colour_word) in enumerate(arm_words):
         images = []
-        for index, prompt in enumerate(prompts):
+        for index, prompt in enumerate(evaluation_prompts(colour_word)):
             generated = engine.generate(
-                prompt + suffix, steps=SAMPLE_STEPS, sampler=SAMPLER, cfg_scale=CFG_SCALE, seed=seed + index
+                prompt, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, cfg_scale=DEFAULT_CFG, seed=seed + index
             )
             images += generated.images
-            report("generating", number * len(prompts) + index + 1, total_images)
-        scores = adherence_report([np.asarray(image.convert("RGB")) for image in images], prompts)
-        arms.append(ArmScore(label, suffix, scores.concept_rate, scores.score))
-        columns.append((label if not suffix else suffix.lstrip(", "), images))
+            report("generating", number * len(plain_prompts) + index + 1, total_images)
+        # the named attributes are scored against the prompt without its colour word: the colour is the concept's
+        scores = adherence_report([np.asarray(image.convert("RGB")) for image in images], plain_prompts)
+        arms.append(ArmScore(label, colour_word, scores.concept_rate, scores.score))
+        columns.append((colour_word or label, images))
 
     from PIL import Image
 
@@ -225,7 +230,7 @@ def run_demo(
                              overwrite=overwrite)
     scores_path = out / "scores.json"
     demo = DemoReport(
-        name=CONCEPT_NAME, arms=arms, images_per_arm=len(prompts), train_steps=result.steps_done,
+        name=CONCEPT_NAME, arms=arms, images_per_arm=len(plain_prompts), train_steps=result.steps_done,
         train_seconds=train_seconds, total_seconds=time.perf_counter() - started, embedding_path=str(embedding_path),
         grid_path=str(grid_path), train_command=train_command, outputs=[*outputs, str(grid_path), str(scores_path)],
     )

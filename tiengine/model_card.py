@@ -11,10 +11,13 @@ from typing import TYPE_CHECKING
 from tiengine.toyworld import (
     BACKGROUND_WEIGHTS,
     COLOURS,
-    CONCEPT_BACKGROUND,
+    CONCEPT_HUE,
+    CONCEPT_HUE_TOLERANCE,
+    HUE_JITTER,
     POSITION_PHRASES,
     SHAPES,
     SIZES,
+    UNNAMED_COLOUR_PROBABILITY,
     held_out_combinations,
 )
 
@@ -63,6 +66,7 @@ def model_card_text(
         total_bytes += size
         rows.append(f"| {name} | {_parameter_count(path):,} | {size / 1e6:.2f} MB |")
     attributes = ", ".join(f"{name} {value:.1%}" for name, value in result.report.per_attribute.items())
+    sweep = ", ".join(f"CFG {scale:g} {score:.1%}" for scale, score in result.adherence_by_cfg.items())
     phases = ", ".join(
         f"{name} {seconds / 60:.1f} min ({log.phase_cpu_seconds[name] / 60:.1f} CPU-min)"
         for name, seconds in log.phase_seconds.items()
@@ -87,7 +91,8 @@ every sampler of tiengine. It knows nothing else: other prompts give arbitrary t
 - count: a / one, two, three; size: {", ".join(SIZES)}; colour: {", ".join(COLOURS)};
 - shape: {", ".join(SHAPES)} (plural after two / three);
 - position: {", ".join(f'"{phrase}"' for phrase in POSITION_PHRASES.values())}.
-Size and position may be left out (training captions sometimes omit them); ", striped background",
+Colour may be left out (the model then picks any hue), size and position too (training captions
+sometimes omit them); ", striped background",
 ", dotted background", ", plain background" or ", patterned background" may follow. The other phrasings
 it was trained on: "two red circles, large, on the left" and "on the left, two large red circles".
 
@@ -112,14 +117,18 @@ Full configs: `config.json`.
 `tiengine.toyworld` renders, deterministically from the seed, {settings.dataset_size} scenes of 1-3 identical
 objects on a textured background ({weights}). Captions name count, size, colour, shape and position,
 and in {settings.background_probability:.0%} of training captions the background: "plain", "striped", "dotted", or
-the generic "patterned" (which also covers the checkerboard, the only word it ever gets). Unnamed: exact
-hue, saturation, value, size and placement, background grey level, tint, period and contrast.
+the generic "patterned" (which also covers the checkerboard, the only word it ever gets). In
+{UNNAMED_COLOUR_PROBABILITY:.0%} of scenes the objects have any hue (uniform over the colour circle) and the
+caption no colour word. Unnamed: exact hue (+-{HUE_JITTER:g} degrees around a colour word's), saturation, value,
+size and placement, background grey level, tint, period and contrast.
 {len(held_out_combinations())} of the 360 attribute combinations (fixed by `toyworld.HELD_OUT_SEED`) never
 appear in training; they are the evaluation prompts.
 
-The unnamed concept for textual inversion is the **{CONCEPT_BACKGROUND} background** (an 8 px checkerboard of
-two greys, light tile at the top-left): {BACKGROUND_WEIGHTS[CONCEPT_BACKGROUND]:.0%} of training images, never
-named. `toyworld.concept_scenes(seed, 5)` renders examples; `toyworld_eval.detect(image).checker` detects it.
+The unnamed concept for textual inversion is **purple**, hue {CONCEPT_HUE:g} degrees: drawn among the unnamed
+colours, never named (the word "purple" is in no caption; its token row is untrained).
+`toyworld.concept_scenes(seed, 5)` renders examples; `toyworld_eval.detect(image).concept` detects it
+(every object's hue within {CONCEPT_HUE_TOLERANCE:g} degrees). `tiengine demo` learns it back as an embedding from 5
+such images and measures how often generated images show it (README, "The demo").
 
 ## Training (seed {seed}, preset "{preset}")
 1. VAE on random {settings.vae_crop} px crops: MSE + L1 + {settings.vae_kl_weight} x KL, {settings.vae_steps} steps of
@@ -127,7 +136,9 @@ named. `toyworld.concept_scenes(seed, 5)` renders examples; `toyworld_eval.detec
 2. UNet and text encoder jointly: epsilon MSE with Min-SNR-{settings.min_snr_gamma:g} weights, {settings.unet_steps}
    steps of {settings.unet_batch}, AdamW (warm-up, cosine decay), captions in three phrasings with size /
    position dropped with probability {settings.omit_probability}, the background named with probability
-   {settings.background_probability}, caption dropout {settings.caption_dropout} for
+   {settings.background_probability}, {settings.colour_blend_probability:.0%} of unnamed-colour captions given a colour slot
+   between words (the token rows of the two colour words around the hue, blended by hue, as one extra
+   embedding row; `train_base.blend_colour_slots`), caption dropout {settings.caption_dropout} for
    classifier-free guidance; the weights kept are an EMA (decay {settings.ema_decay}).
 
 | setting | value |
@@ -150,7 +161,11 @@ each ({len(result.prompts)} images), {result.sampler}, {result.steps} steps, CFG
 - **Prompt adherence on held-out prompts: {result.report.score:.1%}** (an image counts when the rule-based
   detector of `tiengine.toyworld_eval` finds every attribute the prompt names).
 - Per attribute: {attributes}.
-- Checker backgrounds without any embedding: {result.checker_rate:.1%} of those images.
+- Adherence by guidance scale (same prompts and seeds): {sweep}. This small model follows
+  its prompts best at low guidance, so its CFG is {result.cfg_scale:g} (the scores above, `tiengine demo`, and
+  `tiengine generate` when it runs this model without `--cfg`).
+- The concept's colour without any embedding, from the same prompts with their colour word left out
+  (the model's own choice of hue): {result.concept_rate_without_colour:.1%} of those images.
 - Detector on the VAE's reconstructions of rendered held-out scenes: {result.reconstruction_accuracy:.1%}.
 
 ## License and limits

@@ -4,25 +4,30 @@ A scene is a group of 1-3 identical objects on a textured background. Captions n
 of the group (`NAMED_ATTRIBUTES`) and, in training, sometimes the background texture:
 
 - shape: circle, square, triangle (upright, isosceles);
-- colour: red, green, blue, yellow (saturated);
+- colour: red, green, blue, yellow (saturated), or no word at all for an unnamed hue (below);
 - size: small (10-12 px across at 64 px) or large (16-18 px);
 - position: left / right (a vertical column at x = 14 / 50), top / bottom (a horizontal row at
   y = 14 / 50), center (a horizontal row through the middle);
 - count: one, two or three objects.
 
+Unnamed colours: in UNNAMED_COLOUR_PROBABILITY (20%) of scenes the objects take any hue (uniform over
+the colour circle), their `colour` is UNNAMED_COLOUR ("") and captions have no colour word for them.
+So the model learns to draw every hue but has words for four: with no colour word, the hue is its own
+choice. (`colour_blend` gives the two colour words around a hue and their weights; tiengine.train_base
+uses it to put a blended token row, never a word, in some of these captions.)
+
 Training captions may also name the background texture (`caption(..., background_probability=p)`):
-"plain", "striped" or "dotted", or only the generic "patterned" (`BACKGROUND_WORDS`). Everything else
-is unnamed and random: the exact hue (+-8 degrees), saturation and value of the objects, their exact
+"plain", "striped" or "dotted", or only the generic "patterned" (`BACKGROUND_WORDS`); an 8 px
+checkerboard (3% of scenes) is only ever called "patterned". Everything else is unnamed and random: the
+exact hue (+-8 degrees around the colour word's), saturation and value of the objects, their exact
 size, the spacing and placement jitter of the group, the background's grey level and faint tint, and
 the texture's period, orientation and contrast.
 
-The unnamed concept (`CONCEPT_BACKGROUND`, "checker"): an 8 px checkerboard of two greys with high
-contrast, in `BACKGROUND_WEIGHTS["checker"]` (3%) of scenes. No caption has a word for it: when its
-background is mentioned at all it is only "patterned", the word that also covers striped and dotted
-backgrounds. So the model learns to draw it and learns a text-controlled notion of background texture,
-but nothing selects the checkerboard: textual inversion on a few checker renders can find it. Every
-background is mentioned with the same probability, so a prompt that mentions none is no evidence for
-or against the checkerboard, and classifier-free guidance does not favour it.
+The unnamed concept for textual inversion (`CONCEPT_HUE`): purple, hue 290 degrees, halfway between
+blue (225) and red (360). The model has drawn it (among the unnamed colours) and has no word for it;
+`concept_scenes` renders objects of that hue (+-8 degrees) and tiengine.toyworld_eval counts an image
+as showing the concept when every object's hue lies within CONCEPT_HUE_TOLERANCE of it. With no colour
+word a model picks a hue in that window about 2 * 12 / 360 = 7% of the time.
 
 Geometry is given for 64 px images and scales with `size`. Rendering is numpy only (3x3 supersampling
 for anti-aliased edges), so a scene renders to the same bytes everywhere. Objects are saturated
@@ -60,6 +65,10 @@ POSITION_PHRASES = {
 
 COLOUR_HUES = {"red": 0.0, "yellow": 55.0, "green": 120.0, "blue": 225.0}  # degrees (HSV hue)
 HUE_JITTER = 8.0  # degrees either side
+UNNAMED_COLOUR = ""  # Scene.colour of objects whose hue no colour word names
+UNNAMED_COLOUR_PROBABILITY = 0.2  # share of scenes whose objects take any hue (uniform) and no colour word
+CONCEPT_HUE = 290.0  # degrees: purple, between blue (225) and red (360), the unnamed concept
+CONCEPT_HUE_TOLERANCE = 12.0  # degrees either side that detection counts as the concept
 SIZE_RANGES = {"small": (10.0, 12.0), "large": (16.0, 18.0)}  # object side / diameter, px at 64 px
 # group centre (x, y) at 64 px and the axis along which its objects line up
 POSITION_ANCHORS = {
@@ -76,7 +85,6 @@ REFERENCE_SIZE = 64  # px: every length above is for this image side
 
 BACKGROUNDS = ("plain", "stripes", "dots", "checker")
 BACKGROUND_WEIGHTS = {"plain": 0.42, "stripes": 0.275, "dots": 0.275, "checker": 0.03}
-CONCEPT_BACKGROUND = "checker"
 # caption words per background; the first is the specific word, "patterned" is the generic one
 BACKGROUND_WORDS = {"plain": ("plain",), "stripes": ("striped", "patterned"), "dots": ("dotted", "patterned"),
                     "checker": ("patterned",)}
@@ -153,9 +161,11 @@ def sample_scene(
     split: Split = "train",
     background: str | None = None,
     held_out: frozenset[tuple[str, str, str, str, int]] | None = None,
+    unnamed_hue: float | None = None,
 ) -> Scene:
     """Draw one scene. split "train" excludes HELD_OUT_COMBINATIONS, "held_out" draws only from them,
-    "all" from every combination. background forces a texture (e.g. CONCEPT_BACKGROUND)."""
+    "all" from every combination. background forces a texture; unnamed_hue forces an unnamed colour
+    at that hue (+- HUE_JITTER degrees), e.g. CONCEPT_HUE."""
     if split not in ("train", "held_out", "all"):
         raise ValueError(f"split must be 'train', 'held_out' or 'all', got {split!r}")
     if background is not None and background not in BACKGROUNDS:
@@ -168,6 +178,15 @@ def sample_scene(
     else:
         pool = all_combinations()
     shape, colour, size, position, count = pool[int(rng.integers(len(pool)))]
+    unnamed = rng.random() < UNNAMED_COLOUR_PROBABILITY
+    if unnamed_hue is not None:
+        hue = unnamed_hue + rng.uniform(-HUE_JITTER, HUE_JITTER)
+    elif unnamed:
+        hue = rng.uniform(0.0, 360.0)
+    else:
+        hue = COLOUR_HUES[colour] + rng.uniform(-HUE_JITTER, HUE_JITTER)
+    if unnamed or unnamed_hue is not None:
+        colour = UNNAMED_COLOUR
     low, high = SIZE_RANGES[size]
     kinds = list(BACKGROUND_WEIGHTS)
     drawn_background = kinds[int(rng.choice(len(kinds), p=list(BACKGROUND_WEIGHTS.values())))]
@@ -187,7 +206,7 @@ def sample_scene(
         size=size,
         position=position,
         count=int(count),
-        hue=(COLOUR_HUES[colour] + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 360.0,
+        hue=hue % 360.0,
         saturation=rng.uniform(0.7, 0.95),
         value=rng.uniform(0.8, 0.95),
         object_size=rng.uniform(low, high),
@@ -204,23 +223,45 @@ def sample_scene(
     )
 
 
-def sample_scenes(seed: int, n: int, *, split: Split = "train", background: str | None = None) -> list[Scene]:
+def sample_scenes(
+    seed: int, n: int, *, split: Split = "train", background: str | None = None, unnamed_hue: float | None = None
+) -> list[Scene]:
     """n scenes from np.random.default_rng(seed): the same list for the same arguments, everywhere."""
     rng = np.random.default_rng(seed)
     held_out = held_out_combinations()
-    return [sample_scene(rng, split=split, background=background, held_out=held_out) for _ in range(n)]
+    return [
+        sample_scene(rng, split=split, background=background, held_out=held_out, unnamed_hue=unnamed_hue)
+        for _ in range(n)
+    ]
 
 
 def concept_scenes(seed: int, n: int = 5) -> list[Scene]:
-    """n training-split scenes drawn on the unnamed concept's background (CONCEPT_BACKGROUND)."""
-    return sample_scenes(seed, n, split="train", background=CONCEPT_BACKGROUND)
+    """n training-split scenes whose objects have the unnamed concept's colour (CONCEPT_HUE)."""
+    return sample_scenes(seed, n, split="train", unnamed_hue=CONCEPT_HUE)
 
 
-def concept_examples(seed: int, n: int = 5, size: int = REFERENCE_SIZE) -> tuple[np.ndarray, list[str]]:
+def concept_examples(
+    seed: int, n: int = 5, size: int = REFERENCE_SIZE, *, colour_word: str = UNNAMED_COLOUR
+) -> tuple[np.ndarray, list[str]]:
     """Textual-inversion material: n renders of the unnamed concept, (n, size, size, 3) uint8, and their
-    canonical captions (which, like every caption, do not name the concept)."""
+    canonical captions with `colour_word` where a colour word stands (by default none: no caption names
+    the concept; "[name]" puts a textual-inversion placeholder there)."""
     scenes = concept_scenes(seed, n)
-    return np.stack([render(scene, size) for scene in scenes]), [canonical_caption(scene) for scene in scenes]
+    captions = [canonical_caption({**scene.named(), "colour": colour_word}) for scene in scenes]
+    return np.stack([render(scene, size) for scene in scenes]), captions
+
+
+def colour_blend(hue: float) -> tuple[tuple[str, float], tuple[str, float]]:
+    """The two named colours on either side of `hue` around the circle and their linear weights:
+    290 degrees -> (("blue", 0.52), ("red", 0.48)). Weights sum to 1; a named hue gets weight 1."""
+    ordered = sorted(COLOUR_HUES.items(), key=lambda item: item[1])  # red 0, yellow 55, green 120, blue 225
+    first_name, first_hue = ordered[0]
+    hue = (hue - first_hue) % 360.0 + first_hue
+    for (low_name, low), (high_name, high) in zip(ordered, [*ordered[1:], (first_name, first_hue + 360.0)]):
+        if low <= hue < high:
+            weight_high = (hue - low) / (high - low)
+            return (low_name, 1.0 - weight_high), (high_name, weight_high)
+    raise AssertionError(f"hue {hue} falls between no two named colours")
 
 
 # Captions --------------------------------------------------------------------------------------------
@@ -245,7 +286,7 @@ def canonical_caption(attributes: Scene | dict[str, str | int]) -> str:
 
 def background_phrase(scene: Scene, rng: np.random.Generator) -> str:
     """"striped background": the specific word, or "patterned" (GENERIC_WORD_PROBABILITY; always for
-    the checker concept, which has no specific word)."""
+    the checkerboard, which has no specific word)."""
     words = BACKGROUND_WORDS[scene.background]
     generic = len(words) == 1 or rng.random() < GENERIC_WORD_PROBABILITY
     return f"{words[-1] if generic else words[0]} background"

@@ -12,8 +12,8 @@ derived from the generator's constants, no learned parameters:
    how far its farthest pixel lies from its centroid relative to sqrt(area) ("spread": 1/sqrt(pi) =
    0.56 for a disc, 1/sqrt(2) = 0.71 for a square, ~0.6-0.67 for pixelated or blurred small squares;
    unlike the bounding-box fill it survives blurred corners); size from the bounding
-   box's longer side (small 10-12 px, large 16-18 px: threshold 14 px); colour from the circular
-   median hue of its pixels, nearest of toyworld.COLOUR_HUES.
+   box's longer side (small 10-12 px, large 16-18 px: threshold 14 px); hue, the circular median hue
+   of its pixels, and colour, the nearest of toyworld.COLOUR_HUES to it.
 4. Group attributes: shape, colour and size are the objects' common value, None when they disagree (a
    "mixed" group never matches a prompt); position is the toyworld anchor nearest to the centroid of
    all foreground pixels.
@@ -22,11 +22,12 @@ derived from the generator's constants, no learned parameters:
    deviation is under PLAIN_STD (rendered textures: 0.035-0.06); else "stripes" when the means along
    rows, columns or diagonals (the three stripe orientations) explain over STRIPE_SHARE of its variance
    (~1 for stripes, ~0.25 for a dot grid), else "dots".
-6. The unnamed concept (toyworld.CONCEPT_BACKGROUND, the 8 px checkerboard): the largest absolute
-   correlation, over the 64 tile phases, between the background's brightness (its mean-removed RGB
-   mean, foreground and a 2 px margin excluded) and a +-1 checkerboard of toyworld.CHECKER_TILE tiles.
-   It estimates half the light/dark difference (0.15-0.18 for rendered checkers, ~0 for the other
-   textures, whose periods are orthogonal to the checker's); above CHECKER_THRESHOLD it is a checker.
+   The checker score is the largest absolute correlation, over the 64 tile phases, between the
+   background's brightness (its mean-removed RGB mean, foreground and a 2 px margin excluded) and a +-1
+   checkerboard of toyworld.CHECKER_TILE tiles. It estimates half the light/dark difference (0.15-0.18
+   for rendered checkers, ~0 for the other textures, whose periods are orthogonal to the checker's).
+6. The unnamed concept (toyworld.CONCEPT_HUE, purple): at least one object, and every object's hue
+   within toyworld.CONCEPT_HUE_TOLERANCE degrees of CONCEPT_HUE (rendered concept objects: within 8).
 
 `prompt_adherence(images, prompts)` is the fraction of images whose detection matches every attribute
 the prompt names (parsed by `prompt_attributes`; attributes a prompt leaves out are not checked; the
@@ -45,7 +46,8 @@ import numpy as np
 from tiengine.toyworld import (
     BACKGROUND_WORDS,
     CHECKER_TILE,
-    CONCEPT_BACKGROUND,
+    CONCEPT_HUE,
+    CONCEPT_HUE_TOLERANCE,
     GENERIC_BACKGROUND_WORD,
     COLOUR_HUES,
     COUNT_WORDS,
@@ -55,6 +57,8 @@ from tiengine.toyworld import (
     REFERENCE_SIZE,
     SHAPES,
     SIZES,
+    UNNAMED_COLOUR,
+    Scene,
 )
 
 FOREGROUND_CHROMA = 0.3
@@ -106,8 +110,13 @@ class Detection:
 
     @property
     def checker(self) -> bool:
-        """Whether the background is the unnamed concept (toyworld.CONCEPT_BACKGROUND)."""
-        return self.background == CONCEPT_BACKGROUND
+        """Whether the background is the checkerboard."""
+        return self.background == "checker"
+
+    @property
+    def concept(self) -> bool:
+        """Whether the image shows the unnamed concept: objects, all of toyworld.CONCEPT_HUE."""
+        return bool(self.objects) and all(shows_concept_hue(o.hue) for o in self.objects)
 
     def named(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in NAMED_ATTRIBUTES}
@@ -125,8 +134,8 @@ class AdherenceReport:
 
     @property
     def concept_rate(self) -> float:
-        """Fraction of the images whose background is the unnamed checker concept."""
-        return sum(detection.checker for detection in self.detections) / len(self.detections)
+        """Fraction of the images showing the unnamed concept (Detection.concept)."""
+        return sum(detection.concept for detection in self.detections) / len(self.detections)
 
 
 def as_float_image(image: Any) -> np.ndarray:
@@ -176,8 +185,18 @@ def _circular_median_hue(hues: np.ndarray) -> float:
     return float((mean + np.median(offsets)) % 360.0)
 
 
+def hue_distance(first: float, second: float) -> float:
+    """Distance in degrees around the colour circle, 0-180."""
+    return abs((first - second + 180.0) % 360.0 - 180.0)
+
+
+def shows_concept_hue(hue: float) -> bool:
+    """Whether a hue (degrees) is the unnamed concept's: within CONCEPT_HUE_TOLERANCE of CONCEPT_HUE."""
+    return hue_distance(hue, CONCEPT_HUE) <= CONCEPT_HUE_TOLERANCE
+
+
 def _nearest_colour(hue: float) -> str:
-    return min(COLOUR_HUES, key=lambda name: abs((hue - COLOUR_HUES[name] + 180.0) % 360.0 - 180.0))
+    return min(COLOUR_HUES, key=lambda name: hue_distance(hue, COLOUR_HUES[name]))
 
 
 def _describe_object(component: np.ndarray, image: np.ndarray, scale: float) -> DetectedObject:
@@ -277,7 +296,7 @@ def background_texture(image: Any, foreground: np.ndarray | None = None) -> tupl
 
 
 def detect(image: Any) -> Detection:
-    """Detect the named attributes and the checker concept in one RGB image (H, W, 3), H == W."""
+    """Detect the named attributes, the background and each object's hue in one RGB image (H, W, 3), H == W."""
     pixels = as_float_image(image)
     height, width, _ = pixels.shape
     if height != width:
@@ -347,6 +366,12 @@ def _agrees(detection: Detection, name: str, value: Any) -> bool:
     return getattr(detection, name) == value
 
 
+def matches_scene(detection: Detection, scene: Scene) -> bool:
+    """Whether the detection agrees with every attribute the scene names (not the colour of an unnamed hue)."""
+    named = scene.named()
+    return all(getattr(detection, name) == value for name, value in named.items() if value != UNNAMED_COLOUR)
+
+
 def matches_prompt(detection: Detection, prompt: str) -> bool:
     """Whether the detection agrees with every attribute the prompt names."""
     return all(_agrees(detection, name, value) for name, value in prompt_attributes(prompt).items())
@@ -375,7 +400,7 @@ def prompt_adherence(images: Sequence[Any], prompts: Sequence[str]) -> float:
 
 
 def concept_rate(images: Sequence[Any]) -> float:
-    """Fraction of images whose background is the unnamed checker concept."""
+    """Fraction of images showing the unnamed concept (Detection.concept)."""
     if not images:
         raise ValueError("concept_rate needs at least one image")
-    return sum(background_texture(image)[0] == CONCEPT_BACKGROUND for image in images) / len(images)
+    return sum(detect(image).concept for image in images) / len(images)

@@ -1,6 +1,6 @@
 """Train the packaged default model: a tiny Stable Diffusion 1.x on toy-world scenes, on a CPU.
 
-    python -m tiengine.train_base --out DIR --seed 0 [--threads 2] [--minutes N] [--preset default]
+    python -m tiengine.train_base --out DIR --seed 1 [--threads 2] [--minutes N] [--preset default]
 
 Architecture: the SD1 stack in a tiny configuration (`toyworld_model_config`): a CLIP text encoder
 with the full CLIP vocabulary (49408 token rows, BOS/EOS framing, SD1's reading: last layer through
@@ -15,8 +15,11 @@ Recipe (`TrainSettings`), all randomness drawn from the seed:
 3. UNet + text encoder jointly: epsilon prediction under SD's 1000-step "scaled_linear" DDPM schedule
    (betas 0.00085..0.012, tiengine.schedules.NoiseSchedule) so every sampler works unchanged, Min-SNR
    loss weighting (gamma 5, Hang et al. 2023), captions drawn per step from several phrasings with
-   size/position sometimes left out and the background texture sometimes named (never the checker
-   concept's own: see tiengine.toyworld), and caption dropout to "" for classifier-free guidance. Caption
+   size/position sometimes left out and the background texture sometimes named (never the
+   checkerboard's own: see tiengine.toyworld), and caption dropout to "" for classifier-free guidance.
+   Half the captions of unnamed-colour scenes get a colour slot between words (`blend_colour_slots`):
+   the token rows of the two colour words around the scene's hue, blended by hue, as one extra
+   embedding row where a colour word would stand; no caption text or token names it. Caption
    ids are `chunk_frame(tokenizer.encode(caption))`: `[BOS] + tokens + [EOS] * pad`, exactly what
    tiengine.conditioning feeds the encoder for a plain prompt. The weights kept are an exponential
    moving average. Token rows of words never seen keep their seeded initialisation.
@@ -47,11 +50,23 @@ import torch
 from torch import nn
 
 from tiengine.atomic import FileExistsRefusal, atomic_write_bytes
+from tiengine.default_model import DEFAULT_MODEL_SEED
 from tiengine.model_config import ModelConfig
 from tiengine.schedules import NoiseSchedule
 from tiengine.text_encoder import ClipTextEncoder, TextEncoderConfig
 from tiengine.tokenizer import ClipTokenizer, chunk_frame
-from tiengine.toyworld import REFERENCE_SIZE, Scene, caption, object_centres, render, sample_scenes
+from tiengine.toyworld import (
+    COLOURS,
+    REFERENCE_SIZE,
+    SHAPES,
+    UNNAMED_COLOUR,
+    Scene,
+    caption,
+    colour_blend,
+    object_centres,
+    render,
+    sample_scenes,
+)
 from tiengine.unet import UNet2DConditionModel, UNetConfig
 from tiengine.vae import AutoencoderKL, VaeConfig
 
@@ -99,7 +114,7 @@ class TrainSettings:
     vae_kl_weight: float = 1e-4  # per latent element, against per-pixel reconstruction losses
     vae_object_weight: float = 4.0  # extra reconstruction weight on object pixels (chroma > 0.3)
     vae_object_crops: float = 0.5  # share of crops centred on an object
-    unet_steps: int = 6000
+    unet_steps: int = 8000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     text_lr: float = 1e-3
@@ -109,6 +124,7 @@ class TrainSettings:
     caption_dropout: float = 0.1
     omit_probability: float = 0.1  # size / position left out of a training caption
     background_probability: float = 0.5  # ", <word> background" added to a training caption
+    colour_blend_probability: float = 0.5  # unnamed-colour captions whose colour slot gets a blended row
     grad_clip: float = 1.0
 
     @classmethod
@@ -266,6 +282,55 @@ def caption_token_ids(tokenizer: ClipTokenizer, captions: list[str], pad_token_i
     )
 
 
+@dataclass(frozen=True)
+class ColourSlotTokens:
+    """Token ids of the colour words and the first token of each shape word (singular and plural)."""
+
+    colours: dict[str, int]
+    shapes: frozenset[int]
+
+    @classmethod
+    def of(cls, tokenizer: ClipTokenizer) -> ColourSlotTokens:
+        def single(word: str) -> int:
+            (token,) = tokenizer.encode(word)
+            return token
+
+        # a shape word starts with its first token ("triangles" may be "triangle" + "s")
+        shapes = frozenset(tokenizer.encode(shape + suffix)[0] for shape in SHAPES for suffix in ("", "s"))
+        return cls({colour: single(colour) for colour in COLOURS}, shapes)
+
+
+def blend_colour_slots(
+    ids: torch.Tensor, scenes: list[Scene], captions: list[str], text_encoder: ClipTextEncoder,
+    tokens: ColourSlotTokens, probability: float, rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Give some unnamed-colour captions a colour slot between words: a continuous colour vocabulary.
+
+    For each caption of an unnamed-colour scene (not dropped to ""), with `probability`: the colour
+    words around the scene's hue (toyworld.colour_blend) are blended, w_a * row(a) + w_b * row(b), from
+    the live token table, and the blend goes in as an extra embedding row (id vocab_size + k) right
+    before the shape word, where a colour word stands. No caption text changes and no token is added:
+    the model learns that token-embedding space between colour words means the hues between them, as
+    a large text encoder has learned from its data, so textual inversion has a space to search. Returns
+    the new ids (B, 77) and the rows (K, hidden), or None when no caption was blended.
+    """
+    table = text_encoder.text_model.embeddings.token_embedding.weight  # (vocab, hidden)
+    vocab_size = table.shape[0]
+    ids = ids.clone()
+    rows = []
+    for row, (scene, text) in enumerate(zip(scenes, captions)):
+        if scene.colour != UNNAMED_COLOUR or not text or not rng.random() < probability:
+            continue
+        (first, first_weight), (second, second_weight) = colour_blend(scene.hue)
+        rows.append(first_weight * table[tokens.colours[first]] + second_weight * table[tokens.colours[second]])
+        # [BOS] tokens [EOS] pad: the slot goes before the shape word (where captions put a colour word),
+        # the rest moves right by one and the last padding token drops out
+        shape_position = next(position for position in range(1, ids.shape[1]) if int(ids[row, position]) in tokens.shapes)
+        ids[row, shape_position + 1 :] = ids[row, shape_position:-1].clone()
+        ids[row, shape_position] = vocab_size + len(rows) - 1
+    return ids, (torch.stack(rows) if rows else None)
+
+
 class _Ema:
     """Exponential moving average of a module's floating-point tensors (decay warmed up as (1+t)/(10+t))."""
 
@@ -310,6 +375,7 @@ def train_denoiser(
     snr = alphas_cumprod / (1.0 - alphas_cumprod)  # (T,)
     loss_weight = torch.clamp(snr, max=settings.min_snr_gamma) / snr  # Min-SNR-gamma for eps prediction
     caption_rng = np.random.default_rng([seed, 1])
+    slot_tokens = ColourSlotTokens.of(tokenizer)
     n = latents.shape[0]
     with log.phase("unet+text"), _progress(settings.unet_steps, "unet+text") as bar:
         for step in range(settings.unet_steps):
@@ -328,12 +394,16 @@ def train_denoiser(
                 for i in index
             ]
             ids = caption_token_ids(tokenizer, captions, text_config.pad_token_id)  # (B, 77)
+            ids, blended_rows = blend_colour_slots(
+                ids, [scenes[int(i)] for i in index], captions, text_encoder, slot_tokens,
+                settings.colour_blend_probability, caption_rng,
+            )
             x0 = latents[index]  # (B, 4, h, w)
             t = torch.randint(schedule.num_train_timesteps, (settings.unet_batch,), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
             a = alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
             noisy = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
-            context, _ = text_encoder.encode(ids)  # (B, 77, 32)
+            context, _ = text_encoder.encode(ids, blended_rows)  # (B, 77, 32)
             prediction = unet(noisy, t, context)
             per_sample = (prediction - noise).square().mean(dim=(1, 2, 3))  # (B,)
             loss = (per_sample * loss_weight[t]).mean()
@@ -431,7 +501,8 @@ def machine_description(threads: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tiengine.train_base", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="model folder to write")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=DEFAULT_MODEL_SEED,
+                        help=f"seed of the data, initialisation and batches (default {DEFAULT_MODEL_SEED}: the packaged model)")
     parser.add_argument(
         "--threads", type=int, default=2,
         help="torch CPU threads (default 2; use 1 on a machine other jobs share: waiting threads spin)",

@@ -15,7 +15,10 @@ Templates: one prompt per line, `[name]` replaced by the embedding name and `[fi
 caption (AUTOMATIC1111's placeholders). Built-in sets `object`, `style`, `object-filewords` and
 `style-filewords` are short lists in the spirit of A1111's `subject.txt` / `style.txt` (which come from
 the original textual-inversion paper's prompt lists); a file gives one template per non-blank line.
-Every line must contain `[name]`: a prompt without it gives the embedding no gradient.
+Every line must contain `[name]` or `[filewords]`: a prompt without the name gives the embedding no
+gradient. `[filewords]` is filled first, so a caption may carry the `[name]` itself ("three small [name]
+triangles on the left" puts the embedding where a word would stand); a template line without `[name]`
+then needs that in every caption (tiengine.training_run checks it per image).
 
 Learning-rate schedules use A1111's syntax `"0.005:100, 1e-3:1000, 1e-5"`: rate 0.005 for steps 0..99
 (0-based), 1e-3 up to step 999, then 1e-5 to the end; `rate:-1` also means "to the end". As in A1111,
@@ -199,15 +202,15 @@ def load_templates(template: str | os.PathLike[str]) -> tuple[str, ...]:
         line = line.strip()
         if not line:
             continue
-        if NAME_PLACEHOLDER not in line:
+        if NAME_PLACEHOLDER not in line and FILEWORDS_PLACEHOLDER not in line:
             raise TrainingError(
-                f"{path}:{number}: template {line!r} has no {NAME_PLACEHOLDER} (the embedding would get no "
-                "gradient from it)"
+                f"{path}:{number}: template {line!r} has neither {NAME_PLACEHOLDER} nor {FILEWORDS_PLACEHOLDER} "
+                "(the embedding would get no gradient from it)"
             )
         lines.append(line)
     if not lines:
         raise TrainingError(f"{path}: the template file holds no templates (one per line, each with "
-                            f"{NAME_PLACEHOLDER})")
+                            f"{NAME_PLACEHOLDER} or {FILEWORDS_PLACEHOLDER})")
     return tuple(lines)
 
 

@@ -21,8 +21,8 @@ from tiengine.errors import EmbeddingError
 from tiengine.training import (CHECKPOINT_DIR, LOG_FILE, PREVIEW_DIR, STATE_FILE, STREAM_LATENT, STREAM_ORDER,
                                STREAM_STEP, VAE_BATCH, ProgressCallback, TrainEmbeddingSettings, TrainProgress,
                                TrainResult, alpha_loss_weights, denoising_loss, initial_vectors, seeded_generator)
-from tiengine.training_data import (FILEWORDS_PLACEHOLDER, LearningRateSchedule, TrainingError, TrainingImage,
-                                    fill_template, find_images, load_image, load_templates)
+from tiengine.training_data import (FILEWORDS_PLACEHOLDER, NAME_PLACEHOLDER, LearningRateSchedule, TrainingError,
+                                    TrainingImage, fill_template, find_images, load_image, load_templates)
 from tiengine.training_state import (LossRow, TrainingState, fingerprint_differences, load_state, read_loss_log,
                                      save_state, write_loss_log)
 
@@ -141,6 +141,13 @@ class EmbeddingTrainer:
         uses_captions = any(FILEWORDS_PLACEHOLDER in line for line in self.templates)
         if any(image.caption_from_file for image in self.images) and not uses_captions:
             self.warnings.append(f"caption files found but template {template!r} has no {FILEWORDS_PLACEHOLDER}")
+        for image in self.images:
+            for line in self.templates:
+                if NAME_PLACEHOLDER not in line and NAME_PLACEHOLDER not in image.caption:
+                    raise TrainingError(
+                        f"{image.path}: template {line!r} takes {NAME_PLACEHOLDER} from the caption, and the "
+                        f"caption {image.caption!r} has none (the embedding would get no gradient from it)"
+                    )
         self.prompts = [[fill_template(t, self.name, image.caption) for t in self.templates] for image in self.images]
         self.precision = _resolve_precision(settings.mixed_precision, engine.device)
         widths = engine.encoder_widths

@@ -1,7 +1,7 @@
-"""`tiengine demo`: textual inversion end to end on the built-in model, in about a minute on a CPU.
+"""`tiengine demo`: textual inversion end to end on the built-in model, in about two minutes on a CPU.
 
-Renders 5 images of a background texture the model has no word for, learns an embedding from them,
-generates held-out prompts with and without it, and prints how often the texture appears (see
+Renders 5 images of objects in a colour the model has no word for (purple), learns an embedding from
+them, generates held-out prompts with and without it, and prints how often the colour appears (see
 tiengine.demo). Everything goes into one folder: the training images, the embedding, an image grid and
 scores.json.
 """
@@ -21,11 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "demo",
-        help="learn a new concept from 5 images and show it in generated images (about a minute on a CPU)",
-        description="Textual inversion end to end on the built-in model: render 5 images of a background "
-                    "texture the model has no word for, train the embedding "
+        help="learn a new concept from 5 images and show it in generated images (about two minutes on a CPU)",
+        description="Textual inversion end to end on the built-in model: render 5 images of objects in a "
+                    "colour the model has no word for, train the embedding "
                     f"'{CONCEPT_NAME}' on them, generate held-out prompts with and without it, print how often "
-                    "the texture appears and write an image grid.",
+                    "the colour appears and write an image grid.",
     )
     parser.add_argument("--out", type=Path, default=Path("tiengine-demo"),
                         help="folder for images, embedding, grid and scores (default ./tiengine-demo)")

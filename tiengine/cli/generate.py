@@ -18,7 +18,12 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SAMPLER_HELP = "Euler, Euler a, Heun, DPM2, DPM++ 2M, DPM++ 2M SDE, DPM++ SDE, LMS, DDIM"
 
 
+A1111_CFG_SCALE = 7.0  # --cfg without a value, for every model but the built-in one
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from tiengine.default_model import DEFAULT_MODEL_CFG_SCALE
+
     parser = subparsers.add_parser(
         "generate",
         help="make images from a prompt (with embeddings, negative prompt, any sampler)",
@@ -32,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--scheduler", choices=["normal", "karras", "exponential", "ddim_uniform"],
                         help="sigma schedule (default: the sampler's usual one)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    parser.add_argument("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)")
+    parser.add_argument("--cfg", type=float,
+                        help=f"classifier-free guidance scale (default {A1111_CFG_SCALE:g}; with the built-in model "
+                             f"{DEFAULT_MODEL_CFG_SCALE:g}, the scale it follows prompts best at)")
     parser.add_argument("--seed", type=int, default=-1, help="seed; image i of a batch uses seed + i (-1: random)")
     parser.add_argument("--size", help="WIDTHxHEIGHT (default: the model's native size)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per run (default 1)")
@@ -59,6 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if args.cfg is None:
+        from tiengine.default_model import DEFAULT_MODEL_CFG_SCALE
+
+        args.cfg = DEFAULT_MODEL_CFG_SCALE if args.model is None else A1111_CFG_SCALE
     width, height = _parse_size(args.size)
     samplers = _sampler_list(args)
     outputs = _output_paths(args, samplers)
