@@ -450,8 +450,8 @@ def make_readable(path: Path) -> None:
 
 
 def train(
-    out: Path, *, seed: int = 0, settings: TrainSettings = TrainSettings(), minutes: float | None = None,
-    overwrite: bool = False,
+    out: Path, *, seed: int = DEFAULT_MODEL_SEED, settings: TrainSettings = TrainSettings(),
+    minutes: float | None = None, overwrite: bool = False,
 ) -> tuple[ModelConfig, TrainLog]:
     """Run the whole recipe and write the model folder and train_log.csv to `out`."""
     if out.exists() and (out / "config.json").exists() and not overwrite:
