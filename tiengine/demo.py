@@ -106,12 +106,9 @@ class DemoReport:
 def evaluation_prompts(colour_word: str = "") -> list[str]:
     """The canonical caption of every held-out combination with `colour_word` in the colour word's place
     (empty: none), sorted (a fixed list)."""
-    from tiengine.toyworld import canonical_caption, held_out_combinations
+    from tiengine.evaluate_base import held_out_prompts
 
-    return [
-        canonical_caption({"shape": shape, "colour": colour_word, "size": size, "position": position, "count": count})
-        for shape, _, size, position, count in sorted(held_out_combinations())
-    ]
+    return held_out_prompts(1, colour_word=colour_word)
 
 
 def write_concept_images(folder: Path, seed: int, *, overwrite: bool) -> list[Path]:
