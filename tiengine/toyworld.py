@@ -26,8 +26,8 @@ the texture's period, orientation and contrast.
 The unnamed concept for textual inversion (`CONCEPT_HUE`): purple, hue 290 degrees, halfway between
 blue (225) and red (360). The model has drawn it (among the unnamed colours) and has no word for it;
 `concept_scenes` renders objects of that hue (+-8 degrees) and tiengine.toyworld_eval counts an image
-as showing the concept when every object's hue lies within CONCEPT_HUE_TOLERANCE of it. With no colour
-word a model picks a hue in that window about 2 * 12 / 360 = 7% of the time.
+as showing the concept when every object's hue lies within CONCEPT_HUE_TOLERANCE of it. A model that
+picked hues uniformly when no colour word is given would land in that window 2 * 12 / 360 = 7% of the time.
 
 Geometry is given for 64 px images and scales with `size`. Rendering is numpy only (3x3 supersampling
 for anti-aliased edges), so a scene renders to the same bytes everywhere. Objects are saturated
