@@ -9,6 +9,7 @@ import torch
 
 from tiengine import default_model
 from tiengine.cli import main
+from tiengine.engine import Engine
 from tiengine.errors import CheckpointError
 from tiengine.evaluate_base import generate, held_out_prompts, load_toy_model
 from tiengine.model_config import load_models
@@ -66,3 +67,13 @@ def test_generate_runs_the_built_in_model_at_its_guidance_scale(capsys, tmp_path
                  "--out", str(tmp_path / "strong.png")]) == 0
     assert main(["info", str(tmp_path / "strong.png"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["CFG scale"] == "7.5"
+
+
+def test_engine_runs_the_built_in_model_at_its_guidance_scale():
+    engine = Engine.load()
+    assert engine.default_cfg_scale == default_model.DEFAULT_MODEL_CFG_SCALE
+    result = engine.generate("two large red circles on the left", steps=2, seed=1)
+    assert f"CFG scale: {default_model.DEFAULT_MODEL_CFG_SCALE:g}," in result.parameters[0]
+    assert "CFG scale: 7.5," in engine.generate("a red circle", steps=2, seed=1, cfg_scale=7.5).parameters[0]
+    # any other model: A1111's default
+    assert Engine.load(default_model.default_model_path()).default_cfg_scale == default_model.A1111_CFG_SCALE

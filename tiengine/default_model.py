@@ -18,6 +18,7 @@ DEFAULT_MODEL_FILES = ("config.json", "unet.safetensors", "vae.safetensors", "te
 # classifier-free guidance scale the default model is scored and run at: a model this small follows its
 # prompts best at low guidance (MODEL_CARD.md gives its adherence per scale)
 DEFAULT_MODEL_CFG_SCALE = 3.0
+A1111_CFG_SCALE = 7.0  # the guidance scale for every other model (A1111's default)
 DEFAULT_MODEL_SEED = 1  # `python -m tiengine.train_base --seed` that made the packaged weights
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tiengine.conditioning import EncodeOptions, TextEncoderSlot, encode_texts
+from tiengine.default_model import A1111_CFG_SCALE, DEFAULT_MODEL_CFG_SCALE, default_model_path
 from tiengine.errors import TiengineError
 from tiengine.model_config import ModelConfig, load_models
 from tiengine.tokenizer import ClipTokenizer
@@ -118,8 +119,10 @@ class Engine:
         model_path: Path | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        default_cfg_scale: float = A1111_CFG_SCALE,
     ) -> None:
         self.config = config
+        self.default_cfg_scale = default_cfg_scale  # generate / img2img without a cfg_scale
         self.modules = modules
         self.device = torch.device(device)
         self.dtype = dtype
@@ -149,18 +152,20 @@ class Engine:
         prediction: str | None = None,
         vae: str | os.PathLike[str] | None = None,
     ) -> Engine:
-        """Load a model (None: the built-in default) and optionally a folder of embeddings."""
+        """Load a model (None: the built-in default, run at its own guidance scale) and optionally a folder
+        of embeddings."""
+        default_cfg_scale = A1111_CFG_SCALE
         if model_path is None:
-            from tiengine.default_model import default_model_path
-
             model_path = default_model_path()
+            default_cfg_scale = DEFAULT_MODEL_CFG_SCALE
         config, modules = load_models(model_path, device=device, dtype=dtype, prediction=prediction, vae=vae)
         library = None
         if embeddings is not None:
             from tiengine.embedding_library import EmbeddingLibrary
 
             library = EmbeddingLibrary(embeddings)
-        return cls(config, modules, embeddings=library, model_path=Path(model_path), device=device, dtype=dtype)
+        return cls(config, modules, embeddings=library, model_path=Path(model_path), device=device, dtype=dtype,
+                   default_cfg_scale=default_cfg_scale)
 
     # ----------------------------------------------------------------------------------- embeddings
 
@@ -329,7 +334,7 @@ class Engine:
         steps: int = 20,
         sampler: str = "Euler a",
         scheduler: str | None = None,
-        cfg_scale: float = 7.0,
+        cfg_scale: float | None = None,
         seed: int = -1,
         width: int | None = None,
         height: int | None = None,
@@ -339,7 +344,8 @@ class Engine:
         vae_tiling: bool = False,
         callback: StepCallback | None = None,
     ) -> GenerationResult:
-        """Text to image: `batch_size` images from seeds seed, seed + 1, ... (seed -1: a random seed)."""
+        """Text to image: `batch_size` images from seeds seed, seed + 1, ... (seed -1: a random seed);
+        cfg_scale None: the engine's default_cfg_scale."""
         return self._sample(
             None, 1.0, prompt, negative_prompt, steps, sampler, scheduler, cfg_scale, seed, width, height,
             batch_size, clip_skip, emphasis, vae_tiling, callback,
@@ -355,7 +361,7 @@ class Engine:
         steps: int = 20,
         sampler: str = "Euler a",
         scheduler: str | None = None,
-        cfg_scale: float = 7.0,
+        cfg_scale: float | None = None,
         seed: int = -1,
         width: int | None = None,
         height: int | None = None,
@@ -432,6 +438,7 @@ class Engine:
         )
 
         info = get_sampler(sampler)
+        cfg_scale = self.default_cfg_scale if cfg_scale is None else cfg_scale
         width = width or self._default_size()
         height = height or self._default_size()
         factor = self._latent_factor()

@@ -18,11 +18,8 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SAMPLER_HELP = "Euler, Euler a, Heun, DPM2, DPM++ 2M, DPM++ 2M SDE, DPM++ SDE, LMS, DDIM"
 
 
-A1111_CFG_SCALE = 7.0  # --cfg without a value, for every model but the built-in one
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tiengine.default_model import DEFAULT_MODEL_CFG_SCALE
+    from tiengine.default_model import A1111_CFG_SCALE, DEFAULT_MODEL_CFG_SCALE
 
     parser = subparsers.add_parser(
         "generate",
@@ -66,10 +63,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    if args.cfg is None:
-        from tiengine.default_model import DEFAULT_MODEL_CFG_SCALE
-
-        args.cfg = DEFAULT_MODEL_CFG_SCALE if args.model is None else A1111_CFG_SCALE
     width, height = _parse_size(args.size)
     samplers = _sampler_list(args)
     outputs = _output_paths(args, samplers)
@@ -89,6 +82,8 @@ def run_generate(args: argparse.Namespace) -> int:
             raise CliError(f"{args.init_image}: cannot read the init image: {error}") from error
     engine = Engine.load(args.model, embeddings=args.embeddings, device=args.device,
                          dtype=getattr(torch, DTYPES[args.dtype]))
+    if args.cfg is None:
+        args.cfg = engine.default_cfg_scale  # the built-in model's own scale, else A1111's
     seed = args.seed
     columns = []
     summary = {"images": [], "applied_embeddings": [], "skipped_embeddings": [], "warnings": []}
