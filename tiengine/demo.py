@@ -160,8 +160,9 @@ def run_demo(
     import numpy as np
 
     from tiengine.atomic import atomic_write, atomic_write_bytes
+    from tiengine.default_model import DEFAULT_MODEL_CFG_SCALE
     from tiengine.engine import Engine
-    from tiengine.evaluate_base import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
+    from tiengine.evaluate_base import DEFAULT_SAMPLER, DEFAULT_STEPS
     from tiengine.toyworld_eval import adherence_report
     from tiengine.training import TrainEmbeddingSettings
 
@@ -209,9 +210,8 @@ def run_demo(
     for number, (label, colour_word) in enumerate(arm_words):
         images = []
         for index, prompt in enumerate(evaluation_prompts(colour_word)):
-            generated = engine.generate(
-                prompt, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER, cfg_scale=DEFAULT_CFG, seed=seed + index
-            )
+            generated = engine.generate(prompt, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER,
+                                        cfg_scale=DEFAULT_MODEL_CFG_SCALE, seed=seed + index)
             images += generated.images
             report("generating", number * len(plain_prompts) + index + 1, total_images)
         # the named attributes are scored against the prompt without its colour word: the colour is the concept's

@@ -40,9 +40,9 @@ from tiengine.toyworld_eval import AdherenceReport, adherence_report, concept_ra
 if TYPE_CHECKING:
     from tiengine.train_base import TrainLog, TrainSettings
 
-# the default model's sampling settings (its card's scores use them; the demo generates with them)
+# the default model's sampling settings with default_model.DEFAULT_MODEL_CFG_SCALE (its card's scores
+# use them; the demo generates with them)
 DEFAULT_STEPS = 20
-DEFAULT_CFG = DEFAULT_MODEL_CFG_SCALE
 DEFAULT_SAMPLER = "DPM++ 2M"
 GUIDANCE_SWEEP = (2.0, 3.0, 5.0, 7.0)  # CFG scales whose held-out adherence the card also reports
 
@@ -81,7 +81,7 @@ def generate(
     *,
     seed: int = 0,
     steps: int = DEFAULT_STEPS,
-    cfg_scale: float = DEFAULT_CFG,
+    cfg_scale: float = DEFAULT_MODEL_CFG_SCALE,
     sampler: str = DEFAULT_SAMPLER,
     negative_prompt: str = "",
     batch_size: int = 32,
@@ -170,7 +170,8 @@ class EvaluationResult:
 
 def evaluate_model(
     path: str | os.PathLike[str] | None = None, *, seed: int = 0, per_prompt: int = 5, steps: int = DEFAULT_STEPS,
-    cfg_scale: float = DEFAULT_CFG, sampler: str = DEFAULT_SAMPLER, guidance_sweep: Sequence[float] = GUIDANCE_SWEEP,
+    cfg_scale: float = DEFAULT_MODEL_CFG_SCALE, sampler: str = DEFAULT_SAMPLER,
+    guidance_sweep: Sequence[float] = GUIDANCE_SWEEP,
 ) -> EvaluationResult:
     """Generate every held-out prompt `per_prompt` times and score the images (at `cfg_scale`, and the
     adherence alone at each scale of `guidance_sweep`)."""
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-prompt", type=int, default=5, help="images per held-out prompt")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    parser.add_argument("--cfg", type=float, default=DEFAULT_CFG)
+    parser.add_argument("--cfg", type=float, default=DEFAULT_MODEL_CFG_SCALE)
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--grid", type=Path, default=None, help="write the generated images as one PNG grid")
