@@ -28,8 +28,8 @@ from typing import Callable
 
 import torch
 
-from tiengine.atomic import atomic_write_bytes
-from tiengine.attention import attention, resolve_backend
+from tiengine.io.atomic import atomic_write_bytes
+from tiengine.models.attention import attention, resolve_backend
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SDPA_BACKENDS = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")

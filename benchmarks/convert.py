@@ -10,7 +10,7 @@ work: file pages mapped into the process count, as they do for any resident memo
 then read in full (a sum over every parameter), so lazily mapped weights are counted once used, as
 they would be by the first generation. Rows:
 - tiengine convert: `weights-conv convert` to a folder (tensors streamed one at a time).
-- tiengine load fp16 / fp32: `tiengine.model_config.load_models(..., dtype=...)`: modules in memory.
+- tiengine load fp16 / fp32: `tiengine.weights_conv.convert.load_models(..., dtype=...)`: modules in memory.
 - diffusers fp16 / fp32: `StableDiffusionPipeline.from_single_file(..., torch_dtype=...)` with local
   configs (offline), the peer; the ratio column compares each row with the diffusers row of its dtype
   (fp16 for convert).
@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tiengine.atomic import atomic_write_bytes
+from tiengine.io.atomic import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,7 +85,6 @@ def write_checkpoint(path: Path) -> None:
 
     sys.path.insert(0, str(REPO / "tests"))
     from test_weights_conv import ldm_unet_name, ldm_vae_name
-
     from tiengine.weights_conv.readers import TensorInfo
     from tiengine.weights_conv.writer import write_safetensors
 
@@ -145,7 +144,7 @@ def child(kind: str, checkpoint: str, scratch: str) -> None:
         import diffusers
 
         diffusers.utils.logging.disable_progress_bar()
-    from tiengine.model_config import load_models  # noqa: I001 (after the optional diffusers import)
+    from tiengine.weights_conv.convert import load_models  # noqa: I001 (after the optional diffusers import)
     from tiengine.weights_conv import open_model
 
     baseline = memory_status()["VmRSS"]

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tiengine.atomic import atomic_write_bytes
-from tiengine.text_encoder import ClipTextEncoder, TextEncoderConfig
+from tiengine.io.atomic import atomic_write_bytes
+from tiengine.models.text_encoder import ClipTextEncoder, TextEncoderConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EOS = 49407
@@ -260,8 +260,8 @@ PROMPT_CASE = (
 
 def prompt_case(args: argparse.Namespace, reference, model, dtype_name: str) -> dict:
     """The whole A1111 conditioning of PROMPT_CASE (tiengine) vs the model-only peer on its chunks."""
-    from tiengine.conditioning import EncodeOptions, TextEncoderSlot, encode_texts, tokenize_texts
-    from tiengine.tokenizer import ClipTokenizer
+    from tiengine.text.conditioning import EncodeOptions, TextEncoderSlot, encode_texts, tokenize_texts
+    from tiengine.text.tokenizer import ClipTokenizer
 
     tokenizer = ClipTokenizer.default()
     tokenizer.add_embedding("EasyNegative", 8)

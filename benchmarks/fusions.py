@@ -1,7 +1,7 @@
 """Fused GroupNorm+SiLU and GEGLU (Triton) against the unfused PyTorch ops the models run otherwise.
 
 Rows: SD1.5's UNet and VAE GroupNorm+SiLU shapes and its transformer GEGLU shapes (batch 2 = CFG).
-Columns: eager PyTorch as tiengine.layers computes it (GroupNorm in fp32 for 16-bit inputs, then SiLU;
+Columns: eager PyTorch as tiengine.models.layers computes it (GroupNorm in fp32 for 16-bit inputs, then SiLU;
 F.linear, chunk, GELU, product), the Triton kernel, and eager / Triton (> 1: the fused kernel is faster).
 GroupNorm+SiLU is memory-bound: GB/s counts the minimum traffic (read x, write y). GEGLU reports TFLOP/s
 of its projection (2 * rows * dim * 2 * inner). Medians after warm-up, CUDA events on a GPU.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import Timer
 
-from tiengine.atomic import atomic_write_bytes
+from tiengine.io.atomic import atomic_write_bytes
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 

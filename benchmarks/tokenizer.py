@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from tiengine.atomic import atomic_write_bytes  # noqa: E402
+from tiengine.io.atomic import atomic_write_bytes  # noqa: E402
 
 
 def load_corpus() -> tuple[list[str], str]:
@@ -54,9 +54,9 @@ def main() -> None:
 
     import tokenizers
     import transformers
+    from test_tokenizer import BPE_PATH, ReferenceClipTokenizer
 
-    from tiengine.tokenizer import ClipTokenizer, clean_text
-    from test_tokenizer import ReferenceClipTokenizer, BPE_PATH
+    from tiengine.text.tokenizer import ClipTokenizer, clean_text
 
     corpus, corpus_name = load_corpus()
     ours = ClipTokenizer.default()

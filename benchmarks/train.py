@@ -2,7 +2,7 @@
 
 Same model, same random weights, same batch: tiengine's UNet / VAE / CLIP encoder share their tensors with
 diffusers' UNet2DConditionModel / AutoencoderKL and transformers' CLIPTextModel. One step of each:
-- tiengine: `EmbeddingTrainer.optimizer_step` (tiengine.training_run): latents cached once, prompts
+- tiengine: `EmbeddingTrainer.optimizer_step` (tiengine.training.run): latents cached once, prompts
   from templates through the A1111 conditioning path, AdamW on the new vectors only.
 - diffusers (examples/textual_inversion/textual_inversion.py, restated): VAE-encode the batch and sample
   the latents, DDPMScheduler.add_noise, CLIPTextModel on the placeholder prompt's ids, UNet, MSE, AdamW on
@@ -11,7 +11,7 @@ diffusers' UNet2DConditionModel / AutoencoderKL and transformers' CLIPTextModel.
 Steps are timed interleaved (rotating which goes first) after a warm-up; medians are reported as
 samples/s (batch / step time) with the ratio tiengine / diffusers last.
 
-Rows: "toy" is the built-in default model's architecture (tiengine.train_base.toyworld_model_config,
+Rows: "toy" is the built-in default model's architecture (tiengine.toyworld.train_base.toyworld_model_config,
 64 px); "sd15" the full SD1.5 architecture (860 M UNet parameters) at a reduced resolution on the CPU,
 512 px on a GPU (bf16 autocast for both peers there).
 
@@ -38,15 +38,15 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tiengine.atomic import atomic_write_bytes  # noqa: E402
 from tiengine.engine import Engine  # noqa: E402
-from tiengine.model_config import ModelConfig  # noqa: E402
-from tiengine.text_encoder import ClipTextEncoder  # noqa: E402
-from tiengine.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, ClipTokenizer  # noqa: E402
-from tiengine.training import TrainEmbeddingSettings  # noqa: E402
-from tiengine.training_run import EmbeddingTrainer  # noqa: E402
-from tiengine.unet import UNet2DConditionModel  # noqa: E402
-from tiengine.vae import AutoencoderKL  # noqa: E402
+from tiengine.io.atomic import atomic_write_bytes  # noqa: E402
+from tiengine.models.config import ModelConfig  # noqa: E402
+from tiengine.models.text_encoder import ClipTextEncoder  # noqa: E402
+from tiengine.models.unet import UNet2DConditionModel  # noqa: E402
+from tiengine.models.vae import AutoencoderKL  # noqa: E402
+from tiengine.text.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, ClipTokenizer  # noqa: E402
+from tiengine.training.run import EmbeddingTrainer  # noqa: E402
+from tiengine.training.textual_inversion import TrainEmbeddingSettings  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from unet import CLOCKS, cpu_name, interleaved_medians, randomize_  # noqa: E402  (shared benchmark helpers)
@@ -58,7 +58,7 @@ LEARNING_RATE = 5e-3
 
 def model_config(name: str) -> ModelConfig:
     if name == "toy":
-        from tiengine.train_base import toyworld_model_config
+        from tiengine.toyworld.train_base import toyworld_model_config
 
         return toyworld_model_config(0.5)
     return ModelConfig.sd15()

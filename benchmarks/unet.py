@@ -19,15 +19,15 @@ import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tiengine.atomic import atomic_write_bytes  # noqa: E402
+from tiengine.io.atomic import atomic_write_bytes  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -198,7 +198,7 @@ def main() -> None:
 
     import diffusers
 
-    from tiengine.unet import UNet2DConditionModel, UNetConfig
+    from tiengine.models.unet import UNet2DConditionModel, UNetConfig
 
     config = UNetConfig.sd15()
     ours = UNet2DConditionModel(config).eval().requires_grad_(False)

@@ -29,7 +29,7 @@ from unet import (  # noqa: E402  (benchmarks/unet.py: shared timing and table h
     versions_header,
 )
 
-from tiengine.atomic import atomic_write_bytes  # noqa: E402
+from tiengine.io.atomic import atomic_write_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
 
     import diffusers
 
-    from tiengine.vae import AutoencoderKL, VaeConfig
+    from tiengine.models.vae import AutoencoderKL, VaeConfig
 
     config = VaeConfig.sd()
     ours = AutoencoderKL(config, channels_last=not args.nchw).eval().requires_grad_(False)

@@ -6,7 +6,7 @@ Installed as `tiengine.kernels` (setuptools package-dir). Modules:
 - geglu: the GEGLU feed-forward projection of SD transformer blocks, matmul and gate fused.
 
 Every kernel module imports triton, so nothing here is imported by `import tiengine`; the attention
-dispatcher (tiengine/attention.py) imports tiengine.kernels.attention only for CUDA tensors. Each module
+dispatcher (tiengine/models/attention.py) imports tiengine.kernels.attention only for CUDA tensors. Each module
 has `supports(...)` (may the Triton kernel run these tensors), a `*_reference` in plain PyTorch with fp32
 statistics, and a launcher that validates its inputs and raises KernelInputError with the argument name,
 what was expected and what was found.

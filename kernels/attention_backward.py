@@ -1,6 +1,6 @@
 """Flash-attention backward in Triton: dq, dk, dv from dout, the forward output and its log-sum-exp.
 
-Contract: the tensors of kernels/attention.py's forward (same shapes, strides, dtypes, head dims, causal
+Contract: the tensors of kernels/attention_forward.py's forward (same shapes, strides, dtypes, head dims, causal
 rule), plus dout laid out like q and lse (B, H, N) fp32 from `flash_attention_forward(return_lse=True)`.
 dq, dk, dv come back laid out like q, k, v (torch.empty_like).
 
@@ -11,7 +11,7 @@ Algorithm (FlashAttention-2 backward, Dao 2023), with P recomputed as exp2(s * q
   dq_i = scale * sum_j dS_ij k_j                         (one program per query block, loops over keys)
 Two kernels instead of one with atomics keep every result written exactly once (deterministic), at the
 price of computing P and dP twice. P and dS go into the dots in the input dtype, as in the forward.
-The reference is autograd through kernels.attention.attention_reference.
+The reference is autograd through kernels.attention_forward.attention_reference.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (
+from .attention_forward import (
     INTERPRETER_BLOCKS,
     LOG2_E,
     AttentionBlocks,

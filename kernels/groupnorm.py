@@ -3,7 +3,7 @@
 Contract
 - x: (batch, channels, *spatial) contiguous (NCHW, or (B, C, L)), channels divisible by num_groups;
   weight, bias: (channels,) or None (no affine); eps as nn.GroupNorm's (1e-5 UNet, 1e-6 VAE).
-- fp16, bf16, fp32 inputs; statistics, normalisation and SiLU in fp32 (as tiengine.layers.group_norm
+- fp16, bf16, fp32 inputs; statistics, normalisation and SiLU in fp32 (as tiengine.models.layers.group_norm
   computes them); the result is rounded once to x's dtype. silu=False gives plain GroupNorm.
   `supports` accepts fp16/bf16 only (the memory-bound speed path); fp32 runs for exactness checks.
 - Returns a new contiguous tensor shaped like x.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tiengine.prompt import parse_prompt_attention
+from tiengine.text.prompt import parse_prompt_attention
 
 BOS, EOS, COMMA = 49406, 49407, 267
 

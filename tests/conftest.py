@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# `python -m pytest` puts the working directory first on sys.path. The checkout's top-level `kernels/`
+# folder (installed as `tiengine.kernels`) would then shadow the PyPI package `kernels` that transformers
+# probes for at import time. tiengine itself is imported from the installation, not from the checkout root.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO_ROOT]
 
 
 def _wild_dir() -> Path:

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tiengine.model_config import ModelConfig
-from tiengine.text_encoder import ClipTextEncoder, TextEncoderConfig
-from tiengine.unet import UNet2DConditionModel, UNetConfig
-from tiengine.vae import AutoencoderKL, VaeConfig
+from tiengine.models.config import ModelConfig
+from tiengine.models.text_encoder import ClipTextEncoder, TextEncoderConfig
+from tiengine.models.unet import UNet2DConditionModel, UNetConfig
+from tiengine.models.vae import AutoencoderKL, VaeConfig
 
 
 def tiny_encoder(hidden_size: int, **fields) -> TextEncoderConfig:

@@ -8,9 +8,9 @@ import os
 import sys
 
 import torch
+from embedding_builders import a1111_pt, safetensors_file, vectors
 from safetensors.torch import load_file
 
-from embedding_builders import a1111_pt, safetensors_file, vectors
 from tiengine.cli import main
 
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from model_builders import tiny_model_folder
 from safetensors import safe_open
 
-from model_builders import tiny_model_folder
 from tiengine.cli import main
-from tiengine.embeddings import Embedding, save_embedding
+from tiengine.embeddings.embedding import Embedding, save_embedding
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import itertools
 
 import pytest
 import torch
-
 from a1111_reference import RefEncoder, ref_forward, ref_tokenize_line
-from tiengine.chunking import tokenize_prompt
-from tiengine.conditioning import EncodeOptions, TextEncoderSlot, encode_texts, encoder_token_ids
-from tiengine.text_encoder import ClipTextEncoder, TextEncoderConfig
-from tiengine.tokenizer import ClipTokenizer
+
+from tiengine.models.text_encoder import ClipTextEncoder, TextEncoderConfig
+from tiengine.text.chunking import tokenize_prompt
+from tiengine.text.conditioning import EncodeOptions, TextEncoderSlot, encode_texts, encoder_token_ids
+from tiengine.text.tokenizer import ClipTokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -288,14 +288,14 @@ def test_sd2_ids_zeroed_after_first_eos_except_embedding_slots():
 
 @pytest.mark.parametrize("option,value", [("emphasis", "bogus"), ("clip_skip", 0), ("comma_backtrack", -1)])
 def test_bad_options_are_refused(option, value):
-    from tiengine.conditioning import ConditioningError
+    from tiengine.text.conditioning import ConditioningError
 
     with pytest.raises(ConditioningError):
         EncodeOptions(**{option: value})
 
 
 def test_clip_skip_beyond_layers_is_refused():
-    from tiengine.conditioning import ConditioningError
+    from tiengine.text.conditioning import ConditioningError
 
     fam = Family("sd1")
     with pytest.raises(ConditioningError, match="clip skip 9 is more than the 4 layers"):

@@ -6,22 +6,22 @@ import json
 
 import pytest
 import torch
+from tiengine.weights_conv.convert import load_models
 
 from tiengine import default_model
 from tiengine.cli import main
 from tiengine.engine import Engine
 from tiengine.errors import CheckpointError
-from tiengine.evaluate_base import generate, held_out_prompts, load_toy_model
-from tiengine.model_config import load_models
-from tiengine.train_base import toyworld_model_config
-from tiengine.toyworld_eval import adherence_report
+from tiengine.toyworld.detector import adherence_report
+from tiengine.toyworld.evaluation import generate, held_out_prompts, load_toy_model
+from tiengine.toyworld.train_base import toyworld_model_config
 
 
 def test_folder_files_and_card():
     path = default_model.default_model_path()
     assert default_model.default_model_card_path() == path / "MODEL_CARD.md"
     card = (path / "MODEL_CARD.md").read_text(encoding="utf-8")
-    for needed in ("python -m tiengine.train_base", "Prompt adherence on held-out prompts", "fp16", "purple"):
+    for needed in ("python -m tiengine.toyworld.train_base", "Prompt adherence on held-out prompts", "fp16", "purple"):
         assert needed in card
     total = sum((path / f"{name}.safetensors").stat().st_size for name in ("unet", "vae", "text_encoder"))
     assert total < 15_000_000

@@ -9,11 +9,19 @@ import pytest
 from PIL import Image
 
 from tiengine.cli import main
-from tiengine.demo import (CONCEPT_IMAGES, CONCEPT_NAME, TARGET_WITH, TARGET_WITHOUT, TRAIN_STEPS, DemoError,
-                           evaluation_prompts, run_demo)
-from tiengine.embeddings import load_embedding
-from tiengine.toyworld import COLOURS, concept_examples
-from tiengine.toyworld_eval import prompt_attributes
+from tiengine.embeddings.embedding import load_embedding
+from tiengine.toyworld.demo import (
+    CONCEPT_IMAGES,
+    CONCEPT_NAME,
+    TARGET_WITH,
+    TARGET_WITHOUT,
+    TRAIN_STEPS,
+    DemoError,
+    evaluation_prompts,
+    run_demo,
+)
+from tiengine.toyworld.detector import prompt_attributes
+from tiengine.toyworld.world import COLOURS, concept_examples
 
 
 @pytest.fixture(scope="module")

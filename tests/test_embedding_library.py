@@ -8,10 +8,10 @@ import time
 
 import pytest
 import torch
-
-import tiengine.embedding_library as library_module
 from embedding_builders import a1111_pt, safetensors_file, vectors
-from tiengine.embeddings import EmbeddingLibrary
+
+import tiengine.embeddings.library as library_module
+from tiengine.embeddings.library import EmbeddingLibrary
 from tiengine.errors import EmbeddingError
 
 

@@ -1,4 +1,4 @@
-"""tiengine.embeddings: every layout read from files built like the originals, bad input
+"""tiengine.embeddings.embedding: every layout read from files built like the originals, bad input
 refused with clear messages, every writer round-trips."""
 
 from __future__ import annotations
@@ -10,12 +10,16 @@ import zipfile
 
 import pytest
 import torch
+from embedding_builders import a1111_pt, one_key_pickle, safetensors_file, ti_parameterdict_pt, vectors
 from safetensors.torch import load_file
 
-from embedding_builders import (a1111_pt, one_key_pickle, safetensors_file, ti_parameterdict_pt,
-                                vectors)
-from tiengine.embeddings import (Embedding, list_bundled_embeddings, load_bundled_embeddings,
-                                 load_embedding, save_embedding)
+from tiengine.embeddings.embedding import (
+    Embedding,
+    list_bundled_embeddings,
+    load_bundled_embeddings,
+    load_embedding,
+    save_embedding,
+)
 from tiengine.errors import EmbeddingError, TiengineError, UnsafePickleError
 
 

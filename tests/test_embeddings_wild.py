@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiengine.embeddings import EmbeddingLibrary, load_embedding
+from tiengine.embeddings.embedding import load_embedding
+from tiengine.embeddings.library import EmbeddingLibrary
 from tiengine.errors import EmbeddingError
 
 K = "Kaleidia_Embeddings-for-AI-Imagery/"

@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from model_builders import tiny_model_folder
 from PIL import Image
 
-from model_builders import tiny_model_folder
-from tiengine.embeddings import Embedding, save_embedding
+from tiengine.embeddings.embedding import Embedding, save_embedding
 from tiengine.engine import Engine, EngineError
-from tiengine.metadata import parse_parameters, parse_ti_hashes, read_image_parameters, save_png
+from tiengine.io.metadata import parse_parameters, parse_ti_hashes, read_image_parameters, save_png
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_encode_schedules_and_and_parts(engine):
 def test_encode_is_cached_and_scheduled_variants_share_a_batch(engine):
     first = engine.encode("(a cat:1.3) [in a garden:on a roof:3]", "", steps=6)
     assert engine.encode("(a cat:1.3) [in a garden:on a roof:3]", "", steps=6) is first
-    from tiengine.conditioning import encode_texts
+    from tiengine.text.conditioning import encode_texts
 
     schedule = first.positive[0][0]
     batch = encode_texts(schedule.texts, engine.tokenizer, engine.slots, engine._rows)
@@ -78,9 +78,9 @@ def test_explicit_embedding_syntax_by_subfolder(engine):
 
 
 def test_generate_is_deterministic_and_matches_a_hand_built_pipeline(engine):
-    from tiengine.images import tensor_to_pil
-    from tiengine.sampling import get_sampler, guided_denoiser
-    from tiengine.schedules import NoiseSchedule, eps_denoiser, get_sigmas, initial_noise
+    from tiengine.diffusion.samplers import get_sampler, guided_denoiser
+    from tiengine.diffusion.schedules import NoiseSchedule, eps_denoiser, get_sigmas, initial_noise
+    from tiengine.io.images import tensor_to_pil
 
     result = engine.generate("a (cat:1.2)", "blurry", steps=5, sampler="Euler", seed=11, width=32, height=32)
     again = engine.generate("a (cat:1.2)", "blurry", steps=5, sampler="Euler", seed=11, width=32, height=32)

@@ -11,10 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiengine.sampling import (
-    get_sampler, guided_denoiser, scheduled_cond, scheduled_guided_denoiser, sample_euler,
+from tiengine.diffusion.samplers import (
+    get_sampler,
+    guided_denoiser,
+    sample_euler,
+    scheduled_cond,
+    scheduled_guided_denoiser,
 )
-from tiengine.schedules import NoiseSchedule, SamplingError, eps_denoiser, get_sigmas
+from tiengine.diffusion.schedules import NoiseSchedule, SamplingError, eps_denoiser, get_sigmas
 
 B, C, T = 2, 8, 77
 

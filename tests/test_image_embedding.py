@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from embedding_builders import vectors
 from PIL import Image, PngImagePlugin
 
-from embedding_builders import vectors
-from tiengine.embeddings import Embedding, load_embedding, save_embedding
+from tiengine.embeddings.embedding import Embedding, load_embedding, save_embedding
+from tiengine.embeddings.image import lcg_nibbles, read_image_embedding
 from tiengine.errors import EmbeddingError
-from tiengine.image_embedding import lcg_nibbles, read_image_embedding
 
 
 # -- independent reference implementation of the spec ------------------------------------
@@ -219,7 +219,7 @@ def test_real_a1111_test_image(wild_dir):
 
 
 def test_importing_embeddings_does_not_import_pillow():
-    code = "import sys, tiengine.embeddings, tiengine.embedding_library; print('PIL' in sys.modules)"
+    code = "import sys, tiengine.embeddings.embedding, tiengine.embeddings.library; print('PIL' in sys.modules)"
     repo = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

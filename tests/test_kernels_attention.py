@@ -130,9 +130,10 @@ def make_inputs(case: Case, seed: int, device: str = "cpu") -> dict[str, torch.T
 
 def run_case(case: Case, inputs: dict[str, torch.Tensor]) -> dict[str, object]:
     """Run one case with the Triton kernels; outputs go into NaN-filled buffers so unwritten elements show."""
-    from tiengine.attention import attention
     from tiengine.kernels.attention import AttentionBlocks, flash_attention, flash_attention_forward
     from tiengine.kernels.attention_backward import flash_attention_backward
+
+    from tiengine.models.attention import attention
 
     q, k, v, dout = inputs["q"], inputs["k"], inputs["v"], inputs["dout"]
     blocks = AttentionBlocks(*case.blocks) if case.blocks else None
@@ -326,7 +327,7 @@ def test_dispatcher_cpu_uses_sdpa_without_triton() -> None:
     """`auto` on CPU resolves to SDPA and never imports triton (checked in a fresh interpreter)."""
     code = (
         "import sys, torch\n"
-        "from tiengine.attention import attention, resolve_backend\n"
+        "from tiengine.models.attention import attention, resolve_backend\n"
         "q = torch.randn(1, 2, 9, 40)\n"
         "assert resolve_backend(q, q, q) == 'sdpa'\n"
         "ref = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)\n"
@@ -338,8 +339,9 @@ def test_dispatcher_cpu_uses_sdpa_without_triton() -> None:
 
 
 def test_dispatcher_forced_sdpa_kernels_match_reference() -> None:
-    from tiengine.attention import attention, resolve_backend
     from tiengine.kernels.attention import attention_reference
+
+    from tiengine.models.attention import attention, resolve_backend
 
     gen = torch.Generator().manual_seed(secrets.randbits(31))
     q, k, v = (torch.randn(1, 2, 9, 40, generator=gen) for _ in range(3))
@@ -391,7 +393,7 @@ def test_gpu_kernel_matches_reference(case: Case, seed: int) -> None:
 @needs_gpu
 @pytest.mark.gpu
 def test_gpu_dispatcher_choices() -> None:
-    from tiengine.attention import resolve_backend
+    from tiengine.models.attention import resolve_backend
 
     half = torch.zeros(2, 8, 64, 40, device="cuda", dtype=torch.float16)
     wide = torch.zeros(1, 1, 64, 512, device="cuda", dtype=torch.float16)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from model_builders import build_modules, tiny_model_config, write_model_folder
 from test_tokenizer import BPE_PATH, ReferenceClipTokenizer
+
 from tiengine.engine import Engine
 
 diffusers = pytest.importorskip("diffusers")

@@ -1,4 +1,4 @@
-"""tiengine.prompt beyond the case table: types, errors, batches, deep nesting, random and real prompts."""
+"""tiengine.text.prompt beyond the case table: types, errors, batches, deep nesting, random and real prompts."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import tiengine.prompt as prompt_module
+import tiengine.text.prompt as prompt_module
 from tiengine.errors import TiengineError
-from tiengine.prompt import (
+from tiengine.text.prompt import (
     AndPart,
     ComposablePrompts,
     Fragment,

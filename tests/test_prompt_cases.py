@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pytest
 
-from tiengine.prompt import Fragment, parse_prompt_attention, prompt_schedule, split_and
+from tiengine.text.prompt import Fragment, parse_prompt_attention, prompt_schedule, split_and
 
 R = 1.1  # round bracket
 S = 1 / 1.1  # square bracket: the reference multiplies by this constant, it never divides

@@ -1,4 +1,4 @@
-"""tiengine.safe_pickle: malicious pickles are refused without side effects; torch.save'd
+"""tiengine.io.safe_pickle: malicious pickles are refused without side effects; torch.save'd
 files (zip and legacy) load equal to torch.load(weights_only=True); corrupt files fail clearly."""
 
 from __future__ import annotations
@@ -19,8 +19,14 @@ import pytest
 import torch
 
 from tiengine.errors import CheckpointError, UnsafePickleError
-from tiengine.safe_pickle import (InertModelCheckpoint, InertParameterDict, TensorRef,
-                                  iter_tensors, load_pickle, open_torch_file)
+from tiengine.io.safe_pickle import (
+    InertModelCheckpoint,
+    InertParameterDict,
+    TensorRef,
+    iter_tensors,
+    load_pickle,
+    open_torch_file,
+)
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 

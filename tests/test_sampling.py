@@ -15,13 +15,25 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-
 from sampling_reference import (
-    EPS32, LATENT_SHAPE, SD_BETAS, SIGMA_RTOL, BrownianNoise, exact_denoiser, recording, run_diffusers,
-    sigma_at_index, sigma_dpm_sde, sigma_from_timestep, sigma_kdpm2, toy_mean, x_tolerance,
+    EPS32,
+    LATENT_SHAPE,
+    SD_BETAS,
+    SIGMA_RTOL,
+    BrownianNoise,
+    exact_denoiser,
+    recording,
+    run_diffusers,
+    sigma_at_index,
+    sigma_dpm_sde,
+    sigma_from_timestep,
+    sigma_kdpm2,
+    toy_mean,
+    x_tolerance,
 )
-from tiengine.sampling import SAMPLERS, get_sampler
-from tiengine.schedules import NoiseSchedule, SamplingError, get_sigmas
+
+from tiengine.diffusion.samplers import SAMPLERS, get_sampler
+from tiengine.diffusion.schedules import NoiseSchedule, SamplingError, get_sigmas
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers feeds torch tensors to numpy; numpy 2 warns about it on every call
@@ -227,7 +239,7 @@ def test_bad_sigmas_are_rejected():
 
 
 def test_sampling_imports_no_reference_library():
-    code = ("import sys, tiengine.sampling, tiengine.schedules; "
+    code = ("import sys, tiengine.diffusion.samplers, tiengine.diffusion.schedules; "
             "bad = [m for m in ('diffusers', 'transformers', 'scipy', 'torchsde', 'k_diffusion') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

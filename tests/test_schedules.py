@@ -14,15 +14,29 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from sampling_reference import (
-    EPS32, LATENT_SHAPE, SD_BETAS, closed_form_log_sigmas, closed_form_t_to_sigma, exact_denoiser,
-    recording, run_diffusers, sigma_at_index, toy_mean, x_tolerance,
+    EPS32,
+    LATENT_SHAPE,
+    SD_BETAS,
+    closed_form_log_sigmas,
+    closed_form_t_to_sigma,
+    exact_denoiser,
+    recording,
+    toy_mean,
+    x_tolerance,
 )
-from tiengine.sampling import sample_euler
-from tiengine.schedules import (
-    NoiseSchedule, SamplingError, batch_generators, eps_denoiser, get_sigmas, img2img_start, initial_noise,
-    sigmas_karras, v_denoiser,
+
+from tiengine.diffusion.samplers import sample_euler
+from tiengine.diffusion.schedules import (
+    NoiseSchedule,
+    SamplingError,
+    batch_generators,
+    eps_denoiser,
+    get_sigmas,
+    img2img_start,
+    initial_noise,
+    sigmas_karras,
+    v_denoiser,
 )
 
 diffusers = pytest.importorskip("diffusers")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tiengine.errors import CheckpointError
-from tiengine.text_encoder import ClipTextEncoder, TextEncoderConfig, TokenIdError
+from tiengine.models.text_encoder import ClipTextEncoder, TextEncoderConfig, TokenIdError
 
 transformers = pytest.importorskip("transformers")
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import ftfy
 import pytest
 import regex
-
 from prompt_corpus import generated_prompts
-from tiengine.tokenizer import (
+
+from tiengine.text.tokenizer import (
     BOS_TOKEN_ID,
     CLIP_VOCAB_SIZE,
     DEFAULT_BPE_FILE,

@@ -10,8 +10,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from tiengine import toyworld as tw
-from tiengine import toyworld_eval as ev
+from tiengine.toyworld import world as tw
+from tiengine.toyworld import detector as ev
 
 CAPTION_WORDS = (
     {"a", "one", "two", "three"}

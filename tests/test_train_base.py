@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from tiengine.weights_conv.convert import load_models
 
-from tiengine import train_base as tb
-from tiengine.atomic import FileExistsRefusal
-from tiengine.chunking import tokenize_prompt
-from tiengine.conditioning import encoder_token_ids
-from tiengine.model_config import load_models
-from tiengine.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, ClipTokenizer
-from tiengine.toyworld import caption, sample_scenes
+from tiengine.toyworld import train_base as tb
+from tiengine.io.atomic import FileExistsRefusal
+from tiengine.text.chunking import tokenize_prompt
+from tiengine.text.conditioning import encoder_token_ids
+from tiengine.text.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, ClipTokenizer
+from tiengine.toyworld.world import caption, sample_scenes
 
 MICRO = dataclasses.replace(
     tb.TrainSettings(), dataset_size=16, vae_steps=2, vae_batch=4, unet_steps=3, unet_batch=4, warmup_steps=1
@@ -43,7 +43,7 @@ def test_caption_ids_match_conditioning(tokenizer):
 
 
 def test_colour_blend_weights():
-    from tiengine.toyworld import COLOUR_HUES, colour_blend
+    from tiengine.toyworld.world import COLOUR_HUES, colour_blend
 
     for name, hue in COLOUR_HUES.items():
         assert colour_blend(hue)[0] == (name, 1.0)
@@ -60,8 +60,8 @@ def test_colour_blend_weights():
 def test_blended_colour_slot_sits_before_the_shape_word(tokenizer):
     """Unnamed-colour captions get one extra row, before the shape word, equal to the blend of the two
     colour words' rows; named-colour and dropped captions are untouched."""
-    from tiengine.text_encoder import ClipTextEncoder
-    from tiengine.toyworld import UNNAMED_COLOUR, colour_blend
+    from tiengine.models.text_encoder import ClipTextEncoder
+    from tiengine.toyworld.world import UNNAMED_COLOUR, colour_blend
 
     config = tb.toyworld_model_config().text_encoders["text_encoder"]
     encoder = ClipTextEncoder(config)

@@ -12,18 +12,24 @@ import json
 import numpy as np
 import pytest
 import torch
+from model_builders import build_modules, tiny_model_config, tiny_model_folder
 from PIL import Image
 
-from model_builders import build_modules, tiny_model_config, tiny_model_folder
-from tiengine.chunking import tokenize_prompt
-from tiengine.conditioning import encode_texts, encoder_token_ids
-from tiengine.embeddings import Embedding, load_embedding, save_embedding
+from tiengine.diffusion.schedules import NoiseSchedule, eps_denoiser, v_denoiser
+from tiengine.embeddings.embedding import Embedding, load_embedding, save_embedding
 from tiengine.engine import Engine
-from tiengine.schedules import NoiseSchedule, eps_denoiser, v_denoiser
-from tiengine.tokenizer import ClipTokenizer
-from tiengine.training import (TrainEmbeddingSettings, TrainingError, alpha_loss_weights, denoising_loss,
-                               initial_vectors, train_embedding)
-from tiengine.training_data import LearningRateSchedule, caption_for, fill_template, load_templates
+from tiengine.text.chunking import tokenize_prompt
+from tiengine.text.conditioning import encode_texts, encoder_token_ids
+from tiengine.text.tokenizer import ClipTokenizer
+from tiengine.training.data import LearningRateSchedule, caption_for, fill_template, load_templates
+from tiengine.training.run import train_embedding
+from tiengine.training.textual_inversion import (
+    TrainEmbeddingSettings,
+    TrainingError,
+    alpha_loss_weights,
+    denoising_loss,
+    initial_vectors,
+)
 
 FAST = TrainEmbeddingSettings(vectors=2, steps=4, batch_size=2, learning_rate="0.05", init_text="a cat",
                               template="object", save_every=2)
@@ -319,7 +325,7 @@ def test_outputs_and_checkpoints_load_back(engine, images, tmp_path):
     preview = Image.open(work / "previews" / "zorbly-4.png")
     assert preview.size == (64, 64) and "a photo of a zorbly" in preview.info["parameters"]
     # An embeddings folder holding the output loads the embedding once, not the hidden checkpoints.
-    from tiengine.embedding_library import EmbeddingLibrary
+    from tiengine.embeddings.library import EmbeddingLibrary
 
     assert sorted(EmbeddingLibrary(out.parent).loaded) == ["zorbly"]
 
@@ -342,7 +348,7 @@ def test_resume_equals_an_uninterrupted_run(engine, images, tmp_path):
     assert torch.equal(resumed.vectors["clip_l"], whole.vectors["clip_l"])  # bit-identical
     assert [(r.step, r.loss, r.learning_rate, r.samples) for r in resumed.losses] == \
         [(r.step, r.loss, r.learning_rate, r.samples) for r in whole.losses]
-    from tiengine.training_state import load_state
+    from tiengine.training.state import load_state
 
     a, b = load_state(whole.work_dir / "state.safetensors"), load_state(resumed.work_dir / "state.safetensors")
     for index, entries in a.optimizer_state.items():

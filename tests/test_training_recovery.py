@@ -28,20 +28,21 @@ import math
 
 import pytest
 import torch
+from model_builders import build_modules, tiny_model_config
 from PIL import Image
 from torch import nn
 
-from model_builders import build_modules, tiny_model_config
-from tiengine.conditioning import encode_texts
-from tiengine.embeddings import Embedding
+from tiengine.diffusion.schedules import NoiseSchedule
+from tiengine.embeddings.embedding import Embedding
 from tiengine.engine import Engine
-from tiengine.images import pil_to_tensor
-from tiengine.model_config import ModelConfig
-from tiengine.schedules import NoiseSchedule
-from tiengine.tokenizer import ClipTokenizer
-from tiengine.training import TrainEmbeddingSettings, train_embedding
-from tiengine.unet import UNetConfig
-from tiengine.vae import LatentDistribution, VaeConfig
+from tiengine.io.images import pil_to_tensor
+from tiengine.models.config import ModelConfig
+from tiengine.models.unet import UNetConfig
+from tiengine.models.vae import LatentDistribution, VaeConfig
+from tiengine.text.conditioning import encode_texts
+from tiengine.text.tokenizer import ClipTokenizer
+from tiengine.training.run import train_embedding
+from tiengine.training.textual_inversion import TrainEmbeddingSettings
 
 SIZE = 16  # image side = latent side (identity VAE)
 SPREAD = 0.05  # s: data standard deviation around m(c)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from tiengine.errors import TiengineError
-from tiengine.layers import Conv2d, text_time_conditioning, timestep_embedding
-from tiengine.unet import UNet2DConditionModel, UNetConfig
+from tiengine.models.layers import Conv2d, text_time_conditioning, timestep_embedding
+from tiengine.models.unet import UNet2DConditionModel, UNetConfig
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tiengine.errors import TiengineError
-from tiengine.vae import AutoencoderKL, LatentDistribution, VaeConfig, blend_tiles
+from tiengine.models.vae import AutoencoderKL, LatentDistribution, VaeConfig, blend_tiles
 
 diffusers = pytest.importorskip("diffusers")
 

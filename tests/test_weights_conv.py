@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from tiengine.weights_conv import open_model
 
 diffusers = pytest.importorskip("diffusers")
@@ -298,9 +297,9 @@ def arch_fields(config) -> dict:
 
 def test_tiny_configs_follow_detection_conventions():
     """Guard for the other tests: the reference models are what detection must reproduce exactly."""
-    from tiengine.text_encoder import TextEncoderConfig
-    from tiengine.unet import UNetConfig
-    from tiengine.vae import VaeConfig
+    from tiengine.models.text_encoder import TextEncoderConfig
+    from tiengine.models.unet import UNetConfig
+    from tiengine.models.vae import VaeConfig
 
     for family, variant in MODELS:
         unet = UNetConfig.from_diffusers(dict(diffusers.UNet2DConditionModel(**unet_kwargs(family, variant)).config))
@@ -349,9 +348,9 @@ def test_single_safetensors_round_trip_is_bit_exact(tmp_path, family, variant, d
 
 @pytest.mark.parametrize("family,variant", MODELS)
 def test_detected_config_equals_the_reference_architecture(tmp_path, family, variant):
-    from tiengine.text_encoder import TextEncoderConfig
-    from tiengine.unet import UNetConfig
-    from tiengine.vae import VaeConfig
+    from tiengine.models.text_encoder import TextEncoderConfig
+    from tiengine.models.unet import UNetConfig
+    from tiengine.models.vae import VaeConfig
 
     states = states_for(family, variant)
     ldm, _ = ldm_state_dict(states, family, variant)

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from test_weights_conv import ldm_state_dict, states_for
-
-from tiengine.errors import CheckpointError, UnsafePickleError
 from tiengine.weights_conv import open_model
 from tiengine.weights_conv.cli import main as cli_main
 from tiengine.weights_conv.readers import SafetensorsFile
+
+from tiengine.errors import CheckpointError, UnsafePickleError
 
 
 @pytest.fixture

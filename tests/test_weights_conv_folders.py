@@ -23,10 +23,10 @@ from test_weights_conv import (
     unet_kwargs,
     vae_kwargs,
 )
-
-from tiengine.errors import CheckpointError
 from tiengine.weights_conv import open_model
 from tiengine.weights_conv.cli import main as cli_main
+
+from tiengine.errors import CheckpointError
 
 SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}  # fmt: skip
@@ -163,7 +163,7 @@ def test_cli_convert_writes_a_loadable_folder_in_diffusers_names(tmp_path, capsy
     # refuses to overwrite, then reads its own output back by identity
     assert cli_main(["convert", str(tmp_path / "xl.safetensors"), str(out)]) == 2
     assert "overwrite" in capsys.readouterr().err
-    from tiengine.model_config import load_model_weights, load_models
+    from tiengine.weights_conv.convert import load_model_weights, load_models
 
     loaded_config, iterators = load_model_weights(out, dtype=torch.float32)
     assert loaded_config.to_dict() == config

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_weights_conv import SCHEDULE_BUFFERS, assert_bit_equal, diffusers, ldm_unet_name, ldm_vae_name, transformers
-
-from tiengine.model_config import ModelConfig
 from tiengine.weights_conv import open_model
+
+from tiengine.models.config import ModelConfig
 
 # runwayml/stable-diffusion-v1-5 unet/config.json and text_encoder/config.json (architecture fields)
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 from test_weights_conv import diffusers, ldm_unet_name, ldm_vae_name, open_clip_state, transformers
-
-from tiengine.model_config import ModelConfig
-from tiengine.text_encoder import TextEncoderConfig
-from tiengine.unet import UNetConfig
-from tiengine.vae import VaeConfig
 from tiengine.weights_conv import detect
 from tiengine.weights_conv.layouts import choose_prediction, read_ldm_yaml
 from tiengine.weights_conv.readers import TensorInfo
+
+from tiengine.models.config import ModelConfig
+from tiengine.models.text_encoder import TextEncoderConfig
+from tiengine.models.unet import UNetConfig
+from tiengine.models.vae import VaeConfig
 
 FOLDERS = {
     "sd15_runwayml_mirror_HDRJ-One": "sd1",

@@ -13,23 +13,24 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "ClipTokenizer": "tiengine.tokenizer",
-    "Embedding": "tiengine.embeddings",
+    "ClipTokenizer": "tiengine.text.tokenizer",
+    "Embedding": "tiengine.embeddings.embedding",
     "TiengineError": "tiengine.errors",
     "EmbeddingError": "tiengine.errors",
-    "EmbeddingLibrary": "tiengine.embeddings",
-    "load_embedding": "tiengine.embeddings",
-    "save_embedding": "tiengine.embeddings",
+    "EmbeddingLibrary": "tiengine.embeddings.library",
+    "load_embedding": "tiengine.embeddings.embedding",
+    "save_embedding": "tiengine.embeddings.embedding",
     "Engine": "tiengine.engine",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from tiengine.embeddings import Embedding, EmbeddingLibrary, load_embedding, save_embedding
+    from tiengine.embeddings.embedding import Embedding, load_embedding, save_embedding
+    from tiengine.embeddings.library import EmbeddingLibrary
     from tiengine.engine import Engine
     from tiengine.errors import EmbeddingError, TiengineError
-    from tiengine.tokenizer import ClipTokenizer
+    from tiengine.text.tokenizer import ClipTokenizer
 
 
 def __getattr__(name: str) -> Any:

@@ -1,7 +1,7 @@
 """The one place that names tiengine's default model: the packaged toy-world model folder.
 
 `tiengine/data/default_model/` is a converted model folder (config.json + unet / vae / text_encoder
-.safetensors, see tiengine.model_config) written by `python -m tiengine.train_base`; its MODEL_CARD.md
+.safetensors, see tiengine.models.config) written by `python -m tiengine.toyworld.train_base`; its MODEL_CARD.md
 says how it was made and how well it follows prompts. Every command uses it when no model is given.
 """
 
@@ -19,7 +19,7 @@ DEFAULT_MODEL_FILES = ("config.json", "unet.safetensors", "vae.safetensors", "te
 # prompts best at low guidance (MODEL_CARD.md gives its adherence per scale)
 DEFAULT_MODEL_CFG_SCALE = 3.0
 A1111_CFG_SCALE = 7.0  # the guidance scale for every other model (A1111's default)
-DEFAULT_MODEL_SEED = 1  # `python -m tiengine.train_base --seed` that made the packaged weights
+DEFAULT_MODEL_SEED = 1  # `python -m tiengine.toyworld.train_base --seed` that made the packaged weights
 
 
 def default_model_path() -> Path:
@@ -30,7 +30,7 @@ def default_model_path() -> Path:
     if missing:
         raise CheckpointError(
             f"{path}: the packaged default model is incomplete (missing {', '.join(missing)}); reinstall tiengine "
-            f"or rebuild it with `python -m tiengine.train_base --out <that folder> --seed {DEFAULT_MODEL_SEED}`"
+            f"or rebuild it with `python -m tiengine.toyworld.train_base --out <that folder> --seed {DEFAULT_MODEL_SEED}`"
         )
     return path
 

@@ -1,14 +1,14 @@
 """Engine: one loaded model with its tokenizer and embeddings; prompts -> conditioning -> images.
 
 `Engine.load(model_path, embeddings=DIR, device=, dtype=)` accepts a converted tiengine folder, a
-diffusers folder or an original single-file checkpoint (tiengine.model_config.load_models); with no
+diffusers folder or an original single-file checkpoint (tiengine.weights_conv.convert.load_models); with no
 path it loads the built-in default model (tiengine.default_model). Then:
 - `encode(prompt, negative_prompt, steps=, ...)`: the per-step conditioning schedule of each AND part
   and of the negative prompt, exactly as A1111 builds it, with a report of the embeddings applied
   (where, with which weight and hash) and of names that looked like embeddings but were skipped.
   Results are cached by text and options, so repeated prompts cost nothing.
 - `generate(...)` / `img2img(...)`: sampling with classifier-free guidance, AND composition and prompt
-  schedules (tiengine.sampling), decoded to PIL images that carry A1111-style `parameters` text.
+  schedules (tiengine.diffusion.samplers), decoded to PIL images that carry A1111-style `parameters` text.
 """
 
 from __future__ import annotations
@@ -24,21 +24,36 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tiengine.conditioning import EncodeOptions, TextEncoderSlot, encode_texts
+from tiengine import __version__
 from tiengine.default_model import A1111_CFG_SCALE, DEFAULT_MODEL_CFG_SCALE, default_model_path
+from tiengine.diffusion.samplers import get_sampler, scheduled_guided_denoiser
+from tiengine.diffusion.schedules import (
+    NoiseSchedule,
+    batch_generators,
+    eps_denoiser,
+    get_sigmas,
+    img2img_start,
+    initial_noise,
+    v_denoiser,
+)
+from tiengine.embeddings.embedding import Embedding
+from tiengine.embeddings.library import EmbeddingLibrary, ReloadReport
 from tiengine.errors import TiengineError
-from tiengine.model_config import ModelConfig, load_models
-from tiengine.tokenizer import ClipTokenizer
-from tiengine.vocabulary import EmbeddingVocabulary, SkippedMention
+from tiengine.io.images import pil_to_tensor, tensor_to_pil
+from tiengine.io.metadata import format_parameters, format_ti_hashes
+from tiengine.models.config import ModelConfig
+from tiengine.text.conditioning import EncodeOptions, TextEncoderSlot, encode_texts
+from tiengine.text.prompt import prompt_schedule, split_and
+from tiengine.text.tokenizer import ClipTokenizer
+from tiengine.text.vocabulary import EmbeddingVocabulary, SkippedMention
+from tiengine.training.run import train_embedding
+from tiengine.training.textual_inversion import TrainProgress, TrainResult, settings_from_options
+from tiengine.weights_conv.convert import load_models
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from tiengine.embedding_library import EmbeddingLibrary, ReloadReport
-    from tiengine.embeddings import Embedding
-    from tiengine.training import TrainProgress, TrainResult
-
-# Embedding-vector key each text encoder reads, per model family (tiengine.embeddings' keys).
+# Embedding-vector key each text encoder reads, per model family (the keys of tiengine.embeddings.embedding).
 ENCODER_KEYS = {
     "sd1": {"text_encoder": "clip_l"},
     "sd2": {"text_encoder": "clip_h"},
@@ -161,11 +176,15 @@ class Engine:
         config, modules = load_models(model_path, device=device, dtype=dtype, prediction=prediction, vae=vae)
         library = None
         if embeddings is not None:
-            from tiengine.embedding_library import EmbeddingLibrary
-
             library = EmbeddingLibrary(embeddings)
         return cls(config, modules, embeddings=library, model_path=Path(model_path), device=device, dtype=dtype,
                    default_cfg_scale=default_cfg_scale)
+
+    def sharing_weights(self) -> Engine:
+        """A second engine on the same modules (no copy) with the same tokenizer and no embeddings: the
+        training loop's preview engine, whose vocabulary changes while this one's stays."""
+        return type(self)(self.config, self.modules, tokenizer=self.tokenizer, model_path=self.model_path,
+                          device=self.device, dtype=self.dtype, default_cfg_scale=self.default_cfg_scale)
 
     # ----------------------------------------------------------------------------------- embeddings
 
@@ -264,8 +283,6 @@ class Engine:
         `second_order`: the sampler calls the model twice per step, so prompt schedules count
         2 * steps model calls (A1111). Cached by text and options.
         """
-        from tiengine.prompt import split_and
-
         if steps < 1:
             raise EngineError(f"steps must be >= 1, got {steps}")
         options = EncodeOptions(clip_skip, emphasis, comma_backtrack, bare_names, keep_embeddings_on_backtrack)
@@ -293,8 +310,6 @@ class Engine:
         self, text: str, steps: int, second_order: bool, options: EncodeOptions, result: Conditioning,
         which: str, part: int,
     ) -> ScheduledConditioning:
-        from tiengine.prompt import prompt_schedule
-
         schedule = prompt_schedule(text, steps, second_order=second_order)
         texts = [scheduled_text for _, scheduled_text in schedule]
         with torch.no_grad():
@@ -400,13 +415,11 @@ class Engine:
     ) -> TrainResult:
         """Learn a textual-inversion embedding from a few images; every weight of this model stays frozen.
 
-        `settings` are `tiengine.training.TrainEmbeddingSettings` fields (vectors, init_text, steps,
+        `settings` are `tiengine.training.textual_inversion.TrainEmbeddingSettings` fields (vectors, init_text, steps,
         batch_size, grad_accum, learning_rate, template, seed, save_every, ...). `callback` gets a
         TrainProgress after each step and may return False to stop. The engine is not changed; use
-        `engine.add_embedding(result.embedding)` to prompt with the result. See tiengine.training.
+        `engine.add_embedding(result.embedding)` to prompt with the result. See tiengine.training.textual_inversion.
         """
-        from tiengine.training import settings_from_options, train_embedding
-
         return train_embedding(
             self, images, name, settings_from_options(**settings), out=out, also_save=also_save,
             work_dir=work_dir, overwrite=overwrite, resume=resume, callback=callback,
@@ -424,19 +437,6 @@ class Engine:
         self, init_image, strength, prompt, negative_prompt, steps, sampler, scheduler, cfg_scale, seed, width,
         height, batch_size, clip_skip, emphasis, vae_tiling, callback,
     ) -> GenerationResult:
-        from tiengine.images import pil_to_tensor, tensor_to_pil
-        from tiengine.metadata import format_parameters, format_ti_hashes
-        from tiengine.sampling import get_sampler, scheduled_guided_denoiser
-        from tiengine.schedules import (
-            NoiseSchedule,
-            batch_generators,
-            eps_denoiser,
-            get_sigmas,
-            img2img_start,
-            initial_noise,
-            v_denoiser,
-        )
-
         info = get_sampler(sampler)
         cfg_scale = self.default_cfg_scale if cfg_scale is None else cfg_scale
         width = width or self._default_size()
@@ -489,7 +489,7 @@ class Engine:
             "Clip skip": clip_skip if clip_skip != 1 else None,
             "Emphasis": emphasis if emphasis != "original" else None,
             "TI hashes": format_ti_hashes(conditioning.ti_hashes()),
-            "Version": f"tiengine {_version()}",
+            "Version": f"tiengine {__version__}",
         }
         seeds = [seed + index for index in range(batch_size)]
         parameters = [
@@ -536,8 +536,3 @@ class Engine:
                 self._model_hash = digest.hexdigest()[:10]
         return self._model_hash
 
-
-def _version() -> str:
-    from tiengine import __version__
-
-    return __version__

@@ -1,10 +1,10 @@
 """tiengine.weights_conv: load and convert Stable Diffusion checkpoints, safely and lazily.
 
-Inputs: single-file checkpoints (.safetensors, and .ckpt / .pt through tiengine.safe_pickle, which never
+Inputs: single-file checkpoints (.safetensors, and .ckpt / .pt through tiengine.io.safe_pickle, which never
 executes code) of SD1.x, SD2.x, SDXL base and refiner; diffusers folders; folders written by
 `weights-conv convert`; standalone VAE files to swap in. Outputs: tensors in tiengine's names (those of
 diffusers' UNet2DConditionModel / AutoencoderKL and transformers' CLIP text models), streamed one at a
-time into modules or safetensors files, with a `tiengine.model_config.ModelConfig`.
+time into modules or safetensors files, with a `tiengine.models.config.ModelConfig`.
 
 Modules, in data-flow order: readers (lazy tensor sources), detect (architecture from shapes), rules
 (declarative renames + named transforms), layouts / sources / folders (what an input is), writer
@@ -13,7 +13,9 @@ Modules, in data-flow order: readers (lazy tensor sources), detect (architecture
 Public API (resolved lazily so importing this package reads nothing and imports no torch):
 `open_model(path, family=, prediction=, vae=, ema=, ignore_unknown=) -> OpenModel` with `.config`,
 `.inspect()`, `.iter_component(name, device=, dtype=)`, `.build_module(name, ...)`,
-`.write_folder(outdir, dtype=, overwrite=)`; `convert_checkpoint(path, outdir, ...)`.
+`.write_folder(outdir, dtype=, overwrite=)`; `convert_checkpoint(path, outdir, ...)`;
+`load_models(path, device=, dtype=, ...) -> (ModelConfig, modules)`, the engine's loader, and
+`load_model_weights` (the same, as per-component tensor iterators).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "open_model": "tiengine.weights_conv.convert",
     "OpenModel": "tiengine.weights_conv.convert",
+    "load_models": "tiengine.weights_conv.convert",
+    "load_model_weights": "tiengine.weights_conv.convert",
     "convert_checkpoint": "tiengine.weights_conv.cli",
 }
 
@@ -31,7 +35,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from tiengine.weights_conv.cli import convert_checkpoint
-    from tiengine.weights_conv.convert import OpenModel, open_model
+    from tiengine.weights_conv.convert import OpenModel, load_model_weights, load_models, open_model
 
 
 def __getattr__(name: str) -> Any:

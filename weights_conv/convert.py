@@ -21,15 +21,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from tiengine.atomic import FileExistsRefusal, atomic_write_bytes
 from tiengine.errors import CheckpointError
-from tiengine.model_config import FORMAT_NAME, ModelConfig
+from tiengine.io.atomic import FileExistsRefusal, atomic_write_bytes
+from tiengine.models.config import FORMAT_NAME, ModelConfig
+from tiengine.models.text_encoder import ClipTextEncoder
+from tiengine.models.unet import UNet2DConditionModel
+from tiengine.models.vae import AutoencoderKL
 
 from .folders import open_converted_folder, open_diffusers_folder, replace_vae
 from .layouts import CATEGORY_NAMES, ComponentSource, Detection
 from .readers import TensorInfo, dtype_name
 from .rules import TRANSFORMS, Conversion, plan_conversions
-from .sources import read_json, open_single_file
+from .sources import open_single_file, read_json
 from .writer import write_safetensors
 
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -82,15 +85,9 @@ def empty_module(
 ) -> nn.Module:
     """tiengine's module for component `name` (uninitialised when device is "meta")."""
     if name == "unet":
-        from tiengine.unet import UNet2DConditionModel
-
         return UNet2DConditionModel(config.unet, device=device, dtype=dtype)
     if name == "vae":
-        from tiengine.vae import AutoencoderKL
-
         return AutoencoderKL(config.vae, device=device, dtype=dtype)
-    from tiengine.text_encoder import ClipTextEncoder
-
     return ClipTextEncoder(config.text_encoders[name], device=device, dtype=dtype)
 
 
@@ -302,3 +299,52 @@ def _dtype_summary(counts: Counter[str]) -> str:
         return next(iter(counts))
     total = sum(counts.values())
     return "mixed: " + ", ".join(f"{name} {100 * count / total:.1f}%" for name, count in counts.most_common())
+
+
+def load_model_weights(
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    prediction: str | None = None,
+    family: str | None = None,
+    vae: str | os.PathLike[str] | None = None,
+    ema: bool = True,
+) -> tuple[ModelConfig, dict[str, Iterator[tuple[str, torch.Tensor]]]]:
+    """Detect and open a model; return its config and, per component, its tensors in tiengine names.
+
+    path: a converted folder (config.json + <component>.safetensors), a diffusers folder
+    (model_index.json) or a single-file checkpoint. prediction / family override detection (a family
+    that contradicts the weights is an error). vae: a standalone VAE file or diffusers `vae/` folder
+    that replaces the checkpoint's own. ema: use `model_ema.*` UNet weights when the file has them.
+
+    Each iterator yields (name, tensor) one tensor at a time, moved to `device` and, for floating-point
+    tensors, cast to `dtype`; its key set has already been checked against tiengine's module for the
+    config (missing and unexpected keys are a CheckpointError before any tensor is read). The files stay
+    open while any of the iterators is alive.
+    """
+    model = open_model(path, prediction=prediction, family=family, vae=vae, ema=ema)
+    return model.config, {
+        name: model.iter_component(name, device=device, dtype=dtype) for name in model.config.components
+    }
+
+
+def load_models(
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    prediction: str | None = None,
+    family: str | None = None,
+    vae: str | os.PathLike[str] | None = None,
+    ema: bool = True,
+) -> tuple[ModelConfig, dict[str, nn.Module]]:
+    """`load_model_weights`, then build tiengine's modules (UNet2DConditionModel, AutoencoderKL,
+    ClipTextEncoder) on `device` in `dtype` and fill them tensor by tensor with a strict load."""
+    model = open_model(path, prediction=prediction, family=family, vae=vae, ema=ema)
+    try:
+        return model.config, {
+            name: model.build_module(name, device=device, dtype=dtype) for name in model.config.components
+        }
+    finally:
+        model.close()

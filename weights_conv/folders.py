@@ -9,7 +9,7 @@ apart from the pre-0.14 VAE attention names and transformers 5's CLIPTextModel w
 has no `text_encoder`), else the text encoder's activation tells OpenAI CLIP (quick_gelu: SD1) from
 OpenCLIP (gelu: SD2). The prediction type comes from scheduler/scheduler_config.json.
 
-Converted folders are what `weights-conv convert` writes: config.json (tiengine.model_config) and one
+Converted folders are what `weights-conv convert` writes: config.json (tiengine.models.config) and one
 safetensors file per component, loaded by identity.
 
 A replacement VAE (`*.vae.safetensors`, `*.vae.pt`, a full checkpoint's `first_stage_model.*`, a VAE
@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from tiengine.errors import CheckpointError
-from tiengine.model_config import COMPONENT_NAMES, ModelConfig, ScheduleConfig, read_model_config
-from tiengine.vae import VaeConfig
+from tiengine.models.config import COMPONENT_NAMES, ModelConfig, ScheduleConfig, read_model_config
+from tiengine.models.vae import VaeConfig
 
 from . import detect
 from .layouts import (

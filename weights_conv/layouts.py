@@ -139,7 +139,7 @@ class Detection:
 
     path: Path
     layout: str  # "single file", "diffusers folder", "converted folder"
-    config: Any  # tiengine.model_config.ModelConfig
+    config: Any  # tiengine.models.config.ModelConfig
     components: dict[str, ComponentSource]
     prediction_source: str
     evidence: dict[str, list[str]]

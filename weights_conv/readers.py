@@ -10,7 +10,7 @@ reads one tensor on request. Implementations:
   dtype size x shape) but with errors naming the file and the tensor. Data is read with positioned reads
   into a fresh tensor rather than through a memory map, so the pages of a multi-GB file never pile up in
   the process's resident set: converting needs one tensor's worth of memory, not the file's.
-- `PickleCheckpoint`: `.ckpt` / `.pt` / `.bin` through `tiengine.safe_pickle` (tensors, storages and
+- `PickleCheckpoint`: `.ckpt` / `.pt` / `.bin` through `tiengine.io.safe_pickle` (tensors, storages and
   plain containers only; nothing in the file is executed). The Lightning layout `{"state_dict": {...},
   "global_step": ..., "optimizer_states": [...], ...}` and flat state dicts are both accepted; the
   top-level entries other than the state dict are reported (`extras`) and never converted.
@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 from tiengine.errors import CheckpointError
+from tiengine.io.safe_pickle import TensorRef, TorchArchive
 
 # safetensors dtype names (format spec) -> torch dtypes; sizes in bytes come from torch.
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -292,15 +293,13 @@ def _describe(value: Any) -> str:
 
 
 class PickleCheckpoint:
-    """A pickled checkpoint read through `tiengine.safe_pickle.TorchArchive` (see the module docstring).
+    """A pickled checkpoint read through `tiengine.io.safe_pickle.TorchArchive` (see the module docstring).
 
     The state dict is the mapping under "state_dict" when there is one (Lightning checkpoints), else the
     top-level mapping itself. Its tensors stay unread `TensorRef`s until `read`.
     """
 
     def __init__(self, path: str | os.PathLike[str]):
-        from tiengine.safe_pickle import TensorRef, TorchArchive
-
         self.path = Path(path)
         self._archive = TorchArchive(self.path)
         root = self._archive.root

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from tiengine.errors import CheckpointError
-from tiengine.model_config import ModelConfig, ScheduleConfig
-from tiengine.text_encoder import TextEncoderConfig
-from tiengine.unet import UNetConfig
-from tiengine.vae import VaeConfig
+from tiengine.models.config import ModelConfig, ScheduleConfig
+from tiengine.models.text_encoder import TextEncoderConfig
+from tiengine.models.unet import UNetConfig
+from tiengine.models.vae import VaeConfig
 
 from . import detect
 from .layouts import (

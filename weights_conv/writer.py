@@ -6,7 +6,7 @@ JSON header (padded with spaces to a multiple of 8 bytes, as the reference write
 tensor's data stays 8-byte aligned), then each tensor's bytes in little-endian order at its
 `data_offsets`. The data is laid out in the order the tensors are produced; the header's JSON object is
 sorted by name. The file is written to a temporary file beside the destination and moved into place
-(tiengine.atomic).
+(tiengine.io.atomic).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from tiengine.atomic import atomic_write
 from tiengine.errors import CheckpointError
+from tiengine.io.atomic import atomic_write
 
 from .readers import TORCH_TO_SAFETENSORS, TensorInfo
 

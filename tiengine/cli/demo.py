@@ -2,7 +2,7 @@
 
 Renders 5 images of objects in a colour the model has no word for (purple), learns an embedding from
 them, generates held-out prompts with and without it, and prints how often the colour appears (see
-tiengine.demo). Everything goes into one folder: the training images, the embedding, an image grid and
+tiengine.toyworld.demo). Everything goes into one folder: the training images, the embedding, an image grid and
 scores.json.
 """
 
@@ -17,7 +17,7 @@ from tiengine.cli import apply_threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tiengine.demo import CONCEPT_NAME, TRAIN_STEPS
+    from tiengine.toyworld.demo import CONCEPT_NAME, TRAIN_STEPS
 
     parser = subparsers.add_parser(
         "demo",
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_demo_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from tiengine.demo import run_demo
+    from tiengine.toyworld.demo import run_demo
 
     apply_threads(args.threads)
     bars: dict[str, tqdm] = {}

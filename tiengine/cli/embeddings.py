@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from tiengine.embedding_library import EmbeddingLibrary
+    from tiengine.embeddings.library import EmbeddingLibrary
 
     library = EmbeddingLibrary(args.folder, family=args.family)
     loaded = []
@@ -116,7 +116,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from tiengine.embeddings import save_embedding
+    from tiengine.embeddings.embedding import save_embedding
 
     embedding = _load(args.source, args.name)
     written = save_embedding(embedding, args.target, format=args.format,
@@ -133,7 +133,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def _load(path: str, bundled_name: str | None) -> Any:
     """The embedding of `path`; `bundled_name` picks one of a LoRA file's bundled embeddings."""
-    from tiengine.embeddings import load_bundled_embeddings, load_embedding
+    from tiengine.embeddings.embedding import load_bundled_embeddings, load_embedding
     from tiengine.errors import EmbeddingError
 
     if bundled_name is None:

@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{args.out} already exists; pass --overwrite to replace it")
     from safetensors.torch import save
 
-    from tiengine.atomic import atomic_write_bytes
+    from tiengine.diffusion.samplers import get_sampler
     from tiengine.engine import Engine
-    from tiengine.sampling import get_sampler
+    from tiengine.io.atomic import atomic_write_bytes
 
     second_order = get_sampler(args.sampler).second_order
     engine = Engine.load(args.model, embeddings=args.embeddings)

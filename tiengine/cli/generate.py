@@ -71,7 +71,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
 
     from tiengine.engine import Engine
-    from tiengine.metadata import save_png
+    from tiengine.io.metadata import save_png
 
     init_image = None
     if args.init_image is not None:
@@ -98,8 +98,8 @@ def run_generate(args: argparse.Namespace) -> int:
                                           "parameters": parameters})
         conditioning = result.conditioning
     if len(samplers) > 1:
-        from tiengine.images import labelled_grid
-        from tiengine.metadata import format_parameters
+        from tiengine.io.images import labelled_grid
+        from tiengine.io.metadata import format_parameters
 
         grid = labelled_grid(columns)
         text = format_parameters(args.prompt, args.negative, {"Samplers": ", ".join(samplers), "Seed": seed,
@@ -159,7 +159,7 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 
 
 def _sampler_list(args: argparse.Namespace) -> list[str]:
-    from tiengine.sampling import SAMPLERS
+    from tiengine.diffusion.samplers import SAMPLERS
 
     names = [args.sampler] if not args.compare_samplers else [s.strip() for s in args.compare_samplers.split(",")]
     for name in names:
@@ -185,7 +185,7 @@ def _output_paths(args: argparse.Namespace, samplers: list[str]) -> list[Path]:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from tiengine.metadata import parse_parameters, read_image_parameters
+    from tiengine.io.metadata import parse_parameters, read_image_parameters
 
     text = read_image_parameters(args.image)
     if args.json:

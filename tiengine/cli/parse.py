@@ -1,4 +1,4 @@
-"""`tiengine parse`: show how the A1111 prompt language reads a prompt (tiengine.prompt).
+"""`tiengine parse`: show how the A1111 prompt language reads a prompt (tiengine.text.prompt).
 
 For each prompt: its attention fragments (text, weight; BREAK as ("BREAK", -1)), its schedule over the
 sampling steps (end_at_step, text) and its AND parts (text, weight). `--json` writes one object per
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tiengine.cli import CliError
-from tiengine.prompt import parse_prompt_attention, prompt_schedule, split_and
+from tiengine.text.prompt import parse_prompt_attention, prompt_schedule, split_and
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -45,10 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tiengine.chunking import tokenize_prompt
-    from tiengine.conditioning import encoder_token_ids
-    from tiengine.tokenizer import ClipTokenizer
-    from tiengine.vocabulary import EmbeddingVocabulary
+    from tiengine.text.chunking import tokenize_prompt
+    from tiengine.text.conditioning import encoder_token_ids
+    from tiengine.text.tokenizer import ClipTokenizer
+    from tiengine.text.vocabulary import EmbeddingVocabulary
 
     if args.comma_backtrack < 0:
         raise CliError(f"--comma-backtrack must be >= 0, got {args.comma_backtrack}")
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = ClipTokenizer.default()
     vocabulary = EmbeddingVocabulary(tokenizer)
     if args.embeddings is not None:
-        from tiengine.embedding_library import EmbeddingLibrary
+        from tiengine.embeddings.library import EmbeddingLibrary
 
         vocabulary = EmbeddingVocabulary.from_library(tokenizer, EmbeddingLibrary(args.embeddings, args.family))
 

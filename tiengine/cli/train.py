@@ -1,6 +1,6 @@
 """`tiengine train-embedding`: learn a textual-inversion embedding from a folder of 3-5+ images.
 
-The model stays frozen; only the new vectors are trained (tiengine.training). The embedding is written
+The model stays frozen; only the new vectors are trained (tiengine.training.textual_inversion). The embedding is written
 to `--out` (default `NAME.safetensors`), checkpoints, the loss log (`loss.csv`) and previews go to a
 hidden work folder beside it, and `--resume` continues an interrupted run exactly. A progress bar shows
 the loss and the time left; `--json` prints a summary instead.
@@ -72,7 +72,7 @@ def run_train_embedding(args: argparse.Namespace) -> int:
     import torch
 
     from tiengine.engine import Engine
-    from tiengine.training import TrainEmbeddingSettings, train_embedding
+    from tiengine.training.textual_inversion import TrainEmbeddingSettings, train_embedding
 
     apply_threads(args.threads)
     also = [fmt.strip() for fmt in args.also.split(",") if fmt.strip()]

@@ -1,0 +1,231 @@
+"""EmbeddingLibrary: a folder of embedding files (sub-folders included) as names -> Embedding.
+
+Scanning follows AUTOMATIC1111's embeddings folder: every file below the folder is looked
+at; zero-byte files and `*.preview.*` images are skipped; files of other types are skipped;
+each skipped file keeps a reason. With a model family, embeddings made for another family
+are skipped with the width message ("made for SD2 (1024), this model is SD1 (768)").
+
+Names are case-sensitive. When two files give the same name, the shallowest file wins, then
+the first by relative path (POSIX, code-point order); the others stay reachable by path and
+are reported in `collisions`. Path references (for the explicit `embedding:sub/name` syntax)
+are relative paths without extension, e.g. "negatives/EasyNegative"; two files differing only
+in extension resolve to the first by relative path. `reload()` re-reads only files whose
+modification time or size changed and drops deleted ones. No tokenizer logic lives here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tiengine.embeddings.embedding import FAMILY_LABELS, PAIR_SECOND_STEM, Embedding, load_embedding, pair_partner
+from tiengine.errors import EmbeddingError, TiengineError
+
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp")
+
+# (st_mtime_ns, st_size) of a file, plus its pair partner's for diffusers SDXL pairs
+Signature = tuple[tuple[int, int], tuple[int, int] | None]
+
+
+@dataclass
+class LibraryEntry:
+    """One file of the folder: loaded (`embedding`) or skipped (`reason`)."""
+
+    relative_path: str  # POSIX path below the folder, with extension
+    embedding: Embedding | None = None
+    reason: str | None = None
+
+    @property
+    def path_key(self) -> str:
+        """Relative path without extension: the `embedding:sub/name` form."""
+        stem, _ = os.path.splitext(self.relative_path)
+        return stem
+
+
+@dataclass
+class ReloadReport:
+    """Relative paths that appeared, changed or disappeared since the previous scan."""
+
+    added: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+class EmbeddingLibrary:
+    """Embeddings of one folder by name and by relative path (see module docstring)."""
+
+    def __init__(self, folder: str | os.PathLike[str], family: str | None = None):
+        if family is not None and family not in FAMILY_LABELS:
+            raise EmbeddingError(f"unknown model family {family!r} (expected "
+                                 f"{', '.join(FAMILY_LABELS)})")
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise EmbeddingError(f"{self.folder}: not a folder")
+        self.family = family
+        self._files: dict[str, tuple[Signature, LibraryEntry]] = {}
+        self._by_name: dict[str, LibraryEntry] = {}
+        self._by_path: dict[str, LibraryEntry] = {}
+        self.collisions: dict[str, list[str]] = {}  # name -> [winner, shadowed...] (rel. paths)
+        self.reload()
+
+    # -- scanning
+    def reload(self) -> ReloadReport:
+        """Re-scan the folder, re-reading only new or changed files."""
+        report = ReloadReport()
+        seen: dict[str, tuple[Path, Signature]] = {}
+        for path in self._walk():
+            relative = path.relative_to(self.folder).as_posix()
+            signature = _signature(path)
+            if signature is not None:
+                seen[relative] = (path, signature)
+        for relative in sorted(set(self._files) - set(seen)):
+            del self._files[relative]
+            report.removed.append(relative)
+        for relative, (path, signature) in seen.items():
+            cached = self._files.get(relative)
+            if cached is not None and cached[0] == signature:
+                continue
+            (report.changed if cached else report.added).append(relative)
+            self._files[relative] = (signature, self._read(path, relative))
+        self._index()
+        return report
+
+    def _walk(self) -> Iterator[Path]:
+        """Every file below the folder, sorted, following links once; hidden folders skipped."""
+        visited: set[str] = set()
+        for root, folders, files in os.walk(self.folder, followlinks=True):
+            real = os.path.realpath(root)
+            if real in visited:
+                folders[:] = []
+                continue
+            visited.add(real)
+            folders[:] = sorted(f for f in folders if not f.startswith("."))
+            for name in sorted(files):
+                yield Path(root) / name
+
+    def _read(self, path: Path, relative: str) -> LibraryEntry:
+        entry = LibraryEntry(relative)
+        suffix = path.suffix.lower()
+        if ".preview." in path.name.lower():
+            entry.reason = "preview image"
+        elif suffix not in EMBEDDING_SUFFIXES:
+            entry.reason = f"not an embedding file type ({suffix or 'no extension'})"
+        elif path.stat().st_size == 0:
+            entry.reason = "empty file (0 bytes)"
+        elif PAIR_SECOND_STEM in path.stem and pair_partner(path) is not None:
+            partner = pair_partner(path)
+            assert partner is not None
+            entry.reason = (f"second half of the SDXL pair "
+                            f"{partner.relative_to(self.folder).as_posix()}")
+        else:
+            try:
+                entry.embedding = load_embedding(path)
+            except TiengineError as error:
+                entry.reason = _strip_label(str(error), str(path))
+        return entry
+
+    def _index(self) -> None:
+        """Rebuild the name and path tables from the cached entries."""
+        candidates: dict[str, list[LibraryEntry]] = {}
+        self._by_path = {}
+        for relative in sorted(self._files):
+            entry = self._files[relative][1]
+            if self._usable(entry) is None:
+                continue
+            self._by_path.setdefault(entry.path_key, entry)
+            assert entry.embedding is not None
+            candidates.setdefault(entry.embedding.name, []).append(entry)
+        self._by_name, self.collisions = {}, {}
+        for name, entries in candidates.items():
+            entries.sort(key=lambda e: (e.relative_path.count("/"), e.relative_path))
+            self._by_name[name] = entries[0]
+            if len(entries) > 1:
+                self.collisions[name] = [e.relative_path for e in entries]
+
+    def _usable(self, entry: LibraryEntry) -> Embedding | None:
+        if entry.embedding is None:
+            return None
+        if self.family is not None and entry.embedding.mismatch(self.family):
+            return None
+        return entry.embedding
+
+    # -- results
+    @property
+    def entries(self) -> list[LibraryEntry]:
+        """Every file, sorted by relative path; family mismatches carry their reason."""
+        result = []
+        for relative in sorted(self._files):
+            entry = self._files[relative][1]
+            if entry.embedding is not None and self._usable(entry) is None:
+                assert self.family is not None
+                entry = LibraryEntry(relative, None, entry.embedding.mismatch(self.family))
+            result.append(entry)
+        return result
+
+    @property
+    def loaded(self) -> dict[str, Embedding]:
+        """Name -> embedding for every usable name (collision winners only)."""
+        return {name: entry.embedding for name, entry in sorted(self._by_name.items())
+                if entry.embedding is not None}
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """Relative path -> reason for every file not loaded."""
+        return {e.relative_path: e.reason for e in self.entries if e.reason is not None}
+
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def path_keys(self, name: str) -> list[str]:
+        """Relative paths without extension that also refer to the embedding `name`."""
+        entry = self._by_name.get(name)
+        return [entry.path_key] if entry is not None else []
+
+    def get(self, name: str) -> Embedding | None:
+        """Embedding by its (case-sensitive) name."""
+        entry = self._by_name.get(name)
+        return entry.embedding if entry is not None else None
+
+    def by_path(self, path_key: str) -> Embedding | None:
+        """Embedding by relative path without extension ("sub/name"); any file, even shadowed."""
+        entry = self._by_path.get(path_key.replace(os.sep, "/").strip("/"))
+        return entry.embedding if entry is not None else None
+
+    def lookup(self, reference: str) -> Embedding | None:
+        """By name first, then by relative path (what `embedding:REFERENCE` means)."""
+        return self.get(reference) or self.by_path(reference)
+
+    def __getitem__(self, name: str) -> Embedding:
+        embedding = self.get(name)
+        if embedding is None:
+            raise KeyError(name)
+        return embedding
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+def _signature(path: Path) -> Signature | None:
+    try:
+        stat = path.stat()
+    except OSError:  # vanished or a broken link
+        return None
+    partner = pair_partner(path) if path.suffix.lower() in EMBEDDING_SUFFIXES else None
+    partner_stat = None
+    if partner is not None:
+        other = partner.stat()
+        partner_stat = (other.st_mtime_ns, other.st_size)
+    return (stat.st_mtime_ns, stat.st_size), partner_stat
+
+
+def _strip_label(message: str, label: str) -> str:
+    """An error message without its leading "<file>: " (the listing names the file)."""
+    return message[len(label) + 2 :] if message.startswith(label + ": ") else message

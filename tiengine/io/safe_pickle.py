@@ -1,0 +1,516 @@
+"""Restricted reader for PyTorch pickle files (.pt, .bin, .ckpt) that never executes code.
+
+A PyTorch file is a Python pickle whose tensors point at raw storages kept beside it. Two
+containers exist (layouts from torch/serialization.py, which we read but do not call):
+
+- zip (torch >= 1.6): `<dir>/data.pkl` (the pickle), `<dir>/data/<key>` (one raw storage per
+  key), optional `<dir>/byteorder` ("little" or "big"). Storages of entries stored without
+  compression are memory-mapped, so a multi-GB .ckpt is never read whole.
+- legacy (`_use_new_zipfile_serialization=False`): pickled magic number 0x1950a86a20f9469cfc6c,
+  protocol 1001, a sys_info dict, the object pickle, a pickled list of storage keys, then for
+  each key an int64 element count followed by the raw little-endian bytes.
+
+The pickle runs through a `pickle.Unpickler` whose `find_class` resolves only an allowlist:
+tensor rebuild functions (re-implemented here), typed storages, `torch.Size`, dtypes,
+`collections.OrderedDict`, plain containers, `_codecs.encode`, numpy scalars/dtypes/arrays of
+plain numeric types, and inert stand-ins (`InertObject`) for a few harmless classes seen in
+real files (the original textual-inversion repo's `ParameterDict`, `Parameter`, PyTorch
+Lightning's `ModelCheckpoint`). Any other global raises UnsafePickleError naming it and the
+file before anything is constructed from it. Malformed or truncated files raise
+CheckpointError.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tiengine.errors import CheckpointError, TiengineError, UnsafePickleError
+from tiengine.io.pickle_allowlist import (
+    INERT_CLASSES,
+    STORAGE_DTYPES,
+    TORCH_DTYPE_NAMES,
+    InertModelCheckpoint,
+    InertObject,
+    InertParameter,
+    InertParameterDict,
+    StorageType,
+    codecs_encode,
+    int_tuple,
+    make_bytearray,
+    make_device,
+    make_size,
+    non_negative_int,
+    numpy_dtype,
+    numpy_ndarray_class,
+    numpy_reconstruct,
+    numpy_scalar,
+    rebuild_parameter,
+    rebuild_parameter_with_state,
+)
+
+LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
+
+# stand-ins a caller may meet in a loaded object (defined beside the rest of the allowlist)
+__all__ = ["InertObject", "InertParameterDict", "InertParameter", "InertModelCheckpoint",
+           "StorageRef", "TensorRef", "TorchArchive", "open_torch_file", "load_pickle",
+           "iter_tensors"]
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    """One storage of the file: `numel` elements of `dtype` under `key`.
+
+    `element_offset` is non-zero only for legacy storage views into a root storage.
+    """
+
+    key: str
+    dtype: torch.dtype
+    numel: int
+    element_offset: int = 0
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor not yet read: its storage, view geometry and the archive that holds the bytes."""
+
+    storage: StorageRef
+    storage_offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    archive: TorchArchive = field(repr=False, compare=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+    def load(self, *, copy: bool = False) -> torch.Tensor:
+        """Read the tensor: memory-mapped (copy-on-write) when the bytes allow it, or, with copy=True,
+        into memory of its own so that nothing of the file stays mapped (for one-at-a-time streaming)."""
+        return self.archive._tensor(self, copy=copy)
+
+
+def _view_extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    """Number of storage elements a strided view spans (0 for an empty tensor)."""
+    if any(size == 0 for size in shape):
+        return 0
+    return 1 + sum((size - 1) * step for size, step in zip(shape, stride))
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves globals only from the allowlist; storages through the owning archive."""
+
+    def __init__(self, file: io.BufferedIOBase, archive: TorchArchive, *, materialize: bool):
+        super().__init__(file, encoding="utf-8")
+        self._archive = archive
+        self._materialize = materialize
+        self._roots: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # storages read so far
+        self._rebuild_functions = (self._rebuild_tensor, self._rebuild_tensor_v2,
+                                   self._rebuild_tensor_v3)  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> Any:
+        # protocol-2 pickles use Python 2 names ('__builtin__.set', 'commands.Popen'); map them
+        # as pickle itself would, so the allowlist and messages see the real global
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        else:
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        found = self._allowed(module, name)
+        if found is None:
+            raise UnsafePickleError(
+                f"{self._archive.path}: refused to load global '{module}.{name}' (only tensors, "
+                "storages and plain containers are allowed); nothing from the file was executed"
+            )
+        return found
+
+    def _allowed(self, module: str, name: str) -> Any:
+        if module == "torch._utils":
+            return {
+                "_rebuild_tensor": self._rebuild_tensor,
+                "_rebuild_tensor_v2": self._rebuild_tensor_v2,
+                "_rebuild_tensor_v3": self._rebuild_tensor_v3,
+                "_rebuild_parameter": rebuild_parameter,
+                "_rebuild_parameter_with_state": rebuild_parameter_with_state,
+            }.get(name)
+        if (module, name) == ("torch._tensor", "_rebuild_from_type_v2"):
+            return self._rebuild_from_type_v2
+        if module in ("torch", "torch.storage") and name in STORAGE_DTYPES:
+            return StorageType(STORAGE_DTYPES[name])
+        if module == "torch":
+            if name in TORCH_DTYPE_NAMES and hasattr(torch, name):
+                return getattr(torch, name)
+            return {"Size": make_size, "device": make_device, "Tensor": torch.Tensor}.get(name)
+        if (module, name) in INERT_CLASSES:
+            return INERT_CLASSES[(module, name)]
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "builtins":
+            return {"set": set, "frozenset": frozenset, "complex": complex,
+                    "bytearray": make_bytearray}.get(name)  # fmt: skip
+        if (module, name) == ("_codecs", "encode"):
+            return codecs_encode
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return {"scalar": numpy_scalar, "_reconstruct": numpy_reconstruct}.get(name)
+        if module == "numpy" and name in ("dtype", "ndarray"):
+            return numpy_dtype if name == "dtype" else numpy_ndarray_class()
+        return None
+
+    def persistent_load(self, pid: Any) -> Any:
+        ref = self._archive._storage_from_pid(pid)
+        if not self._materialize or not isinstance(ref, StorageRef):
+            return ref
+        root = self._roots.get((ref.key, ref.dtype))
+        if root is None:
+            root = self._archive._root_tensor(ref.key, ref.dtype, copy=True)
+            self._roots[(ref.key, ref.dtype)] = root
+        return root[ref.element_offset : ref.element_offset + ref.numel]
+
+    # -- tensor rebuild functions (same arguments as torch._utils', but no code from the file)
+    def _rebuild_tensor(self, storage: Any, storage_offset: Any, size: Any, stride: Any) -> Any:
+        return self._rebuild_tensor_v2(storage, storage_offset, size, stride, False, None)
+
+    def _rebuild_tensor_v2(self, storage: Any, storage_offset: Any, size: Any, stride: Any,
+                           requires_grad: Any, backward_hooks: Any, metadata: Any = None) -> Any:
+        if isinstance(storage, torch.Tensor):  # materialized storage (1-D, its dtype)
+            shape, strides = int_tuple(size, "size"), int_tuple(stride, "stride")
+            offset = non_negative_int(storage_offset, "storage offset")
+            if len(shape) != len(strides) or offset + _view_extent(shape, strides) > storage.numel():
+                raise CheckpointError(f"{self._archive.path}: a tensor view {shape} lies outside "
+                                      f"its storage of {storage.numel()} elements")
+            return storage.as_strided(shape, strides, storage.storage_offset() + offset)
+        if not isinstance(storage, StorageRef):
+            raise CheckpointError(f"{self._archive.path}: tensor rebuilt from a "
+                                  f"{type(storage).__name__}, expected a storage")
+        return self._archive._tensor_ref(storage, storage_offset, size, stride)
+
+    def _rebuild_tensor_v3(self, storage: Any, storage_offset: Any, size: Any, stride: Any,
+                           requires_grad: Any, backward_hooks: Any, dtype: Any,
+                           metadata: Any = None) -> Any:
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"{self._archive.path}: _rebuild_tensor_v3 without a dtype")
+        if isinstance(storage, torch.Tensor):
+            storage = storage.view(torch.uint8).view(dtype)
+        elif isinstance(storage, StorageRef):
+            storage = self._archive._retype(storage, dtype)
+        return self._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, None)
+
+    def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> Any:
+        allowed_types = (torch.Tensor, InertParameter)
+        if func not in self._rebuild_functions or new_type not in allowed_types:
+            raise UnsafePickleError(f"{self._archive.path}: refused _rebuild_from_type_v2 of "
+                                    f"{getattr(new_type, '__name__', new_type)!r}")
+        return func(*args)
+
+
+class TorchArchive:
+    """An opened PyTorch file whose tensors are read one at a time.
+
+    `root` is the unpickled object with TensorRef leaves; `tensors()` walks it. Tensors from
+    `TensorRef.load()` share memory with a copy-on-write map of the file when stored
+    uncompressed and aligned, otherwise they are read into their own memory.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._storages: dict[str, StorageRef] = {}
+        self._mapped: mmap.mmap | None = None
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_prefix = ""
+        self._big_endian = False
+        self._legacy_offsets: dict[str, int] = {}  # storage key -> byte offset of its data
+        self._legacy_main_pickle = 0  # byte offset of the object pickle in a legacy file
+        self.format = self._open()
+        self.root = self._unpickle(materialize=False)
+
+    # -- opening
+    def _open(self) -> str:
+        try:
+            with open(self.path, "rb") as file:
+                head = file.read(4)
+        except OSError as error:
+            raise CheckpointError(f"{self.path}: cannot read ({error.strerror})") from None
+        if not head:
+            raise CheckpointError(f"{self.path}: file is empty (0 bytes)")
+        if head == b"PK\x03\x04":
+            self._open_zip()
+            return "zip"
+        if head[:1] == b"\x80":
+            return "legacy"
+        raise CheckpointError(f"{self.path}: not a PyTorch file (starts with {head!r})")
+
+    def _open_zip(self) -> None:
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+            names = self._zip.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+            raise CheckpointError(f"{self.path}: corrupt or truncated PyTorch zip archive "
+                                  f"({error})") from None
+        pickles = [n for n in names if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise CheckpointError(f"{self.path}: zip archive without exactly one '<dir>/data.pkl'"
+                                  f" (entries: {', '.join(names[:8])})")
+        self._zip_prefix = pickles[0][: -len("data.pkl")]
+        if self._zip_prefix + "byteorder" in names:
+            order = self._zip.read(self._zip_prefix + "byteorder")
+            if order not in (b"little", b"big"):
+                raise CheckpointError(f"{self.path}: unknown byteorder record {order!r:.20}")
+            self._big_endian = order == b"big"
+
+    def _unpickle(self, *, materialize: bool) -> Any:
+        try:
+            if self.format == "zip":
+                assert self._zip is not None
+                data = self._zip.read(self._zip_prefix + "data.pkl")
+                return _RestrictedUnpickler(io.BytesIO(data), self, materialize=materialize).load()
+            return self._unpickle_legacy(materialize=materialize)
+        except TiengineError:
+            raise
+        except Exception as error:  # a truncated or malformed stream; nothing was executed
+            raise CheckpointError(f"{self.path}: malformed PyTorch file ({type(error).__name__}:"
+                                  f" {error})") from None
+
+    def _unpickle_legacy(self, *, materialize: bool) -> Any:
+        with open(self.path, "rb") as file:
+            if materialize:  # second pass: storages located by the first
+                file.seek(self._legacy_main_pickle)
+                return _RestrictedUnpickler(file, self, materialize=True).load()
+            header = _RestrictedUnpickler(file, self, materialize=False)
+            if header.load() != LEGACY_MAGIC_NUMBER:
+                raise CheckpointError(f"{self.path}: not a PyTorch file (pickle without magic)")
+            if header.load() != LEGACY_PROTOCOL_VERSION:
+                raise CheckpointError(f"{self.path}: unsupported legacy protocol version")
+            sys_info = header.load()
+            if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+                raise CheckpointError(f"{self.path}: big-endian legacy files are not supported")
+            self._legacy_main_pickle = file.tell()
+            root = _RestrictedUnpickler(file, self, materialize=False).load()
+            keys = _RestrictedUnpickler(file, self, materialize=False).load()
+            self._locate_legacy_storages(file, keys)
+            return root
+
+    def _locate_legacy_storages(self, file: io.BufferedReader, keys: Any) -> None:
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise CheckpointError(f"{self.path}: legacy storage key list is malformed")
+        offset = file.tell()
+        size = os.fstat(file.fileno()).st_size
+        for key in keys:
+            ref = self._storages.get(key)
+            if ref is None:
+                raise CheckpointError(f"{self.path}: storage {key!r} listed but never used")
+            file.seek(offset)
+            (count,) = struct.unpack("<q", file.read(8).rjust(8, b"\0"))
+            if count != ref.numel or offset + 8 + count * ref.dtype.itemsize > size:
+                raise CheckpointError(f"{self.path}: storage {key!r} is truncated or its size "
+                                      f"({count}) differs from the pickle's ({ref.numel})")
+            self._legacy_offsets[key] = offset + 8
+            offset += 8 + count * ref.dtype.itemsize
+
+    # -- storages
+    def _storage_from_pid(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] in ("module", b"module"):
+            # legacy files record each nn.Module class with its source; the class itself was
+            # resolved (or refused) by find_class, the source text is ignored
+            if isinstance(pid[1], type) and issubclass(pid[1], InertObject):
+                return pid[1]
+            raise CheckpointError(f"{self.path}: unexpected module record {pid[1]!r:.80}")
+        if not isinstance(pid, tuple) or len(pid) not in (5, 6) or pid[0] not in ("storage",
+                                                                                  b"storage"):
+            raise CheckpointError(f"{self.path}: unexpected persistent id {pid!r:.80}")
+        storage_type, key, _location, numel = pid[1:5]
+        if not isinstance(storage_type, StorageType) or not isinstance(key, str):
+            raise CheckpointError(f"{self.path}: storage {key!r:.40} has no storage type")
+        numel = non_negative_int(numel, f"storage {key!r} size")
+        view = pid[5] if len(pid) == 6 else None
+        ref = self._storages.get(key)
+        if ref is None:
+            ref = StorageRef(key, storage_type.dtype, numel)
+            self._storages[key] = ref
+        elif ref.dtype != storage_type.dtype:
+            raise CheckpointError(f"{self.path}: storage {key!r} used as two dtypes")
+        if view is not None:  # legacy view: (view_key, element offset, element count)
+            _view_key, view_offset, view_numel = view
+            view_offset = non_negative_int(view_offset, "storage view offset")
+            view_numel = non_negative_int(view_numel, "storage view size")
+            if view_offset + view_numel > ref.numel:
+                raise CheckpointError(f"{self.path}: storage view outside storage {key!r}")
+            return StorageRef(key, ref.dtype, view_numel, view_offset)
+        return ref
+
+    def _retype(self, ref: StorageRef, dtype: torch.dtype) -> StorageRef:
+        nbytes = ref.numel * ref.dtype.itemsize
+        if nbytes % dtype.itemsize or ref.element_offset:
+            raise CheckpointError(f"{self.path}: storage {ref.key!r} cannot hold {dtype}")
+        return StorageRef(ref.key, dtype, nbytes // dtype.itemsize)
+
+    def _tensor_ref(self, storage: StorageRef, storage_offset: Any, size: Any,
+                    stride: Any) -> TensorRef:
+        shape, strides = int_tuple(size, "size"), int_tuple(stride, "stride")
+        offset = non_negative_int(storage_offset, "storage offset")
+        if len(shape) != len(strides):
+            raise CheckpointError(f"{self.path}: tensor size {shape} and stride {strides} differ")
+        if offset + _view_extent(shape, strides) > storage.numel:
+            raise CheckpointError(f"{self.path}: a tensor view {shape} lies outside its storage "
+                                  f"{storage.key!r} of {storage.numel} elements")
+        return TensorRef(storage, offset + storage.element_offset, shape, strides, self)
+
+    def _root_tensor(self, key: str, dtype: torch.dtype, *, copy: bool) -> torch.Tensor:
+        """The whole storage `key` as a 1-D tensor of `dtype` (storage offset 0)."""
+        root = self._storages[key]
+        nbytes = root.numel * root.dtype.itemsize
+        offset, stored = self._data_location(key, nbytes)
+        if stored and not copy and nbytes and offset % dtype.itemsize == 0:
+            data = torch.frombuffer(self._map(), dtype=torch.uint8, count=nbytes, offset=offset)
+        else:
+            data = torch.empty(nbytes, dtype=torch.uint8)
+            if nbytes and stored:
+                with open(self.path, "rb") as file:
+                    file.seek(offset)
+                    _read_into(file, data.numpy(), f"{self.path}: storage {key!r}")
+            elif nbytes:
+                assert self._zip is not None
+                with self._zip.open(self._zip_prefix + "data/" + key) as entry:
+                    _read_into(entry, data.numpy(), f"{self.path}: storage {key!r}")
+        if self._big_endian and dtype.itemsize > 1:
+            # (numel, itemsize) bytes, each element's bytes reversed -> native little-endian
+            data = data.view(-1, dtype.itemsize).flip(-1).reshape(-1)
+        return data.view(dtype) if nbytes else torch.empty(0, dtype=dtype)
+
+    def _data_location(self, key: str, nbytes: int) -> tuple[int, bool]:
+        """(byte offset in the file, stored uncompressed) of a storage's bytes."""
+        if self.format == "legacy":
+            if key not in self._legacy_offsets:
+                raise CheckpointError(f"{self.path}: storage {key!r} has no data")
+            return self._legacy_offsets[key], True
+        assert self._zip is not None
+        name = self._zip_prefix + "data/" + key
+        try:
+            info = self._zip.getinfo(name)
+        except KeyError:
+            raise CheckpointError(f"{self.path}: storage entry {name!r} is missing") from None
+        if info.file_size < nbytes:
+            raise CheckpointError(f"{self.path}: storage {name!r} holds {info.file_size} bytes, "
+                                  f"the pickle needs {nbytes}")
+        if info.compress_type != zipfile.ZIP_STORED:
+            return 0, False
+        with open(self.path, "rb") as file:
+            file.seek(info.header_offset)
+            local = file.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise CheckpointError(f"{self.path}: bad local header for {name!r}")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        return info.header_offset + 30 + name_len + extra_len, True
+
+    def _map(self) -> mmap.mmap:
+        if self._mapped is None:
+            with open(self.path, "rb") as file:
+                self._mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._mapped
+
+    def _tensor(self, ref: TensorRef, *, copy: bool) -> torch.Tensor:
+        root = self._root_tensor(ref.storage.key, ref.dtype, copy=copy)
+        return root.as_strided(ref.shape, ref.stride, ref.storage_offset)
+
+    # -- public
+    def tensors(self) -> Iterator[tuple[str, TensorRef]]:
+        """(dotted key, TensorRef) for every tensor under `root`, in pickle order."""
+        yield from _walk_tensors(self.root, "", set())
+
+    def materialize(self) -> Any:
+        """The whole object with every tensor read into its own memory."""
+        return self._unpickle(materialize=True)
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+        self._mapped = None  # the map closes once no tensor uses it
+
+    def __enter__(self) -> TorchArchive:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _read_into(file: Any, target: Any, what: str) -> None:
+    view = memoryview(target).cast("B")
+    done = 0
+    while done < len(view):
+        count = file.readinto(view[done:])
+        if not count:
+            raise CheckpointError(f"{what} is truncated ({done} of {len(view)} bytes)")
+        done += count
+
+
+def _walk_tensors(obj: Any, prefix: str, seen: set[int]) -> Iterator[tuple[str, TensorRef]]:
+    if isinstance(obj, TensorRef):
+        yield prefix, obj
+        return
+    if id(obj) in seen:
+        return
+    items: Any
+    if isinstance(obj, dict):
+        seen.add(id(obj))
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        seen.add(id(obj))
+        items = enumerate(obj)
+    elif isinstance(obj, InertObject):
+        seen.add(id(obj))
+        items = [("", obj.state)]
+    else:
+        return
+    for key, value in items:
+        name = f"{prefix}.{key}" if prefix and key != "" else (prefix or str(key))
+        yield from _walk_tensors(value, name, seen)
+
+
+def open_torch_file(path: str | os.PathLike[str]) -> TorchArchive:
+    """Open a .pt/.bin/.ckpt for reading tensors one at a time (see TorchArchive)."""
+    return TorchArchive(path)
+
+
+def load_pickle(path: str | os.PathLike[str], *, lazy: bool = False) -> Any:
+    """Load a PyTorch file without executing code.
+
+    lazy=False: tensors are torch tensors in their own memory (the file is closed after).
+    lazy=True: tensors are TensorRef placeholders; call `.load()` on each when needed.
+    """
+    archive = TorchArchive(path)
+    if lazy:
+        return archive.root
+    try:
+        return archive.materialize()
+    finally:
+        archive.close()
+
+
+def iter_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted key, tensor) pairs read one at a time, e.g. "state_dict.model.x.weight".
+
+    Only one tensor is made resident at a time (memory-mapped where possible); a caller
+    that drops each tensor after use keeps memory bounded on multi-GB checkpoints.
+    """
+    with TorchArchive(path) as archive:
+        for key, ref in archive.tensors():
+            yield key, ref.load()
+

@@ -1,0 +1,229 @@
+"""End-to-end textual inversion on the default model: learn a concept the captions never named.
+
+The toy world (tiengine.toyworld.world) colours the objects of a fifth of its scenes with any hue and then
+names no colour; purple (toyworld.CONCEPT_HUE, halfway between blue and red) is among those hues, but no
+caption ever has a word for it. The default model can draw it but nothing in a prompt selects it.
+`run_demo`:
+
+1. renders `CONCEPT_IMAGES` scenes of purple objects with toyworld.concept_examples and writes them as
+   PNG files with their captions into OUT/concept_images/; a caption names count, size, shape and
+   position and puts `[name]` where a colour word would stand ("three small [name] triangles on the
+   left");
+2. trains a textual-inversion embedding on them with the engine (tiengine.training.textual_inversion, exactly what
+   `tiengine train-embedding` runs; the printed command reproduces it) using the template `TEMPLATE`
+   ("[filewords]": the caption is the whole prompt, the name in the colour word's place), starting from
+   the vector of `INIT_TEXT`;
+3. generates every evaluation prompt three ways from the same seeds, with the colour word's place left
+   empty ("a small circle on the left"), holding the English word the model was never taught ("a small
+   purple circle on the left") and holding the embedding's name ("a small toyconcept circle on the left");
+4. detects the concept (every object within toyworld.CONCEPT_HUE_TOLERANCE of purple) and the prompt's
+   named attributes in each image (toyworld_eval.adherence_report), writes OUT/demo_grid.png and
+   OUT/scores.json.
+
+Evaluation prompts are the canonical captions of toyworld.held_out_combinations(): object groups the
+model never saw in training, so the concept has to transfer to new scenes. Without a colour word the
+model picks a hue of its own, so the prompt alone shows how often it draws purple by chance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tiengine.default_model import DEFAULT_MODEL_CFG_SCALE
+from tiengine.engine import Engine
+from tiengine.errors import TiengineError
+from tiengine.io.atomic import atomic_write, atomic_write_bytes
+from tiengine.io.images import labelled_grid
+from tiengine.toyworld.detector import adherence_report
+from tiengine.toyworld.evaluation import DEFAULT_SAMPLER, DEFAULT_STEPS, held_out_prompts
+from tiengine.toyworld.world import concept_examples
+from tiengine.training.data import NAME_PLACEHOLDER
+from tiengine.training.textual_inversion import TrainEmbeddingSettings
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+CONCEPT_NAME = "toyconcept"
+CONCEPT_IMAGES = 5
+INIT_TEXT = "blue"
+TEMPLATE = "[filewords]"  # the captions hold [name] in the colour word's place
+NEAREST_WORD = "purple"  # the English word, in no training caption (its token row is untrained)
+TRAIN_STEPS = 1200
+TRAIN_BATCH = 5
+LEARNING_RATE = "0.05"
+GRID_ROWS = 8
+GRID_SCALE = 2  # grid cells are the 64 px images scaled up by this factor (nearest neighbour)
+
+# targets of the demonstration (share of images showing the concept)
+TARGET_WITH = 0.70
+TARGET_WITHOUT = 0.10
+
+
+class DemoError(TiengineError):
+    """The demo cannot run: an output folder that would be overwritten, or bad settings."""
+
+
+@dataclass
+class ArmScore:
+    """One way of prompting: its colour word, how often the concept appeared, how often the prompt was followed."""
+
+    label: str
+    colour_word: str
+    concept_rate: float
+    prompt_adherence: float
+
+
+@dataclass
+class DemoReport:
+    name: str
+    arms: list[ArmScore]
+    images_per_arm: int
+    train_steps: int
+    train_seconds: float
+    total_seconds: float
+    embedding_path: str
+    grid_path: str
+    train_command: str
+    outputs: list[str] = field(default_factory=list)
+
+    def arm(self, label: str) -> ArmScore:
+        return next(arm for arm in self.arms if arm.label == label)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"concept present in generated images ({self.images_per_arm} images each, held-out prompts):"]
+        for arm in self.arms:
+            lines.append(
+                f"  {arm.label:<22} {arm.concept_rate:6.1%}   (prompt followed {arm.prompt_adherence:.1%})"
+            )
+        with_rate = self.arm("with the embedding").concept_rate
+        without_rate = self.arm("prompt alone").concept_rate
+        verdict = "met" if with_rate >= TARGET_WITH and without_rate < TARGET_WITHOUT else "NOT met"
+        lines.append(
+            f"targets (>= {TARGET_WITH:.0%} with the embedding, < {TARGET_WITHOUT:.0%} without): {verdict}"
+        )
+        lines.append(f"training: {self.train_steps} steps in {self.train_seconds:.0f} s; whole demo "
+                     f"{self.total_seconds / 60:.1f} min")
+        return lines
+
+
+def evaluation_prompts(colour_word: str = "") -> list[str]:
+    """The canonical caption of every held-out combination with `colour_word` in the colour word's place
+    (empty: none), sorted (a fixed list)."""
+    return held_out_prompts(1, colour_word=colour_word)
+
+
+def write_concept_images(folder: Path, seed: int, *, overwrite: bool) -> list[Path]:
+    """CONCEPT_IMAGES renders of the concept as NN.png + NN.txt (caption with [name]) in `folder`."""
+    from PIL import Image
+
+    images, captions = concept_examples(seed, CONCEPT_IMAGES, colour_word=NAME_PLACEHOLDER)  # (n, 64, 64, 3) uint8
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, (pixels, caption) in enumerate(zip(images, captions), start=1):
+        image = Image.fromarray(pixels)
+        path = folder / f"{index:02d}.png"
+        atomic_write(path, lambda temporary, image=image: image.save(temporary, format="PNG"), overwrite=overwrite)
+        atomic_write_bytes(folder / f"{index:02d}.txt", caption.encode("utf-8"), overwrite=overwrite)
+        written.append(path)
+    return written
+
+
+def _grid(columns: list[tuple[str, list[Image.Image]]]) -> Image.Image:
+    from PIL import Image
+
+    scaled = [
+        (label, [image.resize((image.width * GRID_SCALE, image.height * GRID_SCALE), Image.NEAREST)
+                 for image in images[:GRID_ROWS]])
+        for label, images in columns
+    ]
+    return labelled_grid(scaled)
+
+
+def run_demo(
+    out: str | os.PathLike[str],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    train_steps: int = TRAIN_STEPS,
+    overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> DemoReport:
+    """Run the demonstration into the folder `out` (see the module docstring); returns the scores.
+
+    progress(stage, done, total) is called as training steps and generated images complete.
+    """
+    import numpy as np
+
+    if train_steps < 1:
+        raise DemoError(f"training steps must be >= 1, got {train_steps}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DemoError(f"{out}: the folder is not empty; pick another --out or pass --overwrite to replace its files")
+    started = time.perf_counter()
+    report = progress or (lambda stage, done, total: None)
+
+    images_dir = out / "concept_images"
+    outputs = [str(path) for path in write_concept_images(images_dir, seed, overwrite=overwrite)]
+    template_path = atomic_write_bytes(out / "template.txt", (TEMPLATE + "\n").encode("utf-8"), overwrite=overwrite)
+    embedding_path = out / f"{CONCEPT_NAME}.safetensors"
+
+    engine = Engine.load(model)
+    settings = TrainEmbeddingSettings(
+        vectors=1, init_text=INIT_TEXT, steps=train_steps, batch_size=TRAIN_BATCH, learning_rate=LEARNING_RATE,
+        template=str(template_path), seed=seed, save_every=0,
+    )
+    train_command = (
+        f"tiengine train-embedding {images_dir} --name {CONCEPT_NAME} --init-text {INIT_TEXT} "
+        f"--steps {train_steps} --batch-size {TRAIN_BATCH} --lr '{LEARNING_RATE}' --template {template_path} "
+        f"--seed {seed} --save-every 0 --out {embedding_path}"
+    )
+    train_started = time.perf_counter()
+    result = engine.train_embedding(
+        images_dir, CONCEPT_NAME, out=embedding_path, overwrite=overwrite,
+        callback=lambda step: report("training", step.step, step.steps), **asdict(settings),
+    )
+    train_seconds = time.perf_counter() - train_started
+    if result.embedding is None:
+        raise DemoError(f"the model's text encoder widths {engine.encoder_widths} fit no embedding file")
+    outputs += [str(path) for path in result.outputs]
+    engine.add_embedding(result.embedding)
+
+    arm_words = [("prompt alone", ""), ("nearest word", NEAREST_WORD), ("with the embedding", CONCEPT_NAME)]
+    plain_prompts = evaluation_prompts()
+    columns = []
+    arms = []
+    total_images = len(plain_prompts) * len(arm_words)
+    for number, (label, colour_word) in enumerate(arm_words):
+        images = []
+        for index, prompt in enumerate(evaluation_prompts(colour_word)):
+            generated = engine.generate(prompt, steps=DEFAULT_STEPS, sampler=DEFAULT_SAMPLER,
+                                        cfg_scale=DEFAULT_MODEL_CFG_SCALE, seed=seed + index)
+            images += generated.images
+            report("generating", number * len(plain_prompts) + index + 1, total_images)
+        # the named attributes are scored against the prompt without its colour word: the colour is the concept's
+        scores = adherence_report([np.asarray(image.convert("RGB")) for image in images], plain_prompts)
+        arms.append(ArmScore(label, colour_word, scores.concept_rate, scores.score))
+        columns.append((colour_word or label, images))
+
+    from PIL import Image
+
+    training_images = [Image.open(path).convert("RGB") for path in sorted(images_dir.glob("*.png"))]
+    grid = _grid([("training images", training_images)] + columns)
+    grid_path = atomic_write(out / "demo_grid.png", lambda temporary: grid.save(temporary, format="PNG"),
+                             overwrite=overwrite)
+    scores_path = out / "scores.json"
+    demo = DemoReport(
+        name=CONCEPT_NAME, arms=arms, images_per_arm=len(plain_prompts), train_steps=result.steps_done,
+        train_seconds=train_seconds, total_seconds=time.perf_counter() - started, embedding_path=str(embedding_path),
+        grid_path=str(grid_path), train_command=train_command, outputs=[*outputs, str(grid_path), str(scores_path)],
+    )
+    atomic_write_bytes(scores_path, (json.dumps(asdict(demo), indent=2) + "\n").encode("utf-8"), overwrite=overwrite)
+    return demo
