@@ -196,8 +196,10 @@ def test_gradients_equal_an_extended_table() -> None:
     ids[:, 4] = VOCAB + 1
     ids[1, 8] = VOCAB
 
-    model(ids, extra).pooled_output.sum().backward()
-    wide(ids).pooled_output.sum().backward()
+    # A weighted sum: the plain sum of a layer-normed vector with unit gain is constant (zero gradient).
+    weights = torch.randn(ids.shape[0], config.hidden_size, generator=torch.Generator().manual_seed(5))
+    (model(ids, extra).pooled_output * weights).sum().backward()
+    (wide(ids).pooled_output * weights).sum().backward()
     wide_grad = wide.text_model.embeddings.token_embedding.weight.grad
     assert max_diff(model.text_model.embeddings.token_embedding.weight.grad, wide_grad[:VOCAB]) <= FP32_BOUND
     assert max_diff(extra.grad, wide_grad[VOCAB:]) <= FP32_BOUND
@@ -437,8 +439,10 @@ def test_linear_backend_choice() -> None:
 @pytest.mark.slow
 def test_full_size_clip_l_matches_transformers() -> None:
     """F.linear path: within 1e-5 of transformers. oneDNN path (another fp32 summation order): its error
-    against transformers in float64 stays within twice transformers' own largest fp32 error against
-    float64 (about 1e-5 on these activations of up to ~14)."""
+    against transformers in float64 stays within 4x transformers' own largest fp32 error against float64
+    (about 1e-5 on these activations of up to ~14, i.e. some 10 fp32 ulps). The maximum over 59k
+    elements of two independent rounding sequences differs by a factor near 2 from run to run (2.05x
+    measured with torch 2.13 on a 2-core AVX-512 CPU), so 2x was the noise itself, not a bound on it."""
     config = TextEncoderConfig.sd1_clip_l()
     hf_model = build_hf(config, seed=1)
     model = ours_from(hf_model, config)
@@ -457,4 +461,4 @@ def test_full_size_clip_l_matches_transformers() -> None:
     reference_noise = max(max_diff(ref_state, exact_state) for ref_state, exact_state in pairs)
     fused_states = [*fused.hidden_states, model.final_layer_norm(fused.hidden_states[-1]), fused.pooled_output]
     for fused_state, (_, exact_state) in zip(fused_states, pairs, strict=True):
-        assert max_diff(fused_state, exact_state) <= 2 * reference_noise
+        assert max_diff(fused_state, exact_state) <= 4 * reference_noise

@@ -72,7 +72,8 @@ def run_train_embedding(args: argparse.Namespace) -> int:
     import torch
 
     from tiengine.engine import Engine
-    from tiengine.training.textual_inversion import TrainEmbeddingSettings, train_embedding
+    from tiengine.training.run import train_embedding
+    from tiengine.training.textual_inversion import TrainEmbeddingSettings
 
     apply_threads(args.threads)
     also = [fmt.strip() for fmt in args.also.split(",") if fmt.strip()]
