@@ -13,7 +13,7 @@ from tiengine.cli import main
 from tiengine.engine import Engine
 from tiengine.errors import CheckpointError
 from tiengine.toyworld.detector import adherence_report
-from tiengine.toyworld.evaluation import generate, held_out_prompts, load_toy_model
+from tiengine.toyworld.evaluation import generate, held_out_prompts, load_engine
 from tiengine.toyworld.train_base import toyworld_model_config
 
 
@@ -48,9 +48,9 @@ def test_follows_held_out_prompts():
     of them; 12 images of a model at 0.8 give 60% or less with probability under 2%, and an untrained
     model scores 0."""
     torch.set_num_threads(1)
-    model = load_toy_model()
+    engine = load_engine()
     prompts = held_out_prompts(1)[::3]
-    images = generate(model, prompts, seed=0)
+    images = generate(engine, prompts, seed=0)
     assert images.shape == (12, 64, 64, 3)
     report = adherence_report(list(images), prompts)
     assert report.score > 0.6, report
