@@ -17,7 +17,7 @@ from tiengine.cli import apply_threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tiengine.toyworld.demo import CONCEPT_NAME, TRAIN_STEPS
+    from tiengine.toyworld.recipe import CONCEPT_NAME, TRAIN_STEPS
 
     parser = subparsers.add_parser(
         "demo",

@@ -42,6 +42,16 @@ from tiengine.io.atomic import atomic_write, atomic_write_bytes
 from tiengine.io.images import labelled_grid
 from tiengine.toyworld.detector import adherence_report
 from tiengine.toyworld.evaluation import DEFAULT_SAMPLER, DEFAULT_STEPS, held_out_prompts
+from tiengine.toyworld.recipe import (
+    CONCEPT_IMAGES,
+    CONCEPT_NAME,
+    INIT_TEXT,
+    LEARNING_RATE,
+    NEAREST_WORD,
+    TEMPLATE,
+    TRAIN_BATCH,
+    TRAIN_STEPS,
+)
 from tiengine.toyworld.world import concept_examples
 from tiengine.training.data import NAME_PLACEHOLDER
 from tiengine.training.textual_inversion import TrainEmbeddingSettings
@@ -49,14 +59,6 @@ from tiengine.training.textual_inversion import TrainEmbeddingSettings
 if TYPE_CHECKING:
     from PIL import Image
 
-CONCEPT_NAME = "toyconcept"
-CONCEPT_IMAGES = 5
-INIT_TEXT = "blue"
-TEMPLATE = "[filewords]"  # the captions hold [name] in the colour word's place
-NEAREST_WORD = "purple"  # the English word, in no training caption (its token row is untrained)
-TRAIN_STEPS = 1200
-TRAIN_BATCH = 5
-LEARNING_RATE = "0.05"
 GRID_ROWS = 8
 GRID_SCALE = 2  # grid cells are the 64 px images scaled up by this factor (nearest neighbour)
 
