@@ -46,6 +46,15 @@ def embeddings_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def sd1_embeddings(tmp_path_factory):
+    """An embedding of SD1's real width (768), for the commands that bind without a model (tokenize)."""
+    folder = tmp_path_factory.mktemp("sd1-embeddings")
+    save_embedding(Embedding("zorbly", {"clip_l": torch.randn(3, 768, generator=torch.Generator().manual_seed(1))}),
+                   folder / "zorbly.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
 def engine(sd1_folder):
     return Engine.load(sd1_folder, embeddings=None)
 
@@ -200,11 +209,16 @@ def test_env_var_names_the_default_embeddings_folder(sd1_folder, embeddings_fold
     assert Engine.load(sd1_folder).library is None
 
 
-def test_cli_commands_read_the_env_var(capsys, embeddings_folder, monkeypatch):
+def test_cli_commands_read_the_env_var(capsys, sd1_embeddings, sd1_folder, embeddings_folder, monkeypatch, tmp_path):
+    monkeypatch.setenv("TIENGINE_EMBEDDINGS", str(sd1_embeddings))
+    assert main(["tokenize", "a zorbly", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["chunks"][0]["embeddings"] == [[2, "zorbly", 3]]
     monkeypatch.setenv("TIENGINE_EMBEDDINGS", str(embeddings_folder))
-    assert main(["tokenize", "a rick", "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["chunks"][0]["embeddings"] == [[2, "rick", 3]]
+    assert main(["encode", "a rick", "--model", str(sd1_folder), "--out", str(tmp_path / "c.safetensors"), "--json"]) == 0
+    assert [a["name"] for a in json.loads(capsys.readouterr().out)["applied_embeddings"]] == ["rick"]
+    assert main(["encode", "a rick", "--model", str(sd1_folder), "--out", str(tmp_path / "d.safetensors"), "--json",
+                 "--embeddings", str(tmp_path)]) == 0  # --embeddings DIR overrides it
+    assert json.loads(capsys.readouterr().out)["applied_embeddings"] == []
 
 
 # ------------------------------------------------------------------------------------ CLI -> engine
@@ -256,15 +270,15 @@ def test_cli_generate_flags_reach_the_engine(capsys, tmp_path, sd1_folder, monke
     assert "unknown sampler 'Nope'" in capsys.readouterr().err
 
 
-def test_cli_tokenize_keeps_embeddings_on_backtrack(capsys, embeddings_folder):
-    prompt = "word " * 70 + ", a b c rick d"
-    assert main(["tokenize", prompt, "--embeddings", str(embeddings_folder), "--json"]) == 0
+def test_cli_tokenize_keeps_embeddings_on_backtrack(capsys, sd1_embeddings):
+    prompt = "word " * 68 + ", zorbly a b c d e"  # the chunk fills inside "a b c": backtracking moves zorbly
+    assert main(["tokenize", prompt, "--embeddings", str(sd1_embeddings), "--json"]) == 0
     quirk = json.loads(capsys.readouterr().out)
-    assert main(["tokenize", prompt, "--embeddings", str(embeddings_folder), "--json",
+    assert main(["tokenize", prompt, "--embeddings", str(sd1_embeddings), "--json",
                  "--keep-embeddings-on-backtrack"]) == 0
     fixed = json.loads(capsys.readouterr().out)
-    assert [c["embeddings"] for c in fixed["chunks"]] != [c["embeddings"] for c in quirk["chunks"]]
-    assert fixed["chunks"][1]["embeddings"][0][1] == "rick"
+    assert [c["embeddings"] for c in quirk["chunks"]] == [[[70, "zorbly", 3]], []]  # A1111: left in the padding
+    assert [c["embeddings"] for c in fixed["chunks"]] == [[], [[1, "zorbly", 3]]]
 
 
 # ---------------------------------------------------------------------------------------- exports
