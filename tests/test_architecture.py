@@ -31,7 +31,7 @@ STAGES = (
     ("tiengine.diffusion",),
     ("tiengine.weights_conv",),
     ("tiengine.training",),
-    ("tiengine.default_model", "tiengine.engine"),
+    ("tiengine.default_model", "tiengine.settings", "tiengine.results", "tiengine.engine"),
     ("tiengine.toyworld",),
     ("tiengine.cli", "tiengine.__main__"),
 )

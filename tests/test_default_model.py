@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from tiengine.weights_conv.convert import load_models
@@ -11,9 +12,12 @@ from tiengine.weights_conv.convert import load_models
 from tiengine import default_model
 from tiengine.cli import main
 from tiengine.engine import Engine
+from tiengine.diffusion.samplers import get_sampler, guided_denoiser
+from tiengine.diffusion.schedules import NoiseSchedule, batch_generators, eps_denoiser, get_sigmas, initial_noise
 from tiengine.errors import CheckpointError
+from tiengine.text.conditioning import encode_texts
 from tiengine.toyworld.detector import adherence_report
-from tiengine.toyworld.evaluation import generate, held_out_prompts, load_toy_model
+from tiengine.toyworld.evaluation import generate, held_out_prompts, load_engine
 from tiengine.toyworld.train_base import toyworld_model_config
 
 
@@ -48,9 +52,9 @@ def test_follows_held_out_prompts():
     of them; 12 images of a model at 0.8 give 60% or less with probability under 2%, and an untrained
     model scores 0."""
     torch.set_num_threads(1)
-    model = load_toy_model()
+    engine = load_engine()
     prompts = held_out_prompts(1)[::3]
-    images = generate(model, prompts, seed=0)
+    images = generate(engine, prompts, seed=0)
     assert images.shape == (12, 64, 64, 3)
     report = adherence_report(list(images), prompts)
     assert report.score > 0.6, report
@@ -77,3 +81,39 @@ def test_engine_runs_the_built_in_model_at_its_guidance_scale():
     assert "CFG scale: 7.5," in engine.generate("a red circle", steps=2, seed=1, cfg_scale=7.5).parameters[0]
     # any other model: A1111's default
     assert Engine.load(default_model.default_model_path()).default_cfg_scale == default_model.A1111_CFG_SCALE
+
+
+@torch.no_grad()
+def hand_assembled_images(engine: Engine, prompts: list[str], *, seed: int, steps: int, cfg_scale: float,
+                          sampler: str, batch_size: int) -> np.ndarray:
+    """The evaluator's former pipeline, from the tested stages: one encode_texts call per batch of prompts,
+    eps denoiser, guided_denoiser, a sampler, VAE decode; image i from seed + i."""
+    info = get_sampler(sampler)
+    unet, vae = engine.modules["unet"], engine.modules["vae"]
+    schedule = NoiseSchedule.from_betas(**engine.config.schedule.__dict__)
+    sigmas = get_sigmas(schedule, steps, info.default_scheduler, discard_penultimate=info.discard_penultimate_sigma)
+    side = engine.config.unet.sample_size
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        cond = encode_texts(batch, engine.tokenizer, engine.slots).context  # (B, 77, C)
+        uncond = encode_texts([""] * len(batch), engine.tokenizer, engine.slots).context
+        generators = batch_generators(seed + start, len(batch))
+        x = initial_noise(generators, (len(batch), unet.config.in_channels, side, side)) * sigmas[0]
+        guided = guided_denoiser(eps_denoiser(unet, schedule), uncond, [(cond, 1.0)], cfg_scale)
+        latents = info.sample(guided, x, sigmas, generator=generators if info.stochastic else None)
+        decoded = vae.images_from_latents(latents)  # (B, 3, H, W) in [-1, 1]
+        pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        images.append(pixels.permute(0, 2, 3, 1).numpy())  # (B, H, W, 3)
+    return np.concatenate(images)
+
+
+@pytest.mark.parametrize(("sampler", "steps", "batch_size"), [("DPM++ 2M", 6, 4), ("Euler a", 4, 2)])
+def test_evaluator_generates_through_the_engine_like_the_stages_by_hand(sampler, steps, batch_size):
+    torch.set_num_threads(1)
+    engine = load_engine()
+    prompts = held_out_prompts(1)[:5]
+    ours = generate(engine, prompts, seed=3, steps=steps, cfg_scale=3.0, sampler=sampler, batch_size=batch_size)
+    reference = hand_assembled_images(engine, prompts, seed=3, steps=steps, cfg_scale=3.0, sampler=sampler,
+                                      batch_size=batch_size)
+    assert np.array_equal(ours, reference)

@@ -13,24 +13,61 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    # the engine and its inputs
     "ClipTokenizer": "tiengine.text.tokenizer",
     "Embedding": "tiengine.embeddings.embedding",
-    "TiengineError": "tiengine.errors",
-    "EmbeddingError": "tiengine.errors",
     "EmbeddingLibrary": "tiengine.embeddings.library",
     "load_embedding": "tiengine.embeddings.embedding",
     "save_embedding": "tiengine.embeddings.embedding",
     "Engine": "tiengine.engine",
+    # settings
+    "GenerateSettings": "tiengine.settings",
+    "EncodeOptions": "tiengine.text.conditioning",
+    "TrainEmbeddingSettings": "tiengine.training.textual_inversion",
+    # results
+    "Conditioning": "tiengine.results",
+    "ScheduledConditioning": "tiengine.results",
+    "GenerationResult": "tiengine.results",
+    "AppliedEmbedding": "tiengine.results",
+    "TrainResult": "tiengine.training.textual_inversion",
+    # errors: every one is a TiengineError
+    "TiengineError": "tiengine.errors",
+    "UnsafePickleError": "tiengine.errors",
+    "EmbeddingError": "tiengine.errors",
+    "CheckpointError": "tiengine.errors",
+    "EngineError": "tiengine.errors",
+    "TokenizerError": "tiengine.text.tokenizer",
+    "PromptError": "tiengine.text.prompt",
+    "ConditioningError": "tiengine.text.conditioning",
+    "SamplingError": "tiengine.diffusion.schedules",
+    "TrainingError": "tiengine.training.data",
+    "TokenIdError": "tiengine.models.text_encoder",
+    "MetadataError": "tiengine.io.metadata",
+    "FileExistsRefusal": "tiengine.io.atomic",
+    "KernelInputError": "tiengine.kernels.common",
+    "DemoError": "tiengine.toyworld.demo",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from tiengine.diffusion.schedules import SamplingError
     from tiengine.embeddings.embedding import Embedding, load_embedding, save_embedding
     from tiengine.embeddings.library import EmbeddingLibrary
     from tiengine.engine import Engine
-    from tiengine.errors import EmbeddingError, TiengineError
-    from tiengine.text.tokenizer import ClipTokenizer
+    from tiengine.errors import CheckpointError, EmbeddingError, EngineError, TiengineError, UnsafePickleError
+    from tiengine.io.atomic import FileExistsRefusal
+    from tiengine.io.metadata import MetadataError
+    from tiengine.kernels.common import KernelInputError
+    from tiengine.models.text_encoder import TokenIdError
+    from tiengine.results import AppliedEmbedding, Conditioning, GenerationResult, ScheduledConditioning
+    from tiengine.settings import GenerateSettings
+    from tiengine.text.conditioning import ConditioningError, EncodeOptions
+    from tiengine.text.prompt import PromptError
+    from tiengine.text.tokenizer import ClipTokenizer, TokenizerError
+    from tiengine.toyworld.demo import DemoError
+    from tiengine.training.data import TrainingError
+    from tiengine.training.textual_inversion import TrainEmbeddingSettings, TrainResult
 
 
 def __getattr__(name: str) -> Any:

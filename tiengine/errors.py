@@ -22,3 +22,7 @@ class EmbeddingError(TiengineError):
 
 class CheckpointError(TiengineError):
     """A model checkpoint or folder is unreadable, malformed, or of an unknown layout."""
+
+
+class EngineError(TiengineError):
+    """Bad generation settings, or a request the loaded model cannot serve."""

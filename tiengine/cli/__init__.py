@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 from tiengine.errors import TiengineError
 
@@ -37,6 +38,49 @@ def apply_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def resolve_device(name: str) -> str:
+    """`--device`: "auto" is CUDA when torch sees a GPU, else the CPU; any other name is passed on as is."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_encode_options(parser: argparse.ArgumentParser) -> None:
+    """The encode options every prompt-taking command offers (tiengine.text.conditioning.EncodeOptions)."""
+    from tiengine.text.chunking import DEFAULT_COMMA_BACKTRACK, EMPHASIS_MODES
+
+    parser.add_argument("--emphasis", default="original", choices=EMPHASIS_MODES,
+                        help="how (word:1.2) weights apply (default original, as A1111; 'none' skips attention "
+                             "parsing, so BREAK is text)")
+    parser.add_argument("--comma-backtrack", type=int, default=DEFAULT_COMMA_BACKTRACK, metavar="N",
+                        help=f"move up to N tokens after the last comma to the next chunk (0 disables; "
+                             f"default {DEFAULT_COMMA_BACKTRACK})")
+    parser.add_argument("--explicit-only", action="store_true",
+                        help="bind embeddings only through embedding:NAME, never by bare name")
+    parser.add_argument("--keep-embeddings-on-backtrack", action="store_true",
+                        help="move an embedding with its slots when comma backtracking moves it (A1111 loses it)")
+
+
+def encode_options(args: argparse.Namespace):  # -> tiengine.text.conditioning.EncodeOptions
+    """The EncodeOptions of `add_encode_options`' flags (and `--clip-skip` where the command has it)."""
+    from tiengine.text.conditioning import EncodeOptions
+
+    return EncodeOptions(clip_skip=getattr(args, "clip_skip", 1), emphasis=args.emphasis,
+                         comma_backtrack=args.comma_backtrack, bare_names=not args.explicit_only,
+                         keep_embeddings_on_backtrack=args.keep_embeddings_on_backtrack)
+
+
+def embeddings_folder(folder: Path | None) -> Path | None:
+    """`--embeddings DIR`, else the folder named by $TIENGINE_EMBEDDINGS (None when neither is given)."""
+    if folder is not None:
+        return folder
+    from tiengine.embeddings.library import default_embeddings_folder
+
+    return default_embeddings_folder()
 
 
 def build_parser() -> argparse.ArgumentParser:

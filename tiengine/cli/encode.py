@@ -13,7 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-from tiengine.cli import CliError
+from tiengine.cli import CliError, add_encode_options, embeddings_folder, encode_options, resolve_device
+from tiengine.diffusion.names import SAMPLER_NAMES
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,12 +29,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("prompt")
     parser.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
     parser.add_argument("--model", type=Path, help="model folder or checkpoint (default: the built-in model)")
-    parser.add_argument("--embeddings", type=Path, metavar="DIR", help="folder of textual-inversion embeddings")
+    parser.add_argument("--embeddings", type=Path, metavar="DIR",
+                        help="folder of textual-inversion embeddings (default: $TIENGINE_EMBEDDINGS, if set)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps the schedules are built for")
     parser.add_argument("--sampler", default="Euler a",
-                        help="sampler the schedules are built for (second-order samplers count model calls)")
+                        help="sampler the schedules are built for (second-order samplers count model calls): "
+                             f"{', '.join(SAMPLER_NAMES)}")
     parser.add_argument("--clip-skip", type=int, default=1)
-    parser.add_argument("--emphasis", default="original", choices=["original", "no_norm", "ignore", "none", "lerp"])
+    add_encode_options(parser)
+    parser.add_argument("--device", default="auto",
+                        help="torch device of the model and the tensors, e.g. cpu or cuda (default auto: cuda if "
+                             "available, else cpu); the file holds CPU tensors")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="dtype of the model and of the saved tensors (default fp32)")
     parser.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--json", action="store_true", help="print the metadata as JSON")
@@ -43,16 +53,20 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--out must end in .safetensors, got {args.out}")
     if args.out.exists() and not args.overwrite:
         raise CliError(f"{args.out} already exists; pass --overwrite to replace it")
+    import torch
     from safetensors.torch import save
 
     from tiengine.diffusion.samplers import get_sampler
     from tiengine.engine import Engine
     from tiengine.io.atomic import atomic_write_bytes
 
+    options = encode_options(args)
     second_order = get_sampler(args.sampler).second_order
-    engine = Engine.load(args.model, embeddings=args.embeddings)
+    dtype = getattr(torch, DTYPES[args.dtype])
+    engine = Engine.load(args.model, embeddings=embeddings_folder(args.embeddings), device=resolve_device(args.device),
+                         dtype=dtype)
     conditioning = engine.encode(args.prompt, args.negative, steps=args.steps, second_order=second_order,
-                                 clip_skip=args.clip_skip, emphasis=args.emphasis)
+                                 options=options, dtype=dtype)
     tensors = {}
     parts = []
     for part_index, (scheduled, weight) in enumerate(conditioning.positive):
@@ -66,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
         "second_order": second_order,
         "clip_skip": args.clip_skip,
         "emphasis": args.emphasis,
+        # the other encode options, where they differ from A1111's
+        **{name: value for name, value in (("comma_backtrack", options.comma_backtrack),
+                                           ("bare_names", options.bare_names),
+                                           ("keep_embeddings_on_backtrack", options.keep_embeddings_on_backtrack))
+           if value != getattr(type(options)(), name)},
         "parts": parts,
         "negative": {"schedule": _schedule(conditioning.negative)},
         "applied_embeddings": [

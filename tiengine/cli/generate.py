@@ -8,14 +8,16 @@ are never replaced unless `--overwrite` is given.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from tiengine.cli import CliError
+from tiengine.cli import CliError, add_encode_options, embeddings_folder, encode_options, resolve_device
+from tiengine.diffusion.names import SAMPLER_NAMES, SCHEDULERS
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-SAMPLER_HELP = "Euler, Euler a, Heun, DPM2, DPM++ 2M, DPM++ 2M SDE, DPM++ SDE, LMS, DDIM"
+SAMPLER_HELP = ", ".join(SAMPLER_NAMES)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,9 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [from:to:N], [a|b], AND, BREAK)")
     parser.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
     parser.add_argument("--model", type=Path, help="model: converted folder, diffusers folder or .safetensors/.ckpt")
-    parser.add_argument("--embeddings", type=Path, metavar="DIR", help="folder of textual-inversion embeddings")
+    parser.add_argument("--embeddings", type=Path, metavar="DIR",
+                        help="folder of textual-inversion embeddings (default: $TIENGINE_EMBEDDINGS, if set)")
     parser.add_argument("--sampler", default="Euler a", help=f"one of: {SAMPLER_HELP} (default Euler a)")
-    parser.add_argument("--scheduler", choices=["normal", "karras", "exponential", "ddim_uniform"],
+    parser.add_argument("--scheduler", choices=SCHEDULERS,
                         help="sigma schedule (default: the sampler's usual one)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--cfg", type=float,
@@ -41,15 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--size", help="WIDTHxHEIGHT (default: the model's native size)")
     parser.add_argument("--batch-size", type=int, default=1, help="images per run (default 1)")
     parser.add_argument("--clip-skip", type=int, default=1, help="CLIP layers to skip (SD1; default 1 = none)")
-    parser.add_argument("--emphasis", default="original", choices=["original", "no_norm", "ignore", "none", "lerp"],
-                        help="how (word:1.2) weights apply (default original, as A1111)")
+    add_encode_options(parser)
     parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture")
     parser.add_argument("--strength", type=float, default=0.75, help="image-to-image denoising strength (0..1)")
     parser.add_argument("--compare-samplers", metavar="A,B,C",
                         help="run each sampler with the same seed and write one grid, a labelled column each")
     parser.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default out.png)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda (default auto: cuda if "
+                                                        "available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default fp32)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles (less memory)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
@@ -80,16 +83,24 @@ def run_generate(args: argparse.Namespace) -> int:
             init_image.load()
         except (OSError, UnidentifiedImageError) as error:
             raise CliError(f"{args.init_image}: cannot read the init image: {error}") from error
-    engine = Engine.load(args.model, embeddings=args.embeddings, device=args.device,
+    from tiengine.settings import GenerateSettings
+
+    settings = GenerateSettings(
+        steps=args.steps, sampler=samplers[0], scheduler=args.scheduler, cfg_scale=args.cfg, seed=args.seed,
+        width=width, height=height, batch_size=args.batch_size, strength=args.strength, vae_tiling=args.vae_tiling,
+        encode=encode_options(args),
+    )
+    engine = Engine.load(args.model, embeddings=embeddings_folder(args.embeddings), device=resolve_device(args.device),
                          dtype=getattr(torch, DTYPES[args.dtype]))
     if args.cfg is None:
         args.cfg = engine.default_cfg_scale  # the built-in model's own scale, else A1111's
-    seed = args.seed
+    settings = dataclasses.replace(settings, cfg_scale=args.cfg)
     columns = []
     summary = {"images": [], "applied_embeddings": [], "skipped_embeddings": [], "warnings": []}
     for sampler in samplers:
-        result = _run_one(engine, args, sampler, seed, width, height, init_image)
-        seed = result.seeds[0]  # a random seed is drawn once and shared by every sampler
+        settings = dataclasses.replace(settings, sampler=sampler)
+        result = _run_one(engine, args, settings, init_image)
+        settings = dataclasses.replace(settings, seed=result.seeds[0])  # a random seed is drawn once, shared
         columns.append((sampler, result.images))
         if len(samplers) == 1:
             for path, image, parameters in zip(outputs, result.images, result.parameters):
@@ -102,10 +113,10 @@ def run_generate(args: argparse.Namespace) -> int:
         from tiengine.io.metadata import format_parameters
 
         grid = labelled_grid(columns)
-        text = format_parameters(args.prompt, args.negative, {"Samplers": ", ".join(samplers), "Seed": seed,
+        text = format_parameters(args.prompt, args.negative, {"Samplers": ", ".join(samplers), "Seed": settings.seed,
                                                               "Steps": args.steps, "CFG scale": f"{args.cfg:g}"})
         save_png(grid, outputs[0], text, overwrite=args.overwrite)
-        summary["images"].append({"path": str(outputs[0]), "seed": seed, "samplers": samplers})
+        summary["images"].append({"path": str(outputs[0]), "seed": settings.seed, "samplers": samplers})
     summary["applied_embeddings"] = [
         {"name": a.name, "hash": a.short_hash, "prompt": a.prompt, "chunk": a.chunk, "slot": a.slot,
          "vectors": a.n_vectors, "weight": a.weight} for a in conditioning.applied
@@ -116,20 +127,17 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_one(engine, args, sampler, seed, width, height, init_image):
+def _run_one(engine, args, settings, init_image):
     from tqdm import tqdm
 
-    with tqdm(total=args.steps, desc=sampler, unit="step", file=sys.stderr, disable=args.json) as bar:
+    with tqdm(total=settings.steps, desc=settings.sampler, unit="step", file=sys.stderr, disable=args.json) as bar:
         def advance(step, total, x, denoised):
             bar.total = total
             bar.update(1)
 
-        common = dict(steps=args.steps, sampler=sampler, scheduler=args.scheduler, cfg_scale=args.cfg, seed=seed,
-                      width=width, height=height, batch_size=args.batch_size, clip_skip=args.clip_skip,
-                      emphasis=args.emphasis, vae_tiling=args.vae_tiling, callback=advance)
         if init_image is not None:
-            return engine.img2img(init_image, args.prompt, args.negative, strength=args.strength, **common)
-        return engine.generate(args.prompt, args.negative, **common)
+            return engine.img2img(init_image, args.prompt, args.negative, settings=settings, callback=advance)
+        return engine.generate(args.prompt, args.negative, settings=settings, callback=advance)
 
 
 def _report(summary: dict, as_json: bool) -> None:

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from tiengine.cli import CliError
+from tiengine.cli import CliError, add_encode_options, embeddings_folder
 
 FAMILY_PAD_IDS = {"sd1": (49407,), "sd2": (0,), "sdxl": (49407, 0)}
 
@@ -30,16 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("text", nargs="?", help="the prompt")
     source.add_argument("--file", type=Path, help="a text file with one prompt per line")
-    parser.add_argument("--embeddings", type=Path, metavar="DIR", help="folder of embedding files to bind")
+    parser.add_argument("--embeddings", type=Path, metavar="DIR",
+                        help="folder of embedding files to bind (default: $TIENGINE_EMBEDDINGS, if set)")
     parser.add_argument("--family", choices=sorted(FAMILY_PAD_IDS), default="sd1",
                         help="model family: decides padding and which embeddings fit (default sd1)")
-    parser.add_argument("--emphasis", default="original",
-                        choices=["original", "no_norm", "ignore", "none", "lerp"],
-                        help="emphasis mode; 'none' skips attention parsing (BREAK is text)")
-    parser.add_argument("--comma-backtrack", type=int, default=20, metavar="N",
-                        help="move up to N tokens after the last comma to the next chunk (0 disables)")
-    parser.add_argument("--explicit-only", action="store_true",
-                        help="bind embeddings only through embedding:NAME, never by bare name")
+    add_encode_options(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
     parser.set_defaults(func=run)
 
@@ -55,10 +50,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     tokenizer = ClipTokenizer.default()
     vocabulary = EmbeddingVocabulary(tokenizer)
-    if args.embeddings is not None:
+    folder = embeddings_folder(args.embeddings)
+    if folder is not None:
         from tiengine.embeddings.library import EmbeddingLibrary
 
-        vocabulary = EmbeddingVocabulary.from_library(tokenizer, EmbeddingLibrary(args.embeddings, args.family))
+        vocabulary = EmbeddingVocabulary.from_library(tokenizer, EmbeddingLibrary(folder, args.family))
 
     import torch
 
@@ -69,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             emphasis=args.emphasis,
             comma_backtrack=args.comma_backtrack,
             bare_names=not args.explicit_only,
+            keep_embeddings_on_backtrack=args.keep_embeddings_on_backtrack,
         )
         chunks = []
         for chunk in result.chunks:

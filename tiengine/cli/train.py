@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from tiengine.cli import apply_threads
+from tiengine.cli import apply_threads, embeddings_folder, resolve_device
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--name", required=True, help="the embedding's name (the word you will type in prompts)")
     parser.add_argument("--model", type=Path, help="model: converted folder, diffusers folder or .safetensors/.ckpt")
     parser.add_argument("--embeddings", type=Path, metavar="DIR",
-                        help="embeddings the templates may mention (as at generation time)")
+                        help="embeddings the templates may mention, as at generation time (default: "
+                             "$TIENGINE_EMBEDDINGS, if set)")
     parser.add_argument("--init-text", default="*", metavar="TEXT",
                         help="words whose token vectors start the embedding (default '*'; '' = zeros)")
     parser.add_argument("--vectors", type=int, default=1, metavar="N", help="vectors per token, 1..75 (default 1)")
@@ -61,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--preview-prompt", metavar="TEXT", help="prompt of the previews (default: the first template)")
     parser.add_argument("--allow-word-name", action="store_true",
                         help="allow a name that is an ordinary vocabulary word (it then replaces that word)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda (default auto: cuda if "
+                                                        "available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model weights dtype (default fp32)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of a progress bar")
@@ -72,7 +74,6 @@ def run_train_embedding(args: argparse.Namespace) -> int:
     import torch
 
     from tiengine.engine import Engine
-    from tiengine.training.run import train_embedding
     from tiengine.training.textual_inversion import TrainEmbeddingSettings
 
     apply_threads(args.threads)
@@ -85,7 +86,7 @@ def run_train_embedding(args: argparse.Namespace) -> int:
         preview_prompt=args.preview_prompt, allow_word_name=args.allow_word_name,
     )
     out = args.out or Path(f"{args.name}.safetensors")
-    engine = Engine.load(args.model, embeddings=args.embeddings, device=args.device,
+    engine = Engine.load(args.model, embeddings=embeddings_folder(args.embeddings), device=resolve_device(args.device),
                          dtype=getattr(torch, DTYPES[args.dtype]))
     from tqdm import tqdm
 
@@ -99,9 +100,9 @@ def run_train_embedding(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{progress.loss:.4f}", lr=f"{progress.learning_rate:.3g}", refresh=False)
             bar.update(progress.step - bar.n)
 
-        result = train_embedding(engine, args.images, args.name, settings, out=out, also_save=also,
-                                 work_dir=args.work_dir, overwrite=args.overwrite, resume=args.resume,
-                                 callback=advance)
+        result = engine.train_embedding(args.images, args.name, settings, out=out, also_save=also,
+                                        work_dir=args.work_dir, overwrite=args.overwrite, resume=args.resume,
+                                        callback=advance)
     summary = {
         "name": result.name, "steps": result.steps_done, "seed": result.seed,
         "resumed_from": result.resumed_from,

@@ -43,10 +43,10 @@ from typing import Union
 
 import torch
 
+from tiengine.diffusion.names import SCHEDULERS
 from tiengine.errors import TiengineError
 
 BETA_SCHEDULES: tuple[str, ...] = ("scaled_linear", "linear")
-SCHEDULERS: tuple[str, ...] = ("normal", "karras", "exponential", "ddim_uniform")
 KARRAS_RHO = 7.0  # Karras et al. 2022, also k-diffusion's and A1111's default
 
 # Conditioning as the caller's model takes it: a tensor (B, ...) or a dict of such tensors.

@@ -11,6 +11,9 @@ are reported in `collisions`. Path references (for the explicit `embedding:sub/n
 are relative paths without extension, e.g. "negatives/EasyNegative"; two files differing only
 in extension resolve to the first by relative path. `reload()` re-reads only files whose
 modification time or size changed and drops deleted ones. No tokenizer logic lives here.
+
+`default_embeddings_folder()` is the folder named by the environment variable TIENGINE_EMBEDDINGS, which
+`Engine.load` and every command with `--embeddings` use when no folder is given.
 """
 
 from __future__ import annotations
@@ -24,9 +27,21 @@ from tiengine.embeddings.embedding import FAMILY_LABELS, PAIR_SECOND_STEM, Embed
 from tiengine.errors import EmbeddingError, TiengineError
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp")
+EMBEDDINGS_ENV = "TIENGINE_EMBEDDINGS"  # the default embeddings folder
 
 # (st_mtime_ns, st_size) of a file, plus its pair partner's for diffusers SDXL pairs
 Signature = tuple[tuple[int, int], tuple[int, int] | None]
+
+
+def default_embeddings_folder() -> Path | None:
+    """The folder named by $TIENGINE_EMBEDDINGS (read now, not at import), or None when it is unset or empty."""
+    value = os.environ.get(EMBEDDINGS_ENV, "")
+    if not value:
+        return None
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise EmbeddingError(f"{EMBEDDINGS_ENV}={value}: not a folder")
+    return folder
 
 
 @dataclass

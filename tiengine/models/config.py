@@ -6,6 +6,12 @@ only "text_encoder_2", as in diffusers), its UNet and VAE configs, and the discr
 schedule (diffusers scheduler_config.json names; every SD release uses 1000 steps of "scaled_linear"
 betas from 0.00085 to 0.012, ldm `linear_start` / `linear_end`).
 
+Family differences the pipeline acts on are named fields, derived from the family when a config.json does
+not give them (so every older config.json still loads): `embedding_keys` (which embedding vectors each
+text encoder reads: SD1 `clip_l`, SD2 `clip_h`, SDXL `clip_l` + `clip_g`) and `zero_empty_negative`
+(SDXL conditions on all zeros for an empty negative prompt). `size_time_ids` builds SDXL's size / crop /
+aesthetic-score conditioning ("micro-conditioning", the reference implementation's `add_time_ids`).
+
 `to_json` / `from_json` are the `config.json` of a converted model folder (format "tiengine.model",
 version 1), written by `weights-conv convert` beside `unet.safetensors`, `vae.safetensors`,
 `text_encoder.safetensors` (and `text_encoder_2.safetensors`), whose tensor names are the diffusers /
@@ -38,6 +44,16 @@ PREDICTIONS = ("epsilon", "v")
 VARIANTS = ("base", "refiner")
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
 COMPONENT_NAMES = ("unet", "vae", *TEXT_ENCODER_NAMES)
+# Embedding-vector key each text encoder reads, per family (the keys of tiengine.embeddings.embedding).
+FAMILY_EMBEDDING_KEYS: Mapping[str, Mapping[str, str]] = MappingProxyType({
+    "sd1": MappingProxyType({"text_encoder": "clip_l"}),
+    "sd2": MappingProxyType({"text_encoder": "clip_h"}),
+    "sdxl": MappingProxyType({"text_encoder": "clip_l", "text_encoder_2": "clip_g"}),
+})
+ZERO_EMPTY_NEGATIVE_FAMILIES = ("sdxl",)  # an empty negative prompt conditions on zeros (SDXL's reference code)
+# The SDXL refiner's aesthetic-score time id (the reference implementation's defaults).
+REFINER_AESTHETIC_SCORE = 6.0
+REFINER_NEGATIVE_AESTHETIC_SCORE = 2.5
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,10 @@ class ModelConfig:
     vae: VaeConfig
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     variant: str = "base"
+    # text encoder component -> embedding-vector key it reads; None: the family's (FAMILY_EMBEDDING_KEYS)
+    embedding_keys: Mapping[str, str] | None = None
+    # an empty negative prompt's context and pooled output are zeros; None: the family's rule
+    zero_empty_negative: bool | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -87,6 +107,13 @@ class ModelConfig:
                 f"the text encoders' widths {[c.hidden_size for c in ordered.values()]} sum to {context}, but the "
                 f"UNet's cross_attention_dim is {self.unet.cross_attention_dim}"
             )
+        if self.zero_empty_negative is None:
+            object.__setattr__(self, "zero_empty_negative", self.family in ZERO_EMPTY_NEGATIVE_FAMILIES)
+        keys = dict(FAMILY_EMBEDDING_KEYS[self.family] if self.embedding_keys is None else self.embedding_keys)
+        missing = [name for name in ordered if name not in keys]
+        if missing:
+            raise CheckpointError(f"embedding_keys {keys} name no embedding key for the text encoders {missing}")
+        object.__setattr__(self, "embedding_keys", MappingProxyType({name: keys[name] for name in ordered}))
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -134,7 +161,16 @@ class ModelConfig:
             "text_encoders": {name: config.to_dict() for name, config in self.text_encoders.items()},
             "unet": self.unet.to_dict(),
             "vae": self.vae.to_dict(),
+            # the derived fields are written only where they differ from the family's
+            **({"embedding_keys": dict(self.embedding_keys)}
+               if dict(self.embedding_keys) != self._family_embedding_keys() else {}),
+            **({"zero_empty_negative": self.zero_empty_negative}
+               if self.zero_empty_negative != (self.family in ZERO_EMPTY_NEGATIVE_FAMILIES) else {}),
         }
+
+    def _family_embedding_keys(self) -> dict[str, str]:
+        family = FAMILY_EMBEDDING_KEYS[self.family]
+        return {name: family[name] for name in self.embedding_keys if name in family}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, where: str = "model config") -> ModelConfig:
@@ -155,6 +191,8 @@ class ModelConfig:
             "text_encoders",
             "unet",
             "vae",
+            "embedding_keys",
+            "zero_empty_negative",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -168,6 +206,8 @@ class ModelConfig:
                 text_encoders={name: TextEncoderConfig.from_dict(c) for name, c in data["text_encoders"].items()},
                 unet=UNetConfig.from_dict(dict(data["unet"])),
                 vae=VaeConfig.from_dict(dict(data["vae"])),
+                embedding_keys=data.get("embedding_keys"),
+                zero_empty_negative=data.get("zero_empty_negative"),
             )
         except KeyError as missing:
             raise CheckpointError(f"{where}: missing key {missing}") from None
@@ -186,6 +226,17 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise CheckpointError(f"{where}: expected a JSON object")
         return cls.from_dict(data, where=where)
+
+
+def size_time_ids(config: ModelConfig, width: int, height: int, *, negative: bool = False) -> list[float]:
+    """SDXL's size conditioning for an image of width x height: [original h, w, crop top, left, target h, w].
+
+    Original and target size are the output size, crop (0, 0); the refiner replaces the target size by
+    an aesthetic score (6.0, 2.5 for the negative prompt: the reference implementation's defaults)."""
+    if config.variant == "refiner":
+        score = REFINER_NEGATIVE_AESTHETIC_SCORE if negative else REFINER_AESTHETIC_SCORE
+        return [float(height), float(width), 0.0, 0.0, score]
+    return [float(height), float(width), 0.0, 0.0, float(height), float(width)]
 
 
 def read_model_config(folder: str | os.PathLike[str]) -> ModelConfig:

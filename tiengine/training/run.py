@@ -23,6 +23,7 @@ from tiengine.diffusion.schedules import NoiseSchedule
 from tiengine.embeddings.embedding import SAVE_FORMATS, Embedding, file_sha256, save_embedding
 from tiengine.errors import EmbeddingError
 from tiengine.io.metadata import save_png
+from tiengine.models.config import size_time_ids
 from tiengine.text.conditioning import EncodeOptions, encode_tokenized, tokenize_texts
 from tiengine.text.vocabulary import EmbeddingVocabulary
 from tiengine.training.data import (
@@ -389,8 +390,8 @@ class EmbeddingTrainer:
             encoded = encode_tokenized(prompts, engine.slots, rows, self.options)
             y = None
             if unet.config.addition_embed_type == "text_time":
-                size = float(self.resolution)
-                time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=device).expand(batch, -1)
+                size_ids = size_time_ids(engine.config, self.resolution, self.resolution)
+                time_ids = torch.tensor([size_ids], device=device).expand(batch, -1)  # (B, 6)
                 y = unet.text_time_conditioning(encoded.pooled.float(), time_ids)  # (B, 2816)
             weights = None if self.weights is None else self.weights[index, flip]
             return denoising_loss(unet, engine.config.prediction, self.alphas_cumprod, x0, timesteps.to(device),

@@ -1,0 +1,112 @@
+"""What the Engine returns: conditioning (per step, per AND part, with the embeddings report) and images.
+
+`Conditioning` is `Engine.encode`'s result; `GenerationResult` is that of `generate`, `generate_batch` and
+`img2img`, and `save` writes its images as PNG files with their A1111 `parameters` text
+(tiengine.io.metadata).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from tiengine.errors import EngineError
+from tiengine.io.metadata import save_png
+from tiengine.text.vocabulary import SkippedMention
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclass(frozen=True)
+class AppliedEmbedding:
+    """An embedding placed in an encoded text: which prompt, schedule entry, chunk and slots, weight."""
+
+    name: str
+    short_hash: str | None
+    prompt: str  # "positive" or "negative"
+    part: int  # AND part (0 for the negative prompt)
+    schedule_entry: int
+    chunk: int
+    slot: int  # first slot in the chunk (BOS is 0)
+    n_vectors: int
+    weight: float
+
+
+@dataclass
+class ScheduledConditioning:
+    """A prompt's conditioning per sampling step: entries (last_step, context (1, T, C), pooled (1, P) | None).
+
+    The entry for denoiser call i (0-based) is the first with i <= last_step (A1111's rule)."""
+
+    entries: list[tuple[int, torch.Tensor, torch.Tensor | None]]
+    texts: list[str]
+    token_counts: list[int]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ScheduledConditioning:
+        """The same schedule with its tensors on `device` / in `dtype` (None: unchanged)."""
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device=device, dtype=dtype)
+
+        entries = [(last_step, move(context), move(pooled)) for last_step, context, pooled in self.entries]
+        return ScheduledConditioning(entries, self.texts, self.token_counts)
+
+
+@dataclass
+class Conditioning:
+    """`Engine.encode`'s result: AND parts with weights, the negative prompt, and what happened to embeddings."""
+
+    positive: list[tuple[ScheduledConditioning, float]]
+    negative: ScheduledConditioning
+    applied: list[AppliedEmbedding] = field(default_factory=list)
+    skipped: list[SkippedMention] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def ti_hashes(self) -> dict[str, str | None]:
+        """Name -> short hash of each embedding used, in order of first use."""
+        return {applied.name: applied.short_hash for applied in self.applied}
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        """The same conditioning with every tensor on `device` / in `dtype` (None: unchanged)."""
+        return Conditioning(
+            [(scheduled.to(device, dtype), weight) for scheduled, weight in self.positive],
+            self.negative.to(device, dtype), self.applied, self.skipped, self.warnings,
+        )
+
+
+@dataclass
+class GenerationResult:
+    """Images with their seeds and the `parameters` text written into each PNG.
+
+    `conditionings` holds image i's conditioning; `conditioning` is the first image's (the only one of a
+    `generate` or `img2img` call)."""
+
+    images: list[Image.Image]
+    seeds: list[int]
+    parameters: list[str]
+    conditioning: Conditioning
+    conditionings: list[Conditioning] = field(default_factory=list)
+
+    def save(self, path_or_dir: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:
+        """Write each image as PNG with its `parameters` text; the paths written.
+
+        A path ending in .png names the file (several images: STEM-0.png, STEM-1.png, ... as the CLI
+        writes them); any other path is a folder (created if missing) that gets 00000-SEED.png, ...
+        Nothing is written when a target exists and `overwrite` is False."""
+        target = Path(path_or_dir)
+        if target.suffix.lower() == ".png":
+            paths = [target] if len(self.images) == 1 else [
+                target.with_name(f"{target.stem}-{index}{target.suffix}") for index in range(len(self.images))
+            ]
+        else:
+            paths = [target / f"{index:05d}-{seed}.png" for index, seed in enumerate(self.seeds)]
+        existing = [str(path) for path in paths if path.exists()]
+        if existing and not overwrite:
+            raise EngineError(f"{', '.join(existing)} already exist(s); pass overwrite=True to replace")
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        return [save_png(image, path, parameters, overwrite=overwrite)
+                for image, path, parameters in zip(self.images, paths, self.parameters)]

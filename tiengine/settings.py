@@ -1,0 +1,90 @@
+"""GenerateSettings: one generation request's settings, shared by the Python API, the CLI and services.
+
+A frozen dataclass validated once, in `__post_init__`, with messages that name the setting, what was
+found and what is allowed. The encode options are `tiengine.text.conditioning.EncodeOptions` (clip skip,
+emphasis, comma backtrack, bare names, embeddings on backtrack), validated by that class. What depends
+on the loaded model (sizes on its latent grid, the default size and guidance scale) is checked by the
+Engine. Option names come from `tiengine.diffusion.names` (samplers, schedules) and
+`tiengine.text.chunking.EMPHASIS_MODES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from tiengine.diffusion.names import SAMPLER_NAMES, SCHEDULERS
+from tiengine.errors import EngineError
+from tiengine.text.conditioning import EncodeOptions
+
+MAX_SEED = 2**32 - 1  # A1111's random seeds are drawn in [0, 2**32 - 1]
+RANDOM_SEED = -1  # a seed of -1 asks for a random one
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """How to sample: steps, sampler, schedule, guidance, seed, size, batch, img2img strength, encoding.
+
+    cfg_scale None: the engine's default_cfg_scale. width / height None: the model's native size (for
+    img2img: the init image's, rounded down to the latent grid). scheduler None: the sampler's usual
+    schedule. seed -1: a random seed; image i of a batch uses seed + i. strength: img2img's denoising
+    strength (unused by text to image)."""
+
+    steps: int = 20
+    sampler: str = "Euler a"
+    scheduler: str | None = None
+    cfg_scale: float | None = None
+    seed: int = RANDOM_SEED
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    strength: float = 0.75
+    vae_tiling: bool = False
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.steps) or self.steps < 1:
+            raise EngineError(f"steps must be >= 1 (an integer), got {self.steps!r}")
+        if self.sampler not in SAMPLER_NAMES:
+            raise EngineError(f"unknown sampler {self.sampler!r}; expected one of: {', '.join(SAMPLER_NAMES)}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise EngineError(f"unknown scheduler {self.scheduler!r}; expected one of: {', '.join(SCHEDULERS)}")
+        if self.cfg_scale is not None and (isinstance(self.cfg_scale, bool)
+                                           or not isinstance(self.cfg_scale, (int, float))):
+            raise EngineError(f"cfg_scale must be a number (or None for the engine's default), got {self.cfg_scale!r}")
+        if not _is_int(self.seed) or not RANDOM_SEED <= self.seed:
+            raise EngineError(f"seed must be an integer >= 0 (or -1 for a random seed), got {self.seed!r}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise EngineError(f"{name} must be a positive integer (or None for the model's size), got {value!r}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise EngineError(f"batch size must be an integer >= 1, got {self.batch_size!r}")
+        if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not 0 <= self.strength <= 1:
+            raise EngineError(f"denoising strength must be between 0 and 1, got {self.strength!r}")
+        if not isinstance(self.encode, EncodeOptions):
+            raise EngineError(f"encode must be an EncodeOptions, got {type(self.encode).__name__}")
+
+
+ENCODE_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(EncodeOptions))
+SETTING_NAMES = tuple(f.name for f in dataclasses.fields(GenerateSettings) if f.name != "encode")
+
+
+def settings_with(settings: GenerateSettings | None = None, **fields: object) -> GenerateSettings:
+    """`settings` (default GenerateSettings()) with `fields` replaced: GenerateSettings fields, and
+    EncodeOptions fields (clip_skip, emphasis, comma_backtrack, bare_names, keep_embeddings_on_backtrack),
+    which go to `settings.encode`. The keyword convenience of `generate` / `img2img` / `generate_batch`."""
+    settings = GenerateSettings() if settings is None else settings
+    unknown = sorted(set(fields) - set(SETTING_NAMES) - set(ENCODE_OPTION_NAMES))
+    if unknown:
+        raise EngineError(f"unknown generation setting(s) {', '.join(unknown)}; expected some of: "
+                          f"{', '.join(SETTING_NAMES + ENCODE_OPTION_NAMES)}")
+    encode_fields = {name: value for name, value in fields.items() if name in ENCODE_OPTION_NAMES}
+    own = {name: value for name, value in fields.items() if name in SETTING_NAMES}
+    if encode_fields:
+        own["encode"] = dataclasses.replace(settings.encode, **encode_fields)
+    return dataclasses.replace(settings, **own) if own else settings
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
