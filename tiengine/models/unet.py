@@ -440,7 +440,8 @@ class UNet2DConditionModel(nn.Module):
     tiengine.models.fusions) are the defaults for forward, which can override them.
     channels_last=True runs the convolutions and norms on NHWC-strided activations (the same
     computation, returned contiguous). On CPU it measured no faster, as PyTorch re-lays contiguous
-    conv weights out for NHWC inputs on every call, so the default is NCHW.
+    conv weights out for NHWC inputs on every call, so the default is NCHW (which the Triton GroupNorm
+    kernel needs: with channels_last, fused_backend="auto" keeps PyTorch's GroupNorm on CUDA too).
     """
 
     def __init__(
