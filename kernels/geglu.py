@@ -1,5 +1,8 @@
 """GEGLU in Triton: the first half of SD's transformer feed-forward, projection and gate in one kernel.
 
+Called by the models through tiengine/models/fusions.py (`geglu`), which picks this kernel for CUDA
+tensors `supports` accepts and PyTorch's ops otherwise.
+
 diffusers' GEGLU is `hidden, gate = proj(x).chunk(2, dim=-1); hidden * gelu(gate)` with proj an
 nn.Linear(dim, 2 * inner) and exact (erf) GELU. Unfused, the (rows, 2 * inner) projection is written to
 memory and read back by GELU and the product (about 3x the output size in extra traffic: for SD1.5's

@@ -1,5 +1,8 @@
 """GroupNorm followed by SiLU in Triton: the norm1/norm2 -> SiLU pairs of UNet and VAE resnet blocks.
 
+Called by the models through tiengine/models/fusions.py (`group_norm`), which picks this kernel for CUDA
+tensors `supports` accepts and PyTorch's ops otherwise.
+
 Contract
 - x: (batch, channels, *spatial) contiguous (NCHW, or (B, C, L)), channels divisible by num_groups;
   weight, bias: (channels,) or None (no affine); eps as nn.GroupNorm's (1e-5 UNet, 1e-6 VAE).

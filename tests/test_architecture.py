@@ -36,8 +36,12 @@ STAGES = (
     ("tiengine.cli", "tiengine.__main__"),
 )
 # Modules whose function-level imports are deliberate: the package's lazy public names, the command lines
-# (fast `--help`), and the attention dispatcher, which imports the Triton kernels only for CUDA tensors.
-LAZY_BY_DESIGN = ("tiengine", "tiengine.weights_conv", "tiengine.weights_conv.cli", "tiengine.models.attention")
+# (fast `--help`), and the attention and fused-op dispatchers, which import the Triton kernels only for CUDA
+# tensors.
+LAZY_BY_DESIGN = (
+    "tiengine", "tiengine.weights_conv", "tiengine.weights_conv.cli", "tiengine.models.attention",
+    "tiengine.models.fusions",
+)
 
 
 def _modules() -> dict[str, Path]:

@@ -6,7 +6,9 @@ Module and parameter names mirror diffusers (`diffusers.models.resnet.ResnetBloc
 `diffusers.models.embeddings.Timesteps/TimestepEmbedding`), so state dicts load by identity.
 
 Numerics:
-- GroupNorm and LayerNorm run in fp32 for fp16/bf16 inputs (`group_norm`, `layer_norm` cast up and back).
+- GroupNorm and LayerNorm run in fp32 for fp16/bf16 inputs (`layer_norm` here casts up and back;
+  `group_norm` and `geglu` come from tiengine.models.fusions, the dispatcher that runs the fused Triton
+  GroupNorm+SiLU and GEGLU kernels on CUDA and these PyTorch ops otherwise; `fused_backend` picks).
 - Timestep sinusoids are always computed in fp32 (`timestep_embedding`).
 - Softmax belongs to `tiengine.models.attention.attention` (SDPA and the Triton kernel accumulate in fp32);
   `Attention(upcast_attention=True)` additionally runs q k^T in fp32 for fp16/bf16 (SD2's overflow guard).
@@ -24,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tiengine.models.attention import AttentionBackend, attention
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
+from tiengine.models.fusions import HALF_DTYPES, FusedBackend, geglu, group_norm
 
 
 def timestep_embedding(
@@ -74,15 +75,6 @@ def text_time_conditioning(
     )  # (B*K, time_embed_dim), fp32
     sinusoids = sinusoids.reshape(batch, -1)  # (B, K*time_embed_dim)
     return torch.cat([pooled_text.to(torch.float32), sinusoids], dim=-1).to(pooled_text.dtype)
-
-
-def group_norm(norm: nn.GroupNorm, x: torch.Tensor, *, silu: bool = False) -> torch.Tensor:
-    """GroupNorm (optionally followed by SiLU), computed in fp32 for fp16/bf16 inputs."""
-    if x.dtype in HALF_DTYPES:
-        y = F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
-        return (F.silu(y, inplace=True) if silu else y).to(x.dtype)
-    y = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    return F.silu(y, inplace=True) if silu else y
 
 
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -218,12 +210,15 @@ class ResnetBlock2D(nn.Module):
             Conv2d(in_channels, out_channels, 1, **factory) if in_channels != out_channels else None
         )
 
-    def forward(self, x: torch.Tensor, temb_silu: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C_in, H, W); temb_silu (B, temb_channels), already passed through SiLU."""
-        h = self.conv1(group_norm(self.norm1, x, silu=True))
+    def forward(
+        self, x: torch.Tensor, temb_silu: torch.Tensor | None = None, *, fused_backend: FusedBackend = "auto"
+    ) -> torch.Tensor:
+        """x (B, C_in, H, W); temb_silu (B, temb_channels), already passed through SiLU.
+        fused_backend: GroupNorm+SiLU's (see tiengine.models.fusions)."""
+        h = self.conv1(group_norm(self.norm1, x, silu=True, backend=fused_backend))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(temb_silu)[:, :, None, None]  # (B, C_out, 1, 1)
-        h = self.conv2(group_norm(self.norm2, h, silu=True))
+        h = self.conv2(group_norm(self.norm2, h, silu=True, backend=fused_backend))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 
@@ -294,9 +289,9 @@ class GEGLU(nn.Module):
         super().__init__()
         self.proj = nn.Linear(dim, 2 * inner_dim, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden, gate = self.proj(x).chunk(2, dim=-1)  # each (..., inner)
-        return F.gelu(gate).mul_(hidden)
+    def forward(self, x: torch.Tensor, *, fused_backend: FusedBackend = "auto") -> torch.Tensor:
+        """x (..., dim) -> (..., inner); the fused Triton kernel on CUDA (see tiengine.models.fusions)."""
+        return geglu(self.proj, x, backend=fused_backend)
 
 
 class FeedForward(nn.Module):
@@ -313,8 +308,8 @@ class FeedForward(nn.Module):
             ]
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+    def forward(self, x: torch.Tensor, *, fused_backend: FusedBackend = "auto") -> torch.Tensor:
+        return self.net[2](self.net[0](x, fused_backend=fused_backend))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -341,11 +336,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, **factory)
         self.ff = FeedForward(dim, **factory)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, *, backend: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, *, backend: AttentionBackend, fused_backend: FusedBackend
+    ) -> torch.Tensor:
         """x (B, N, C), context (B, M, context_dim) -> (B, N, C)."""
         x = x + self.attn1(layer_norm(self.norm1, x), backend=backend)
         x = x + self.attn2(layer_norm(self.norm2, x), context, backend=backend)
-        return x + self.ff(layer_norm(self.norm3, x))
+        return x + self.ff(layer_norm(self.norm3, x), fused_backend=fused_backend)
 
 
 class Transformer2DModel(nn.Module):
@@ -384,13 +381,15 @@ class Transformer2DModel(nn.Module):
             ]
         )
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, *, backend: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, *, backend: AttentionBackend, fused_backend: FusedBackend
+    ) -> torch.Tensor:
         """x (B, C, H, W), context (B, M, context_dim) -> (B, C, H, W)."""
         batch, channels, height, width = x.shape
-        h = group_norm(self.norm, x)
+        h = group_norm(self.norm, x, backend=fused_backend)
         h = h.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, H*W, C)
         h = pointwise(self.proj_in, h)
         for block in self.transformer_blocks:
-            h = block(h, context, backend=backend)
+            h = block(h, context, backend=backend, fused_backend=fused_backend)
         h = pointwise(self.proj_out, h)
         return x + h.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W)

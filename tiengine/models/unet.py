@@ -24,6 +24,7 @@ from torch import nn
 
 from tiengine.errors import TiengineError
 from tiengine.models.attention import ATTENTION_BACKENDS, AttentionBackend
+from tiengine.models.fusions import FUSED_BACKENDS, FusedBackend, group_norm
 from tiengine.models.layers import (
     Conv2d,
     Downsample2D,
@@ -31,7 +32,6 @@ from tiengine.models.layers import (
     TimestepEmbedding,
     Transformer2DModel,
     Upsample2D,
-    group_norm,
     text_time_conditioning,
     timestep_embedding,
 )
@@ -314,14 +314,20 @@ class _DownLevel(nn.Module):
             self.downsamplers = None
 
     def forward(
-        self, x: torch.Tensor, temb_silu: torch.Tensor, context: torch.Tensor, *, backend: AttentionBackend
+        self,
+        x: torch.Tensor,
+        temb_silu: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        backend: AttentionBackend,
+        fused_backend: FusedBackend,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Returns the output and the skip activations handed to the up path (one per layer + downsample)."""
         skips = []
         for j, resnet in enumerate(self.resnets):
-            x = resnet(x, temb_silu)
+            x = resnet(x, temb_silu, fused_backend=fused_backend)
             if self.attentions is not None:
-                x = self.attentions[j](x, context, backend=backend)
+                x = self.attentions[j](x, context, backend=backend, fused_backend=fused_backend)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -363,14 +369,15 @@ class _UpLevel(nn.Module):
         context: torch.Tensor,
         *,
         backend: AttentionBackend,
+        fused_backend: FusedBackend,
         upsample_size: tuple[int, int] | None,
     ) -> torch.Tensor:
         """skips: this level's skip activations in down-path order; consumed last first."""
         for j, resnet in enumerate(self.resnets):
             x = torch.cat([x, skips[-1 - j]], dim=1)  # (B, C + C_skip, H, W)
-            x = resnet(x, temb_silu)
+            x = resnet(x, temb_silu, fused_backend=fused_backend)
             if self.attentions is not None:
-                x = self.attentions[j](x, context, backend=backend)
+                x = self.attentions[j](x, context, backend=backend, fused_backend=fused_backend)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -387,11 +394,17 @@ class _MidBlock(nn.Module):
         self.attentions = nn.ModuleList([_transformer(config, len(config.block_out_channels) - 1, **factory)])
 
     def forward(
-        self, x: torch.Tensor, temb_silu: torch.Tensor, context: torch.Tensor, *, backend: AttentionBackend
+        self,
+        x: torch.Tensor,
+        temb_silu: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        backend: AttentionBackend,
+        fused_backend: FusedBackend,
     ) -> torch.Tensor:
-        x = self.resnets[0](x, temb_silu)
-        x = self.attentions[0](x, context, backend=backend)
-        return self.resnets[1](x, temb_silu)
+        x = self.resnets[0](x, temb_silu, fused_backend=fused_backend)
+        x = self.attentions[0](x, context, backend=backend, fused_backend=fused_backend)
+        return self.resnets[1](x, temb_silu, fused_backend=fused_backend)
 
 
 def _resnet(config: UNetConfig, in_channels: int, out_channels: int, *, device, dtype) -> ResnetBlock2D:
@@ -423,10 +436,12 @@ def _transformer(config: UNetConfig, level: int, *, device, dtype) -> Transforme
 class UNet2DConditionModel(nn.Module):
     """eps/v-predicting UNet: forward(sample, timestep, context, y) -> (B, out_channels, h, w).
 
-    attention_backend (see tiengine.models.attention) is the default for forward, which can override it.
+    attention_backend (see tiengine.models.attention) and fused_backend (GroupNorm+SiLU and GEGLU, see
+    tiengine.models.fusions) are the defaults for forward, which can override them.
     channels_last=True runs the convolutions and norms on NHWC-strided activations (the same
     computation, returned contiguous). On CPU it measured no faster, as PyTorch re-lays contiguous
-    conv weights out for NHWC inputs on every call, so the default is NCHW.
+    conv weights out for NHWC inputs on every call, so the default is NCHW (which the Triton GroupNorm
+    kernel needs: with channels_last, fused_backend="auto" keeps PyTorch's GroupNorm on CUDA too).
     """
 
     def __init__(
@@ -436,14 +451,18 @@ class UNet2DConditionModel(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         attention_backend: AttentionBackend = "auto",
+        fused_backend: FusedBackend = "auto",
         channels_last: bool = False,
     ) -> None:
         super().__init__()
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+        if fused_backend not in FUSED_BACKENDS:
+            raise ValueError(f"fused_backend must be one of {FUSED_BACKENDS}, got {fused_backend!r}")
         factory = {"device": device, "dtype": dtype}
         self.config = config
         self.attention_backend: AttentionBackend = attention_backend
+        self.fused_backend: FusedBackend = fused_backend
         self.channels_last = channels_last
         channels = config.block_out_channels
         self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1, **factory)
@@ -485,11 +504,13 @@ class UNet2DConditionModel(nn.Module):
         y: torch.Tensor | None = None,
         *,
         attention_backend: AttentionBackend | None = None,
+        fused_backend: FusedBackend | None = None,
     ) -> torch.Tensor:
         """sample (B, in_channels, h, w); timestep scalar or (B,); context (B, T, cross_attention_dim),
         cast to sample's dtype; y (B, projection_class_embeddings_input_dim) for SDXL, else None."""
         config = self.config
         backend = self.attention_backend if attention_backend is None else attention_backend
+        fused = self.fused_backend if fused_backend is None else fused_backend
         batch, _, height, width = sample.shape
         device, dtype = sample.device, sample.dtype
         self._check_inputs(sample, context, y)
@@ -509,16 +530,18 @@ class UNet2DConditionModel(nn.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, temb_silu, context, backend=backend)
+            x, block_skips = block(x, temb_silu, context, backend=backend, fused_backend=fused)
             skips.extend(block_skips)
         if self.mid_block is not None:
-            x = self.mid_block(x, temb_silu, context, backend=backend)
+            x = self.mid_block(x, temb_silu, context, backend=backend, fused_backend=fused)
         for block in self.up_blocks:
             level_skips = skips[-len(block.resnets) :]
             del skips[-len(block.resnets) :]
             upsample_size = tuple(skips[-1].shape[-2:]) if block.upsamplers is not None else None
-            x = block(x, level_skips, temb_silu, context, backend=backend, upsample_size=upsample_size)
-        x = self.conv_out(group_norm(self.conv_norm_out, x, silu=True))
+            x = block(
+                x, level_skips, temb_silu, context, backend=backend, fused_backend=fused, upsample_size=upsample_size
+            )
+        x = self.conv_out(group_norm(self.conv_norm_out, x, silu=True, backend=fused))
         return x.contiguous()  # (B, out_channels, h, w)
 
     def _check_inputs(self, sample: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None) -> None:

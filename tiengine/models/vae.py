@@ -20,7 +20,8 @@ from torch import nn
 
 from tiengine.errors import TiengineError
 from tiengine.models.attention import ATTENTION_BACKENDS, AttentionBackend
-from tiengine.models.layers import Attention, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+from tiengine.models.fusions import FUSED_BACKENDS, FusedBackend, group_norm
+from tiengine.models.layers import Attention, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D
 
 __all__ = ["VaeConfig", "AutoencoderKL", "LatentDistribution", "blend_tiles"]
 
@@ -139,11 +140,11 @@ class _MidAttention(Attention):
         self.group_norm = nn.GroupNorm(groups, channels, eps=RESNET_EPS, device=device, dtype=dtype)
 
     def forward_spatial(
-        self, x: torch.Tensor, *, backend: AttentionBackend, chunk_size: int | None
+        self, x: torch.Tensor, *, backend: AttentionBackend, fused_backend: FusedBackend, chunk_size: int | None
     ) -> torch.Tensor:
         """x (B, C, H, W) -> (B, C, H, W)."""
         batch, channels, height, width = x.shape
-        h = group_norm(self.group_norm, x)
+        h = group_norm(self.group_norm, x, backend=fused_backend)
         h = h.permute(0, 2, 3, 1).reshape(batch, height * width, channels)  # (B, H*W, C)
         h = super().forward(h, backend=backend, chunk_size=chunk_size)  # (B, H*W, C)
         return x + h.view(batch, height, width, channels).permute(0, 3, 1, 2)  # (B, C, H, W)
@@ -163,10 +164,12 @@ class _MidBlock(nn.Module):
         )
         self.attentions = nn.ModuleList([_MidAttention(channels, groups=groups, **factory)])
 
-    def forward(self, x: torch.Tensor, *, backend: AttentionBackend, chunk_size: int | None) -> torch.Tensor:
-        x = self.resnets[0](x)
-        x = self.attentions[0].forward_spatial(x, backend=backend, chunk_size=chunk_size)
-        return self.resnets[1](x)
+    def forward(
+        self, x: torch.Tensor, *, backend: AttentionBackend, fused_backend: FusedBackend, chunk_size: int | None
+    ) -> torch.Tensor:
+        x = self.resnets[0](x, fused_backend=fused_backend)
+        x = self.attentions[0].forward_spatial(x, backend=backend, fused_backend=fused_backend, chunk_size=chunk_size)
+        return self.resnets[1](x, fused_backend=fused_backend)
 
 
 class _EncoderLevel(nn.Module):
@@ -190,9 +193,9 @@ class _EncoderLevel(nn.Module):
         )
         self.downsamplers = None if last else nn.ModuleList([Downsample2D(channels, padding=0, **factory)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, fused_backend: FusedBackend) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet(x, fused_backend=fused_backend)
         return x if self.downsamplers is None else self.downsamplers[0](x)
 
 
@@ -217,9 +220,9 @@ class _DecoderLevel(nn.Module):
         )
         self.upsamplers = None if last else nn.ModuleList([Upsample2D(channels, **factory)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, fused_backend: FusedBackend) -> torch.Tensor:
         for resnet in self.resnets:
-            x = resnet(x)
+            x = resnet(x, fused_backend=fused_backend)
         return x if self.upsamplers is None else self.upsamplers[0](x)
 
 
@@ -243,12 +246,14 @@ class Encoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[-1], eps=RESNET_EPS, **factory)
         self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1, **factory)
 
-    def forward(self, x: torch.Tensor, *, backend: AttentionBackend, chunk_size: int | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *, backend: AttentionBackend, fused_backend: FusedBackend, chunk_size: int | None
+    ) -> torch.Tensor:
         x = self.conv_in(x)
         for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x, backend=backend, chunk_size=chunk_size)
-        return self.conv_out(group_norm(self.conv_norm_out, x, silu=True))
+            x = block(x, fused_backend=fused_backend)
+        x = self.mid_block(x, backend=backend, fused_backend=fused_backend, chunk_size=chunk_size)
+        return self.conv_out(group_norm(self.conv_norm_out, x, silu=True, backend=fused_backend))
 
 
 class Decoder(nn.Module):
@@ -271,20 +276,25 @@ class Decoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[-1], eps=RESNET_EPS, **factory)
         self.conv_out = Conv2d(channels[-1], config.out_channels, 3, padding=1, **factory)
 
-    def forward(self, z: torch.Tensor, *, backend: AttentionBackend, chunk_size: int | None) -> torch.Tensor:
+    def forward(
+        self, z: torch.Tensor, *, backend: AttentionBackend, fused_backend: FusedBackend, chunk_size: int | None
+    ) -> torch.Tensor:
         x = self.conv_in(z)
-        x = self.mid_block(x, backend=backend, chunk_size=chunk_size)
+        x = self.mid_block(x, backend=backend, fused_backend=fused_backend, chunk_size=chunk_size)
         for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(group_norm(self.conv_norm_out, x, silu=True))
+            x = block(x, fused_backend=fused_backend)
+        return self.conv_out(group_norm(self.conv_norm_out, x, silu=True, backend=fused_backend))
 
 
 class AutoencoderKL(nn.Module):
-    """The SD VAE. attention_backend is forward's default; attention_chunk_size (queries per chunk,
+    """The SD VAE. attention_backend and fused_backend (GroupNorm+SiLU, see tiengine.models.fusions) are
+    the defaults for encode/decode, which can override them; attention_chunk_size (queries per chunk,
     None = all) bounds the mid-block attention's memory for large images without changing its result.
     channels_last=True (the default) runs on NHWC-strided activations and returns contiguous outputs;
     at the VAE's large images the per-call NHWC copy of each conv weight is small beside the conv, and
-    bf16 decoding measured faster that way (benchmarks/vae.py)."""
+    bf16 decoding measured faster that way (benchmarks/vae.py). The Triton GroupNorm kernel takes
+    contiguous NCHW only, so on CUDA fused_backend="auto" runs it with channels_last=False and keeps
+    PyTorch's GroupNorm for channels_last activations."""
 
     def __init__(
         self,
@@ -293,17 +303,21 @@ class AutoencoderKL(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         attention_backend: AttentionBackend = "auto",
+        fused_backend: FusedBackend = "auto",
         attention_chunk_size: int | None = None,
         channels_last: bool = True,
     ) -> None:
         super().__init__()
         if attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {attention_backend!r}")
+        if fused_backend not in FUSED_BACKENDS:
+            raise ValueError(f"fused_backend must be one of {FUSED_BACKENDS}, got {fused_backend!r}")
         if attention_chunk_size is not None and attention_chunk_size < 1:
             raise ValueError(f"attention_chunk_size must be a positive token count or None, got {attention_chunk_size}")
         factory = {"device": device, "dtype": dtype}
         self.config = config
         self.attention_backend: AttentionBackend = attention_backend
+        self.fused_backend: FusedBackend = fused_backend
         self.attention_chunk_size = attention_chunk_size
         self.channels_last = channels_last
         latent = config.latent_channels
@@ -327,18 +341,34 @@ class AutoencoderKL(nn.Module):
             )
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def encode(self, images: torch.Tensor, *, attention_backend: AttentionBackend | None = None) -> LatentDistribution:
+    def encode(
+        self,
+        images: torch.Tensor,
+        *,
+        attention_backend: AttentionBackend | None = None,
+        fused_backend: FusedBackend | None = None,
+    ) -> LatentDistribution:
         """images (B, in_channels, H, W) in [-1, 1] -> distribution over unscaled latents (B, 4, H/8, W/8)."""
         backend = self.attention_backend if attention_backend is None else attention_backend
+        fused = self.fused_backend if fused_backend is None else fused_backend
         x = self._prepare(images, self.config.in_channels, "images")
-        moments = self.quant_conv(self.encoder(x, backend=backend, chunk_size=self.attention_chunk_size))
+        moments = self.quant_conv(
+            self.encoder(x, backend=backend, fused_backend=fused, chunk_size=self.attention_chunk_size)
+        )
         return LatentDistribution.from_moments(moments.contiguous())
 
-    def decode(self, latents: torch.Tensor, *, attention_backend: AttentionBackend | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        latents: torch.Tensor,
+        *,
+        attention_backend: AttentionBackend | None = None,
+        fused_backend: FusedBackend | None = None,
+    ) -> torch.Tensor:
         """Unscaled latents (B, 4, h, w) -> images (B, out_channels, 8h, 8w), nominally in [-1, 1]."""
         backend = self.attention_backend if attention_backend is None else attention_backend
+        fused = self.fused_backend if fused_backend is None else fused_backend
         z = self.post_quant_conv(self._prepare(latents, self.config.latent_channels, "latents"))
-        return self.decoder(z, backend=backend, chunk_size=self.attention_chunk_size).contiguous()
+        return self.decoder(z, backend=backend, fused_backend=fused, chunk_size=self.attention_chunk_size).contiguous()
 
     def decode_tiled(
         self,
@@ -347,12 +377,13 @@ class AutoencoderKL(nn.Module):
         tile_size: int = 64,
         overlap: int = 16,
         attention_backend: AttentionBackend | None = None,
+        fused_backend: FusedBackend | None = None,
     ) -> torch.Tensor:
         """decode() in overlapping latent tiles of tile_size (blended over overlap latents), for images too
         large to decode at once. GroupNorm statistics and the mid-block attention then see one tile, not the
         whole image, so the result is close to decode() but not equal; with one tile it is decode()."""
         return blend_tiles(
-            lambda tile: self.decode(tile, attention_backend=attention_backend),
+            lambda tile: self.decode(tile, attention_backend=attention_backend, fused_backend=fused_backend),
             latents,
             tile_size=tile_size,
             overlap=overlap,
