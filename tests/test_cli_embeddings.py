@@ -114,3 +114,28 @@ def test_bundled_embedding_by_name(tmp_path, capsys):
     assert status == 0 and json.loads(out)["family"] == "sdxl" and json.loads(out)["name"] == "two"
     status, _, err = run(capsys, "inspect", str(lora), "--name", "three")
     assert status == 2 and "no bundled embedding 'three' (has one, two)" in err
+
+
+def test_convert_refusal_names_the_flag_before_reading_the_input(tmp_path, capsys):
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"mine")
+    # IN does not exist: the refusal comes first, so a large IN would not be read either
+    status, _, err = run(capsys, "convert", str(tmp_path / "absent.pt"), str(target))
+    assert status == 2 and "already exists" in err and "pass --overwrite" in err
+    assert "absent.pt" not in err and target.read_bytes() == b"mine"
+
+
+def test_every_refusal_message_names_the_flag_and_the_argument(tmp_path):
+    from tiengine.embeddings.embedding import load_embedding, save_embedding
+    from tiengine.errors import TiengineError
+    from tiengine.io.atomic import atomic_write_bytes
+
+    source = a1111_pt(tmp_path / "style.pt", vectors(1, 768, 7), name="style")
+    messages = []
+    for write in (lambda: atomic_write_bytes(source, b""), lambda: save_embedding(load_embedding(source), source)):
+        try:
+            write()
+        except TiengineError as error:
+            messages.append(str(error))
+    assert len(messages) == 2
+    assert all("pass --overwrite (overwrite=True in Python) to replace it" in message for message in messages)

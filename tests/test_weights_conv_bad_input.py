@@ -238,3 +238,14 @@ def test_non_models_get_a_hint(tmp_path):
     )
     with pytest.raises(CheckpointError, match="looks like a standalone VAE"):
         open_model(vae)
+
+
+def test_existing_output_is_refused_before_the_checkpoint_is_read(tmp_path, capsys):
+    outdir = tmp_path / "converted"
+    outdir.mkdir()
+    (outdir / "config.json").write_text("{}")
+    # the checkpoint does not exist: the refusal comes before any reading
+    assert cli_main(["convert", str(tmp_path / "absent.safetensors"), str(outdir)]) == 2
+    err = capsys.readouterr().err
+    assert "would replace" in err and "pass --overwrite (overwrite=True in Python)" in err
+    assert "absent" not in err and (outdir / "config.json").read_text() == "{}"

@@ -22,6 +22,9 @@ from typing import Any
 from tiengine.errors import TiengineError
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+# Every file a converted folder can hold (SD1/SD2: no text_encoder_2; the SDXL refiner: no text_encoder).
+FOLDER_FILES = ("unet.safetensors", "vae.safetensors", "text_encoder.safetensors", "text_encoder_2.safetensors",
+                "config.json")
 
 
 def convert_checkpoint(
@@ -36,9 +39,16 @@ def convert_checkpoint(
     ema: bool = True,
     ignore_unknown: bool = False,
 ) -> Path:
-    """Convert any supported input into a tiengine model folder; returns the folder."""
+    """Convert any supported input into a tiengine model folder; returns the folder.
+
+    An `outdir` holding any converted-model file is refused before the checkpoint is read, unless `overwrite`.
+    """
+    from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal
     from tiengine.weights_conv.convert import DTYPE_NAMES, open_model
 
+    existing = [str(Path(outdir) / name) for name in FOLDER_FILES if (Path(outdir) / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsRefusal(f"{outdir}: would replace {', '.join(existing)} ({OVERWRITE_HINT})")
     with open_model(
         path, family=family, prediction=prediction, vae=vae, ema=ema, ignore_unknown=ignore_unknown
     ) as model:

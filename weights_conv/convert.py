@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tiengine.errors import CheckpointError
-from tiengine.io.atomic import FileExistsRefusal, atomic_write_bytes
+from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal, atomic_write_bytes
 from tiengine.models.config import FORMAT_NAME, ModelConfig
 from tiengine.models.text_encoder import ClipTextEncoder
 from tiengine.models.unet import UNet2DConditionModel
@@ -224,7 +224,7 @@ class OpenModel:
         existing = [str(file) for file in files if file.exists()]
         if existing and not overwrite:
             raise FileExistsRefusal(
-                f"{outdir}: would replace {', '.join(existing)} (pass overwrite=True / --overwrite)"
+                f"{outdir}: would replace {', '.join(existing)} ({OVERWRITE_HINT})"
             )
         self.check()
         plans = {name: self.plan(name) for name in names}

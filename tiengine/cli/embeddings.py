@@ -116,8 +116,13 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from tiengine.embeddings.embedding import save_embedding
+    from pathlib import Path
 
+    from tiengine.embeddings.embedding import save_embedding
+    from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal
+
+    if Path(args.target).exists() and not args.overwrite:  # before reading IN, which may be large
+        raise FileExistsRefusal(f"{args.target}: already exists ({OVERWRITE_HINT})")
     embedding = _load(args.source, args.name)
     written = save_embedding(embedding, args.target, format=args.format,
                              overwrite=args.overwrite)

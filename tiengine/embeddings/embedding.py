@@ -35,7 +35,7 @@ from tiengine.embeddings.layouts import (
     parse_embedding_data,
 )
 from tiengine.errors import CheckpointError, EmbeddingError
-from tiengine.io.atomic import atomic_write_bytes
+from tiengine.io.atomic import OVERWRITE_HINT, atomic_write_bytes
 from tiengine.io.safe_pickle import load_pickle
 
 if TYPE_CHECKING:
@@ -367,7 +367,7 @@ def save_embedding(embedding: Embedding, path: str | os.PathLike[str], *,
         raise EmbeddingError(f"{path}: unknown output format {format or path.suffix!r} (expected "
                              f"{', '.join(SAVE_FORMATS.values())})")
     if path.exists() and not overwrite:
-        raise EmbeddingError(f"{path}: already exists (pass overwrite=True to replace it)")
+        raise EmbeddingError(f"{path}: already exists ({OVERWRITE_HINT})")
     if fmt == "safetensors":
         tensors = dict(embedding.vectors) if embedding.family == "sdxl" else {
             "emb_params": next(iter(embedding.vectors.values()))}
