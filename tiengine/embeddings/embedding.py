@@ -22,7 +22,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from tiengine.embeddings.image import PNG_SIGNATURE, TEXT_CHUNK_KEY, is_image, read_image_embedding, write_png
+from tiengine.embeddings.image import (
+    PNG_SIGNATURE,
+    TEXT_CHUNK_KEY,
+    caption_card,
+    is_image,
+    read_image_embedding,
+    write_png,
+)
 from tiengine.embeddings.layouts import (
     BUNDLE_PREFIX,
     ENCODER_WIDTHS,
@@ -351,6 +358,16 @@ def a1111_dict(embedding: Embedding) -> dict[str, Any]:
             "sd_checkpoint_name": embedding.sd_checkpoint_name}
 
 
+def embedding_card(embedding: Embedding, picture: Image) -> Image:
+    """`picture` captioned as A1111 captions its embedding images: "<name>" at the top; at the bottom
+    "Trained on <checkpoint name>", "[checkpoint hash]" and "<N>v <step>s" (fields it does not know
+    are left out). Pass the result to `save_embedding(..., preview=...)` to write a card."""
+    footer_left = f"Trained on {embedding.sd_checkpoint_name}" if embedding.sd_checkpoint_name else ""
+    footer_mid = f"[{embedding.sd_checkpoint}]" if embedding.sd_checkpoint else ""
+    footer_right = f"{embedding.n_vectors}v" + (f" {embedding.step}s" if embedding.step is not None else "")
+    return caption_card(picture, f"<{embedding.name}>", footer_left, footer_mid, footer_right)
+
+
 def save_embedding(embedding: Embedding, path: str | os.PathLike[str], *,
                    format: str | None = None, overwrite: bool = False,
                    preview: Image | None = None) -> Path:
@@ -386,5 +403,5 @@ def save_embedding(embedding: Embedding, path: str | os.PathLike[str], *,
     return path
 
 
-__all__ = ["Embedding", "load_embedding", "save_embedding",
+__all__ = ["Embedding", "load_embedding", "save_embedding", "embedding_card",
            "load_bundled_embeddings", "list_bundled_embeddings"]
