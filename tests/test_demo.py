@@ -10,6 +10,7 @@ from PIL import Image
 
 from tiengine.cli import main
 from tiengine.embeddings.embedding import load_embedding
+from tiengine.io.metadata import parse_parameters, read_image_parameters
 from tiengine.toyworld.demo import (
     CONCEPT_IMAGES,
     CONCEPT_NAME,
@@ -76,6 +77,9 @@ def test_outputs_are_the_training_set_embedding_grid_and_scores(demo_run):
     assert scores["train_steps"] == report.train_steps
     grid = Image.open(out / "demo_grid.png")
     assert grid.width > 4 * 128 and grid.height > 8 * 128
+    parameters = parse_parameters(read_image_parameters(out / "demo_grid.png"))
+    assert "held-out prompt" in parameters["Prompt"] and parameters["Seed"] == "0"
+    assert parameters["TI hashes"] == f"{CONCEPT_NAME}: {embedding.short_hash}"
 
 
 def test_refuses_a_folder_with_files(tmp_path):

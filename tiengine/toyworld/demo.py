@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiengine.default_model import DEFAULT_MODEL_CFG_SCALE
+from tiengine.embeddings.embedding import file_sha256
 from tiengine.engine import Engine
 from tiengine.errors import TiengineError
 from tiengine.io.atomic import atomic_write, atomic_write_bytes
 from tiengine.io.images import labelled_grid
+from tiengine.io.metadata import format_parameters, format_ti_hashes, save_png
 from tiengine.toyworld.detector import adherence_report
 from tiengine.toyworld.evaluation import DEFAULT_SAMPLER, DEFAULT_STEPS, held_out_prompts
 from tiengine.toyworld.world import concept_examples
@@ -134,7 +136,8 @@ def write_concept_images(folder: Path, seed: int, *, overwrite: bool) -> list[Pa
     return written
 
 
-def _grid(columns: list[tuple[str, list[Image.Image]]]) -> Image.Image:
+def _grid(columns: list[tuple[str, list[Image.Image]]], row_labels: list[str]) -> Image.Image:
+    """The first GRID_ROWS images of each column, scaled up, each row labelled with its held-out prompt."""
     from PIL import Image
 
     scaled = [
@@ -142,7 +145,25 @@ def _grid(columns: list[tuple[str, list[Image.Image]]]) -> Image.Image:
                  for image in images[:GRID_ROWS]])
         for label, images in columns
     ]
-    return labelled_grid(scaled)
+    rows = max(len(images) for _, images in scaled)
+    return labelled_grid(scaled, row_labels=row_labels[:rows])
+
+
+def grid_parameters(
+    columns: list[str], prompts: int, rows: int, seed: int, size: tuple[int, int], embedding_hash: str | None
+) -> str:
+    """The demo grid's `parameters` text: what its columns and rows are and how the images were made."""
+    description = (
+        f"tiengine demo grid. Columns: {', '.join(columns)}. Row k (from 0): held-out prompt k of {prompts} "
+        f"(label on the left; the first {rows} are shown), generated with seed {seed}+k; the first column "
+        f"holds the {CONCEPT_IMAGES} training images, one per row, unrelated to the row's prompt."
+    )
+    settings = {
+        "Steps": DEFAULT_STEPS, "Sampler": DEFAULT_SAMPLER, "CFG scale": f"{DEFAULT_MODEL_CFG_SCALE:g}",
+        "Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": "tiengine default model",
+        "TI hashes": format_ti_hashes({CONCEPT_NAME: embedding_hash}),
+    }
+    return format_parameters(description, "", settings)
 
 
 def run_demo(
@@ -216,9 +237,12 @@ def run_demo(
     from PIL import Image
 
     training_images = [Image.open(path).convert("RGB") for path in sorted(images_dir.glob("*.png"))]
-    grid = _grid([("training images", training_images)] + columns)
-    grid_path = atomic_write(out / "demo_grid.png", lambda temporary: grid.save(temporary, format="PNG"),
-                             overwrite=overwrite)
+    grid_columns = [("training images", training_images)] + columns
+    grid = _grid(grid_columns, plain_prompts)
+    parameters = grid_parameters([label for label, _ in grid_columns], len(plain_prompts),
+                                 min(GRID_ROWS, len(plain_prompts)), seed, columns[0][1][0].size,
+                                 file_sha256(embedding_path)[:12])
+    grid_path = save_png(grid, out / "demo_grid.png", parameters, overwrite=overwrite)
     scores_path = out / "scores.json"
     demo = DemoReport(
         name=CONCEPT_NAME, arms=arms, images_per_arm=len(plain_prompts), train_steps=result.steps_done,
