@@ -17,20 +17,18 @@ from tiengine.cli import apply_threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from tiengine.toyworld.demo import CONCEPT_NAME, TRAIN_STEPS
-
+    # tiengine.toyworld.demo is imported only when the command runs (it loads torch): `--help` stays fast
     parser = subparsers.add_parser(
         "demo",
         help="learn a new concept from 5 images and show it in generated images (about two minutes on a CPU)",
         description="Textual inversion end to end on the built-in model: render 5 images of objects in a "
-                    "colour the model has no word for, train the embedding "
-                    f"'{CONCEPT_NAME}' on them, generate held-out prompts with and without it, print how often "
+                    "colour the model has no word for, train an embedding on them, generate held-out prompts with and without it, print how often "
                     "the colour appears and write an image grid.",
     )
     parser.add_argument("--out", type=Path, default=Path("tiengine-demo"),
                         help="folder for images, embedding, grid and scores (default ./tiengine-demo)")
     parser.add_argument("--model", type=Path, help="model folder (default: the built-in toy-world model)")
-    parser.add_argument("--steps", type=int, default=TRAIN_STEPS, help=f"training steps (default {TRAIN_STEPS})")
+    parser.add_argument("--steps", type=int, metavar="N", help="training steps (default: the demo's recipe, 1200)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images, the training and the sampling")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
@@ -41,21 +39,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_demo_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from tiengine.toyworld.demo import run_demo
+    from tiengine.toyworld.demo import STAGES, TRAIN_STEPS, run_demo
 
     apply_threads(args.threads)
     bars: dict[str, tqdm] = {}
+    units = {"training": "step", "scoring and writing": "item"}
 
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step" if stage == "training" else "image",
+            if not args.json:  # a header before each stage's bar, on stderr with the bars
+                number = STAGES.index(stage) + 1 if stage in STAGES else "?"
+                print(f"[{number}/{len(STAGES)}] {stage}", file=sys.stderr, flush=True)
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=units.get(stage, "image"),
                                      file=sys.stderr, disable=args.json, dynamic_ncols=True)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
 
-    report = run_demo(args.out, model=args.model, seed=args.seed, train_steps=args.steps,
+    report = run_demo(args.out, model=args.model, seed=args.seed, train_steps=TRAIN_STEPS if args.steps is None else args.steps,
                       overwrite=args.overwrite, progress=progress)
     if args.json:
         from dataclasses import asdict

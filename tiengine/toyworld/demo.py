@@ -60,6 +60,7 @@ TRAIN_STEPS = 1200
 TRAIN_BATCH = 5
 LEARNING_RATE = "0.05"
 GRID_ROWS = 8
+STAGES = ("rendering images", "training", "generating", "scoring and writing")  # progress(stage, ...) order
 GRID_SCALE = 2  # grid cells are the 64 px images scaled up by this factor (nearest neighbour)
 
 # targets of the demonstration (share of images showing the concept)
@@ -177,7 +178,8 @@ def run_demo(
 ) -> DemoReport:
     """Run the demonstration into the folder `out` (see the module docstring); returns the scores.
 
-    progress(stage, done, total) is called as training steps and generated images complete.
+    progress(stage, done, total) is called as each stage starts (done = 0) and as its work completes, stages
+    in order: STAGES ("rendering images", "training", "generating", "scoring and writing").
     """
     import numpy as np
 
@@ -192,7 +194,9 @@ def run_demo(
     report = progress or (lambda stage, done, total: None)
 
     images_dir = out / "concept_images"
+    report("rendering images", 0, CONCEPT_IMAGES)
     outputs = [str(path) for path in write_concept_images(images_dir, seed, overwrite=overwrite)]
+    report("rendering images", CONCEPT_IMAGES, CONCEPT_IMAGES)
     template_path = atomic_write_bytes(out / "template.txt", (TEMPLATE + "\n").encode("utf-8"), overwrite=overwrite)
     embedding_path = out / f"{CONCEPT_NAME}.safetensors"
 
@@ -207,6 +211,7 @@ def run_demo(
         f"--seed {seed} --save-every 0 --out {embedding_path}"
     )
     train_started = time.perf_counter()
+    report("training", 0, train_steps)
     result = engine.train_embedding(
         images_dir, CONCEPT_NAME, out=embedding_path, overwrite=overwrite,
         callback=lambda step: report("training", step.step, step.steps), **asdict(settings),
@@ -221,7 +226,9 @@ def run_demo(
     plain_prompts = evaluation_prompts()
     columns = []
     arms = []
+    generated_images: list[list[Image.Image]] = []
     total_images = len(plain_prompts) * len(arm_words)
+    report("generating", 0, total_images)
     for number, (label, colour_word) in enumerate(arm_words):
         images = []
         for index, prompt in enumerate(evaluation_prompts(colour_word)):
@@ -229,10 +236,14 @@ def run_demo(
                                         cfg_scale=DEFAULT_MODEL_CFG_SCALE, seed=seed + index)
             images += generated.images
             report("generating", number * len(plain_prompts) + index + 1, total_images)
+        generated_images.append(images)
+    report("scoring and writing", 0, len(arm_words) + 2)
+    for number, ((label, colour_word), images) in enumerate(zip(arm_words, generated_images)):
         # the named attributes are scored against the prompt without its colour word: the colour is the concept's
         scores = adherence_report([np.asarray(image.convert("RGB")) for image in images], plain_prompts)
         arms.append(ArmScore(label, colour_word, scores.concept_rate, scores.score))
         columns.append((colour_word or label, images))
+        report("scoring and writing", number + 1, len(arm_words) + 2)
 
     from PIL import Image
 
@@ -243,6 +254,7 @@ def run_demo(
                                  min(GRID_ROWS, len(plain_prompts)), seed, columns[0][1][0].size,
                                  file_sha256(embedding_path)[:12])
     grid_path = save_png(grid, out / "demo_grid.png", parameters, overwrite=overwrite)
+    report("scoring and writing", len(arm_words) + 1, len(arm_words) + 2)
     scores_path = out / "scores.json"
     demo = DemoReport(
         name=CONCEPT_NAME, arms=arms, images_per_arm=len(plain_prompts), train_steps=result.steps_done,
@@ -250,4 +262,5 @@ def run_demo(
         grid_path=str(grid_path), train_command=train_command, outputs=[*outputs, str(grid_path), str(scores_path)],
     )
     atomic_write_bytes(scores_path, (json.dumps(asdict(demo), indent=2) + "\n").encode("utf-8"), overwrite=overwrite)
+    report("scoring and writing", len(arm_words) + 2, len(arm_words) + 2)
     return demo
