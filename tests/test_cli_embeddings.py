@@ -114,3 +114,77 @@ def test_bundled_embedding_by_name(tmp_path, capsys):
     assert status == 0 and json.loads(out)["family"] == "sdxl" and json.loads(out)["name"] == "two"
     status, _, err = run(capsys, "inspect", str(lora), "--name", "three")
     assert status == 2 and "no bundled embedding 'three' (has one, two)" in err
+
+
+def test_convert_refusal_names_the_flag_before_reading_the_input(tmp_path, capsys):
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"mine")
+    # IN does not exist: the refusal comes first, so a large IN would not be read either
+    status, _, err = run(capsys, "convert", str(tmp_path / "absent.pt"), str(target))
+    assert status == 2 and "already exists" in err and "pass --overwrite" in err
+    assert "absent.pt" not in err and target.read_bytes() == b"mine"
+
+
+def test_every_refusal_message_names_the_flag_and_the_argument(tmp_path):
+    from tiengine.embeddings.embedding import load_embedding, save_embedding
+    from tiengine.errors import TiengineError
+    from tiengine.io.atomic import atomic_write_bytes
+
+    source = a1111_pt(tmp_path / "style.pt", vectors(1, 768, 7), name="style")
+    messages = []
+    for write in (lambda: atomic_write_bytes(source, b""), lambda: save_embedding(load_embedding(source), source)):
+        try:
+            write()
+        except TiengineError as error:
+            messages.append(str(error))
+    assert len(messages) == 2
+    assert all("pass --overwrite (overwrite=True in Python) to replace it" in message for message in messages)
+
+
+def _gradient(width: int, height: int):
+    from PIL import Image
+
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    rgb = torch.stack([x * 255 // width, y * 255 // height, 255 - x * 255 // width], dim=-1)
+    return Image.fromarray(rgb.to(torch.uint8).numpy(), "RGB")
+
+
+def test_convert_with_preview_writes_a_card_that_loads_back_bit_identically(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from tiengine.embeddings.embedding import load_embedding
+
+    tensor = vectors(2, 768, 12)
+    source = a1111_pt(tmp_path / "bad-artist.pt", tensor, name="bad-artist", step=1419)
+    picture_path = tmp_path / "picture.png"
+    picture = _gradient(256, 192)
+    picture.save(picture_path)
+    card_path, plain_path = tmp_path / "bad-artist.png", tmp_path / "plain.png"
+    status, _, err = run(capsys, "convert", str(source), str(card_path), "--preview", str(picture_path))
+    assert status == 0 and err == ""
+    assert run(capsys, "convert", str(source), str(plain_path))[0] == 0
+    card, plain = load_embedding(card_path), load_embedding(plain_path)
+    assert torch.equal(card.vectors["clip_l"], tensor) and card.step == 1419
+    assert torch.equal(plain.vectors["clip_l"], tensor)
+    with Image.open(card_path) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    block = (pixels.shape[1] - picture.width - 2) // 2
+    shown = pixels[:, block + 1 : block + 1 + picture.width]  # the card between the carrier columns
+    given = np.asarray(picture).astype(int)
+    assert shown.shape == given.shape
+    middle = slice(picture.height // 3, 2 * picture.height // 3)
+    assert np.array_equal(shown[middle], given[middle])  # the picture itself is kept
+    assert shown[:3].sum() < 0.5 * given[:3].sum()  # the top band is shaded
+    title = shown[: picture.height // 5, : picture.width // 2]
+    assert (title.min(axis=2) > 200).sum() > 50  # white caption text in the top band
+    footer = shown[-picture.height // 10 :, picture.width // 2 :]
+    assert (footer.min(axis=2) > 200).sum() > 10  # "2v 1419s" at the bottom right
+
+
+def test_preview_needs_png_output_and_a_readable_image(tmp_path, capsys):
+    source = a1111_pt(tmp_path / "style.pt", vectors(1, 768, 7), name="style")
+    status, _, err = run(capsys, "convert", str(source), str(tmp_path / "o.safetensors"), "--preview", str(source))
+    assert status == 2 and "only PNG output" in err
+    status, _, err = run(capsys, "convert", str(source), str(tmp_path / "o.png"), "--preview", str(source))
+    assert status == 2 and "not a readable image" in err and not (tmp_path / "o.png").exists()

@@ -17,27 +17,73 @@ def _json_lines(capsys) -> list[dict]:
     return [json.loads(line) for line in out.splitlines()]
 
 
+def _entry(until_step: int, text: str, fragments: list) -> dict:
+    return {"until_step": until_step, "text": text, "fragments": fragments}
+
+
 def test_json_for_one_prompt(capsys) -> None:
     assert main(["parse", "a (b:1.2) BREAK [c|d] AND e:0.5", "--steps", "2", "--json"]) == 0
     out = capsys.readouterr().out
     assert '["BREAK", -1]' in out  # the marker stays the integer -1, as the reference returns it
     (report,) = [json.loads(line) for line in out.splitlines()]
+    # Split on AND first (as Engine.encode), then each part's schedule, then each entry's fragments:
+    # " BREAK " splits into "", BREAK, ""; "[c|d]" alternates per step; ":0.5" is the second part's weight
     assert report == {
         "prompt": "a (b:1.2) BREAK [c|d] AND e:0.5",
-        # " BREAK " splits into "", BREAK, ""; only "c|d" is inside the square brackets; ":0.5" has no ")"
-        "fragments": [["a ", 1.0], ["b", 1.2], ["", 1.0], ["BREAK", -1], ["", 1.0], ["c|d", S], [" AND e:0.5", 1.0]],
-        "schedules": [[1, "a (b:1.2) BREAK c AND e:0.5"], [2, "a (b:1.2) BREAK d AND e:0.5"]],
-        "and_parts": [["a (b:1.2) BREAK [c|d]", 1.0], [" e", 0.5]],
+        "parts": [
+            {
+                "text": "a (b:1.2) BREAK [c|d]",
+                "weight": 1.0,
+                "schedule": [
+                    _entry(1, "a (b:1.2) BREAK c", [["a ", 1.0], ["b", 1.2], ["", 1.0], ["BREAK", -1], ["c", 1.0]]),
+                    _entry(2, "a (b:1.2) BREAK d", [["a ", 1.0], ["b", 1.2], ["", 1.0], ["BREAK", -1], ["d", 1.0]]),
+                ],
+            },
+            {"text": " e", "weight": 0.5, "schedule": [_entry(2, " e", [[" e", 1.0]])]},
+        ],
     }
+
+
+def test_json_shows_no_raw_fragment_the_encoder_never_sees(capsys) -> None:
+    assert main(["parse", "a (cat:1.2) [dog:fox:0.5] AND castle:0.3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    fragment_texts = [text for part in report["parts"] for entry in part["schedule"] for text, _ in entry["fragments"]]
+    assert not [text for text in fragment_texts if ":" in text or "AND" in text]  # no raw syntax left
+    first, second = report["parts"]
+    assert [entry["fragments"] for entry in first["schedule"]] == [
+        [["a ", 1.0], ["cat", 1.2], [" dog", 1.0]],
+        [["a ", 1.0], ["cat", 1.2], [" fox", 1.0]],
+    ]
+    assert second == {"text": " castle", "weight": 0.3, "schedule": [_entry(20, " castle", [[" castle", 1.0]])]}
+
+
+def test_steps_default_to_20(capsys) -> None:
+    assert main(["parse", "[x:y:0.5]", "--json"]) == 0
+    (report,) = _json_lines(capsys)
+    assert [(e["until_step"], e["text"]) for e in report["parts"][0]["schedule"]] == [(10, "x"), (20, "y")]
+    assert main(["parse", "a cat"]) == 0
+    assert "until step 20: 'a cat'" in capsys.readouterr().out
+
+
+def _schedule(report: dict, part: int = 0) -> list[list]:
+    return [[entry["until_step"], entry["text"]] for entry in report["parts"][part]["schedule"]]
 
 
 def test_second_order_doubles_the_schedule(capsys) -> None:
     assert main(["parse", "[x:y:0.5]", "--steps", "10", "--second-order", "--json"]) == 0
     (report,) = _json_lines(capsys)
-    assert report["schedules"] == [[10, "x"], [20, "y"]]
+    assert _schedule(report) == [[10, "x"], [20, "y"]]
     assert main(["parse", "[x:y:0.5]", "--steps", "10", "--json"]) == 0
     (report,) = _json_lines(capsys)
-    assert report["schedules"] == [[5, "x"], [10, "y"]]
+    assert _schedule(report) == [[5, "x"], [10, "y"]]
+
+
+def test_each_and_part_has_its_own_schedule(capsys) -> None:
+    # A schedule spanning an AND is not one: each part is scheduled on its own text, as the engine does
+    assert main(["parse", "[a AND b:3]", "--steps", "4", "--json"]) == 0
+    (report,) = _json_lines(capsys)
+    assert [part["text"] for part in report["parts"]] == ["[a", " b:3]"]
+    assert _schedule(report, 0) == [[4, "[a"]] and _schedule(report, 1) == [[4, " b:3]"]]
 
 
 def test_file_gives_one_json_line_per_prompt(tmp_path: Path, capsys) -> None:
@@ -46,20 +92,25 @@ def test_file_gives_one_json_line_per_prompt(tmp_path: Path, capsys) -> None:
     assert main(["parse", "--file", str(prompts), "--steps", "4", "--json"]) == 0
     reports = _json_lines(capsys)
     assert [report["prompt"] for report in reports] == ["first [a:b:3]", "", "(caf\u00e9:1.5)", "last|line"]
-    assert reports[0]["schedules"] == [[3, "first a"], [4, "first b"]]
-    assert reports[1] == {"prompt": "", "fragments": [["", 1.0]], "schedules": [[4, ""]], "and_parts": [["", 1.0]]}
-    assert reports[2]["fragments"] == [["caf\u00e9", 1.5]]
-    assert reports[3]["schedules"] == [[4, "last|line"]]  # "|" outside [..]: the prompt is used as is
+    assert _schedule(reports[0]) == [[3, "first a"], [4, "first b"]]
+    assert reports[1] == {
+        "prompt": "",
+        "parts": [{"text": "", "weight": 1.0, "schedule": [_entry(4, "", [["", 1.0]])]}],
+    }
+    assert reports[2]["parts"][0]["schedule"][0]["fragments"] == [["caf\u00e9", 1.5]]
+    assert _schedule(reports[3]) == [[4, "last|line"]]  # "|" outside [..]: the prompt is used as is
 
 
 def test_table_output(capsys) -> None:
-    assert main(["parse", "a [b:c:2] (d)", "--steps", "3"]) == 0
+    assert main(["parse", "a [b:c:2] (d) AND e:0.5", "--steps", "3"]) == 0
     out = capsys.readouterr().out
-    assert "prompt: 'a [b:c:2] (d)'" in out
-    assert "1.1                   'd'" in out
-    assert "         2  'a b (d)'" in out
-    assert "         3  'a c (d)'" in out
-    assert "1.0                   'a [b:c:2] (d)'" in out  # the single AND part
+    assert "prompt: 'a [b:c:2] (d) AND e:0.5'" in out
+    assert "AND part 1/2: weight 1.0, text 'a [b:c:2] (d)'" in out
+    assert "  until step 2: 'a b (d)'\n" in out
+    assert "  until step 3: 'a c (d)'\n" in out
+    assert "    1.1                   'd'\n" in out
+    assert "AND part 2/2: weight 0.5, text ' e'\n  until step 3: ' e'\n" in out
+    assert "[b:c:2]" not in out.split("AND part 1/2")[1].split("\n", 1)[1]  # only scheduled texts below
 
 
 def test_table_separates_prompts_of_a_file(tmp_path: Path, capsys) -> None:
@@ -104,7 +155,6 @@ def test_prompt_the_reference_cannot_parse_is_an_error_not_a_crash(capsys) -> No
     [
         ["parse", "--steps", "20"],  # neither TEXT nor --file
         ["parse", "x", "--file", "f.txt", "--steps", "20"],  # both
-        ["parse", "x"],  # no --steps
         ["parse", "x", "--steps", "many"],
     ],
 )

@@ -10,11 +10,13 @@ from PIL import Image
 
 from tiengine.cli import main
 from tiengine.embeddings.embedding import load_embedding
+from tiengine.io.metadata import parse_parameters, read_image_parameters
 from tiengine.toyworld.demo import (
     CONCEPT_IMAGES,
     CONCEPT_NAME,
     TARGET_WITH,
     TARGET_WITHOUT,
+    STAGES,
     TRAIN_STEPS,
     DemoError,
     evaluation_prompts,
@@ -28,7 +30,19 @@ from tiengine.toyworld.world import COLOURS, concept_examples
 def demo_run(tmp_path_factory):
     """The whole demonstration at its default settings, as `tiengine demo` runs it."""
     out = tmp_path_factory.mktemp("demo") / "out"
-    return out, run_demo(out)
+    calls: list[tuple[str, int, int]] = []
+    report = run_demo(out, progress=lambda stage, done, total: calls.append((stage, done, total)))
+    report.progress_calls = calls  # for test_progress_reports_every_stage_in_order
+    return out, report
+
+
+def test_progress_reports_every_stage_in_order(demo_run):
+    calls = demo_run[1].progress_calls
+    stages = list(dict.fromkeys(stage for stage, _, _ in calls))
+    assert tuple(stages) == STAGES
+    for stage in STAGES:
+        mine = [(done, total) for name, done, total in calls if name == stage]
+        assert mine[0][0] == 0 and mine[-1][0] == mine[-1][1]  # announced at 0, finished at total
 
 
 def test_scores_the_three_arms_on_the_held_out_prompts(demo_run):
@@ -76,6 +90,9 @@ def test_outputs_are_the_training_set_embedding_grid_and_scores(demo_run):
     assert scores["train_steps"] == report.train_steps
     grid = Image.open(out / "demo_grid.png")
     assert grid.width > 4 * 128 and grid.height > 8 * 128
+    parameters = parse_parameters(read_image_parameters(out / "demo_grid.png"))
+    assert "held-out prompt" in parameters["Prompt"] and parameters["Seed"] == "0"
+    assert parameters["TI hashes"] == f"{CONCEPT_NAME}: {embedding.short_hash}"
 
 
 def test_refuses_a_folder_with_files(tmp_path):
@@ -95,3 +112,28 @@ def test_cli_error_and_help(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert "--overwrite" in capsys.readouterr().out
+
+
+def test_cli_prints_a_header_before_each_stage(monkeypatch, tmp_path, capsys):
+    import tiengine.toyworld.demo as demo
+
+    def fake_run_demo(out, *, model, seed, train_steps, overwrite, progress):
+        assert train_steps == TRAIN_STEPS
+        for stage in STAGES:
+            progress(stage, 0, 2)
+            progress(stage, 2, 2)
+        raise DemoError("stopped after the stages")
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    headers = [line for line in err.splitlines() if line.startswith("[")]
+    assert headers == [f"[{number}/4] {stage}" for number, stage in enumerate(STAGES, start=1)]
+    assert main(["demo", "--out", str(tmp_path / "o"), "--json"]) == 2
+    assert "[1/4]" not in capsys.readouterr().err  # --json: no headers, no bars
+
+
+def test_demo_help_names_the_recipe_steps_without_loading_torch(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert f"recipe, {TRAIN_STEPS})" in capsys.readouterr().out.replace("\n", " ").replace("  ", " ")

@@ -60,3 +60,26 @@ def test_subpackages_install_inside_tiengine():
 
     assert Path(tiengine.kernels.__file__).parent.name == "kernels"
     assert Path(tiengine.weights_conv.__file__).parent.name == "weights_conv"
+
+
+def test_triton_is_an_extra_not_a_requirement():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert not [spec for spec in project["dependencies"] if spec.startswith("triton")]
+    extras = project["optional-dependencies"]
+    assert [spec for spec in extras["cuda"] if spec.startswith("triton")]
+    assert [spec for spec in extras["test"] if spec.startswith("triton")]  # the kernel interpreter tests
+
+
+def test_dispatcher_falls_back_to_sdpa_when_triton_is_missing():
+    """With triton not importable, CUDA inputs resolve to SDPA instead of failing (fresh interpreter)."""
+    probe = (
+        "import sys, types\n"
+        "sys.modules['triton'] = None  # import triton raises ImportError\n"
+        "from tiengine.models.attention import resolve_backend\n"
+        "cuda_like = types.SimpleNamespace(is_cuda=True)\n"
+        "print(resolve_backend(cuda_like, cuda_like, cuda_like))\n"
+    )
+    output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert output.stdout.strip() == "sdpa"

@@ -238,3 +238,38 @@ def test_non_models_get_a_hint(tmp_path):
     )
     with pytest.raises(CheckpointError, match="looks like a standalone VAE"):
         open_model(vae)
+
+
+def test_existing_output_is_refused_before_the_checkpoint_is_read(tmp_path, capsys):
+    outdir = tmp_path / "converted"
+    outdir.mkdir()
+    (outdir / "config.json").write_text("{}")
+    # the checkpoint does not exist: the refusal comes before any reading
+    assert cli_main(["convert", str(tmp_path / "absent.safetensors"), str(outdir)]) == 2
+    err = capsys.readouterr().err
+    assert "would replace" in err and "pass --overwrite (overwrite=True in Python)" in err
+    assert "absent" not in err and (outdir / "config.json").read_text() == "{}"
+
+
+def test_convert_reports_its_stages_and_every_tensor_written(sd1_file, tmp_path, capsys):
+    path, _ = sd1_file
+    outdir = tmp_path / "sd1"
+    assert cli_main(["convert", str(path), str(outdir)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"wrote {outdir}\n"  # stdout keeps the result; stages and the bar go to stderr
+    lines = captured.err.replace("\r", "\n").splitlines()
+    assert lines[0].startswith(f"reading {path}")
+    (writing,) = [line for line in lines if line.startswith("writing ")]
+    total = int(writing.split()[1])
+    assert f"{total}/{total}" in captured.err
+
+    calls = []
+    from tiengine.weights_conv.convert import load_models
+
+    open_model(path).write_folder(tmp_path / "again", progress=lambda *call: calls.append(call))
+    assert [done for _, done, _ in calls] == list(range(1, total + 1)) and {t for _, _, t in calls} == {total}
+    assert [name for name, _, _ in calls][0] == open_model(path).config.components[0]
+    loaded = []
+    load_models(path, progress=lambda *call: loaded.append(call))
+    components = open_model(path).config.components
+    assert loaded == [(name, number, len(components)) for number, name in enumerate(components, start=1)]

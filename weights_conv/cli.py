@@ -17,11 +17,15 @@ import json
 import os
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from tiengine.errors import TiengineError
 
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
+# Every file a converted folder can hold (SD1/SD2: no text_encoder_2; the SDXL refiner: no text_encoder).
+FOLDER_FILES = ("unet.safetensors", "vae.safetensors", "text_encoder.safetensors", "text_encoder_2.safetensors",
+                "config.json")
 
 
 def convert_checkpoint(
@@ -35,14 +39,30 @@ def convert_checkpoint(
     vae: str | os.PathLike[str] | None = None,
     ema: bool = True,
     ignore_unknown: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Path:
-    """Convert any supported input into a tiengine model folder; returns the folder."""
+    """Convert any supported input into a tiengine model folder; returns the folder.
+
+    An `outdir` holding any converted-model file is refused before the checkpoint is read, unless `overwrite`.
+    progress(component, tensors written, total tensors): see `OpenModel.write_folder`.
+    """
     from tiengine.weights_conv.convert import DTYPE_NAMES, open_model
 
+    refuse_existing_output(outdir, overwrite)
     with open_model(
         path, family=family, prediction=prediction, vae=vae, ema=ema, ignore_unknown=ignore_unknown
     ) as model:
-        return model.write_folder(outdir, dtype=DTYPE_NAMES[dtype] if dtype else None, overwrite=overwrite)
+        return model.write_folder(outdir, dtype=DTYPE_NAMES[dtype] if dtype else None, overwrite=overwrite,
+                                  progress=progress)
+
+
+def refuse_existing_output(outdir: str | os.PathLike[str], overwrite: bool) -> None:
+    """FileExistsRefusal if `outdir` holds any file a converted folder can hold and `overwrite` is False."""
+    from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal
+
+    existing = [str(Path(outdir) / name) for name in FOLDER_FILES if (Path(outdir) / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsRefusal(f"{outdir}: would replace {', '.join(existing)} ({OVERWRITE_HINT})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,15 +104,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return _inspect(args)
-        folder = convert_checkpoint(
-            args.checkpoint, args.outdir, dtype=args.dtype, overwrite=args.overwrite, family=args.family,
-            prediction=args.prediction, vae=args.vae, ema=args.ema, ignore_unknown=args.ignore_unknown,
-        )  # fmt: skip
+        refuse_existing_output(args.outdir, args.overwrite)  # before the stage line and any reading
+        with _WriteProgress(args.checkpoint, args.outdir) as progress:
+            folder = convert_checkpoint(
+                args.checkpoint, args.outdir, dtype=args.dtype, overwrite=args.overwrite, family=args.family,
+                prediction=args.prediction, vae=args.vae, ema=args.ema, ignore_unknown=args.ignore_unknown,
+                progress=progress,
+            )  # fmt: skip
         print(f"wrote {folder}")
         return 0
     except TiengineError as error:
         print(f"weights-conv {args.command}: {error}", file=sys.stderr)
         return 2
+
+
+class _WriteProgress:
+    """Stage lines and a tqdm bar over the tensors written, on stderr (stdout keeps the result line)."""
+
+    def __init__(self, checkpoint: str, outdir: str) -> None:
+        self.checkpoint, self.outdir = checkpoint, outdir
+        self.bar: Any = None
+
+    def __enter__(self) -> _WriteProgress:
+        print(f"reading {self.checkpoint}: detecting the model and checking every component", file=sys.stderr,
+              flush=True)
+        return self
+
+    def __call__(self, component: str, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            print(f"writing {total} tensors to {self.outdir}", file=sys.stderr, flush=True)
+            self.bar = tqdm(total=total, unit="tensor", file=sys.stderr, dynamic_ncols=True)
+        self.bar.set_description(component, refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tiengine.errors import CheckpointError
-from tiengine.io.atomic import FileExistsRefusal, atomic_write_bytes
+from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal, atomic_write_bytes
 from tiengine.models.config import FORMAT_NAME, ModelConfig
 from tiengine.models.text_encoder import ClipTextEncoder
 from tiengine.models.unet import UNet2DConditionModel
@@ -211,12 +211,19 @@ class OpenModel:
     # Writing ----------------------------------------------------------------------------------------
 
     def write_folder(
-        self, outdir: str | os.PathLike[str], *, dtype: torch.dtype | None = None, overwrite: bool = False
+        self,
+        outdir: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype | None = None,
+        overwrite: bool = False,
+        progress: Callable[[str, int, int], None] | None = None,
     ) -> Path:
         """Write config.json and one `<component>.safetensors` per component (tiengine names), streaming.
 
         Every component is checked before anything is written; config.json is written last, so a folder
         with a config.json is complete. Existing files are replaced only with `overwrite`.
+        progress(component, tensors written, total tensors) is called after each tensor (totals over all
+        components).
         """
         outdir = Path(outdir)
         names = self.config.components
@@ -224,10 +231,21 @@ class OpenModel:
         existing = [str(file) for file in files if file.exists()]
         if existing and not overwrite:
             raise FileExistsRefusal(
-                f"{outdir}: would replace {', '.join(existing)} (pass overwrite=True / --overwrite)"
+                f"{outdir}: would replace {', '.join(existing)} ({OVERWRITE_HINT})"
             )
         self.check()
         plans = {name: self.plan(name) for name in names}
+        total = sum(len(conversion.targets) for plan in plans.values() for conversion in plan.conversions)
+        written = 0
+
+        def counted(name: str, tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+            nonlocal written
+            for item in tensors:
+                yield item
+                written += 1
+                if progress is not None:
+                    progress(name, written, total)
+
         outdir.mkdir(parents=True, exist_ok=True)
         for name, plan in plans.items():
             entries = []  # in the order _iterate produces them
@@ -237,7 +255,7 @@ class OpenModel:
                     stored = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
                     entries.append((target, TensorInfo(stored, info.shape)))
             metadata = {"format": "pt", "tiengine.component": name}
-            write_safetensors(outdir / f"{name}.safetensors", entries, self._iterate(plan, None, dtype),
+            write_safetensors(outdir / f"{name}.safetensors", entries, counted(name, self._iterate(plan, None, dtype)),
                               metadata=metadata, overwrite=overwrite)  # fmt: skip
         atomic_write_bytes(outdir / "config.json", self.config.to_json().encode("utf-8"), overwrite=overwrite)
         return outdir
@@ -338,13 +356,20 @@ def load_models(
     family: str | None = None,
     vae: str | os.PathLike[str] | None = None,
     ema: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> tuple[ModelConfig, dict[str, nn.Module]]:
     """`load_model_weights`, then build tiengine's modules (UNet2DConditionModel, AutoencoderKL,
-    ClipTextEncoder) on `device` in `dtype` and fill them tensor by tensor with a strict load."""
+    ClipTextEncoder) on `device` in `dtype` and fill them tensor by tensor with a strict load.
+
+    progress(component, components loaded, total components) is called after each component."""
     model = open_model(path, prediction=prediction, family=family, vae=vae, ema=ema)
     try:
-        return model.config, {
-            name: model.build_module(name, device=device, dtype=dtype) for name in model.config.components
-        }
+        modules = {}
+        names = model.config.components
+        for number, name in enumerate(names, start=1):
+            modules[name] = model.build_module(name, device=device, dtype=dtype)
+            if progress is not None:
+                progress(name, number, len(names))
+        return model.config, modules
     finally:
         model.close()

@@ -17,6 +17,7 @@ from tiengine.cli import apply_threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    # the recipe's constants import no torch; tiengine.toyworld.demo (which does) loads when the command runs
     from tiengine.toyworld.demo_recipe import CONCEPT_NAME, TRAIN_STEPS
 
     parser = subparsers.add_parser(
@@ -30,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("tiengine-demo"),
                         help="folder for images, embedding, grid and scores (default ./tiengine-demo)")
     parser.add_argument("--model", type=Path, help="model folder (default: the built-in toy-world model)")
-    parser.add_argument("--steps", type=int, default=TRAIN_STEPS, help=f"training steps (default {TRAIN_STEPS})")
+    parser.add_argument("--steps", type=int, default=TRAIN_STEPS, metavar="N",
+                        help=f"training steps (default {TRAIN_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images, the training and the sampling")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
@@ -41,15 +43,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_demo_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from tiengine.toyworld.demo import run_demo
+    from tiengine.toyworld.demo import STAGES, run_demo
 
     apply_threads(args.threads)
     bars: dict[str, tqdm] = {}
+    units = {"training": "step", "scoring and writing": "item"}
 
     def progress(stage: str, done: int, total: int) -> None:
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="step" if stage == "training" else "image",
+            if not args.json:  # a header before each stage's bar, on stderr with the bars
+                number = STAGES.index(stage) + 1 if stage in STAGES else "?"
+                print(f"[{number}/{len(STAGES)}] {stage}", file=sys.stderr, flush=True)
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit=units.get(stage, "image"),
                                      file=sys.stderr, disable=args.json, dynamic_ncols=True)
         bar.update(done - bar.n)
         if done >= total:

@@ -3,7 +3,8 @@
 list DIR      what an embeddings folder provides for a model family, and what was skipped why
 inspect FILE  name, layout, vectors, widths, family, hashes, step and per-vector norms
 convert IN OUT  rewrite as safetensors, A1111 .pt or A1111 PNG (never over a file unless
-              --overwrite)
+              --overwrite); with --preview IMAGE the PNG is a card: that picture captioned with the
+              name, checkpoint, vector count and step, the data hidden around it, as A1111 saves them
 Every command takes --json. Refused files end the command with status 2 and the reason on
 stderr (tiengine.cli.main prints TiengineError messages).
 """
@@ -39,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("target", metavar="OUT")
     convert.add_argument("--format", choices=FORMATS, help="default: from OUT's extension")
     convert.add_argument("--name", help="bundled embedding to convert (LoRA files with several)")
+    convert.add_argument("--preview", metavar="IMAGE",
+                         help="PNG output: caption this picture as a card (name, checkpoint, vectors, step) "
+                         "and hide the data around it; without it, a picture drawn from the vectors")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     convert.add_argument("--json", action="store_true", help="print one JSON object")
     convert.set_defaults(func=run_convert)
@@ -116,11 +120,22 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from tiengine.embeddings.embedding import save_embedding
+    from pathlib import Path
 
+    from tiengine.embeddings.embedding import SAVE_FORMATS, embedding_card, save_embedding
+    from tiengine.errors import EmbeddingError
+    from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal
+
+    if Path(args.target).exists() and not args.overwrite:  # before reading IN, which may be large
+        raise FileExistsRefusal(f"{args.target}: already exists ({OVERWRITE_HINT})")
+    if args.preview is not None and (args.format or SAVE_FORMATS.get(Path(args.target).suffix.lower())) != "png":
+        raise EmbeddingError(f"--preview: only PNG output carries a picture ({args.target} is not .png, "
+                             "and no --format png)")
+    picture = None if args.preview is None else _picture(args.preview)
     embedding = _load(args.source, args.name)
+    card = None if picture is None else embedding_card(embedding, picture)
     written = save_embedding(embedding, args.target, format=args.format,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, preview=card)
     if args.json:
         _print_json({"source": args.source, "target": str(written), "name": embedding.name,
                      "family": embedding.family, "vectors": embedding.n_vectors,
@@ -129,6 +144,21 @@ def run_convert(args: argparse.Namespace) -> int:
         print(f"wrote {written} ({embedding.family}, {embedding.n_vectors} vectors, "
               f"from {embedding.format})")
     return 0
+
+
+def _picture(path: str) -> Any:
+    """The picture of `--preview`, loaded (RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from tiengine.errors import EmbeddingError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise EmbeddingError(f"--preview {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise EmbeddingError(f"--preview {path}: not a readable image ({error})") from None
 
 
 def _load(path: str, bundled_name: str | None) -> Any:

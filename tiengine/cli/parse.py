@@ -1,8 +1,12 @@
 """`tiengine parse`: show how the A1111 prompt language reads a prompt (tiengine.text.prompt).
 
-For each prompt: its attention fragments (text, weight; BREAK as ("BREAK", -1)), its schedule over the
-sampling steps (end_at_step, text) and its AND parts (text, weight). `--json` writes one object per
-prompt (JSON lines with `--file`, which reads one prompt per line).
+Shows what the encoder sees, in the order `Engine.encode` works: the prompt is split on AND into parts
+(text, weight); each part's text has a schedule over the sampling steps (until step, text); each scheduled
+text is read into attention fragments (text, weight; BREAK as ("BREAK", -1)). `--json` writes one object
+per prompt (JSON lines with `--file`, which reads one prompt per line):
+
+    {"prompt": str, "parts": [{"text": str, "weight": float,
+                               "schedule": [{"until_step": int, "text": str, "fragments": [[str, float], ...]}]}]}
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("text", nargs="?", metavar="TEXT", help="the prompt")
     source.add_argument("--file", type=Path, metavar="F", help="a UTF-8 file with one prompt per line")
-    parser.add_argument("--steps", type=int, required=True, metavar="N", help="sampling steps (>= 1)")
+    parser.add_argument("--steps", type=int, default=20, metavar="N", help="sampling steps (>= 1, default 20)")
     parser.add_argument(
         "--second-order",
         action="store_true",
@@ -41,12 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--steps must be at least 1, got {args.steps}")
     prompts = [args.text] if args.file is None else _read_prompts(args.file)
     for number, prompt in enumerate(prompts, start=1):
-        report = {
-            "prompt": prompt,
-            "fragments": [list(fragment) for fragment in parse_prompt_attention(prompt)],
-            "schedules": [list(entry) for entry in prompt_schedule(prompt, args.steps, second_order=args.second_order)],
-            "and_parts": [list(part) for part in split_and(prompt)],
-        }
+        report = parse_report(prompt, args.steps, second_order=args.second_order)
         if args.json:
             print(json.dumps(report))
         else:
@@ -54,6 +53,22 @@ def run(args: argparse.Namespace) -> int:
                 print()
             _print_table(report)
     return 0
+
+
+def parse_report(prompt: str, steps: int, *, second_order: bool = False) -> dict:
+    """AND parts -> per-part schedule -> per-entry attention fragments, as `Engine.encode` reads `prompt`."""
+    parts = []
+    for text, weight in split_and(prompt):
+        schedule = [
+            {
+                "until_step": until_step,
+                "text": scheduled_text,
+                "fragments": [list(fragment) for fragment in parse_prompt_attention(scheduled_text)],
+            }
+            for until_step, scheduled_text in prompt_schedule(text, steps, second_order=second_order)
+        ]
+        parts.append({"text": text, "weight": weight, "schedule": schedule})
+    return {"prompt": prompt, "parts": parts}
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -76,12 +91,11 @@ def _read_prompts(path: Path) -> list[str]:
 def _print_table(report: dict) -> None:
     write = sys.stdout.write
     write(f"prompt: {report['prompt']!r}\n")
-    write("fragments:\n  weight                text\n")
-    for text, weight in report["fragments"]:
-        write(f"  {weight!r:<20}  {text!r}\n")
-    write("schedule:\n  until step  text\n")
-    for step, text in report["schedules"]:
-        write(f"  {step:>10}  {text!r}\n")
-    write("AND parts:\n  weight                text\n")
-    for text, weight in report["and_parts"]:
-        write(f"  {weight!r:<20}  {text!r}\n")
+    parts = report["parts"]
+    for number, part in enumerate(parts, start=1):
+        write(f"AND part {number}/{len(parts)}: weight {part['weight']!r}, text {part['text']!r}\n")
+        for entry in part["schedule"]:
+            write(f"  until step {entry['until_step']}: {entry['text']!r}\n")
+            write("    weight                text\n")
+            for text, weight in entry["fragments"]:
+                write(f"    {weight!r:<20}  {text!r}\n")

@@ -22,7 +22,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from tiengine.embeddings.image import PNG_SIGNATURE, TEXT_CHUNK_KEY, is_image, read_image_embedding, write_png
+from tiengine.embeddings.image import (
+    PNG_SIGNATURE,
+    TEXT_CHUNK_KEY,
+    caption_card,
+    is_image,
+    read_image_embedding,
+    write_png,
+)
 from tiengine.embeddings.layouts import (
     BUNDLE_PREFIX,
     ENCODER_WIDTHS,
@@ -35,7 +42,7 @@ from tiengine.embeddings.layouts import (
     parse_embedding_data,
 )
 from tiengine.errors import CheckpointError, EmbeddingError
-from tiengine.io.atomic import atomic_write_bytes
+from tiengine.io.atomic import OVERWRITE_HINT, atomic_write_bytes
 from tiengine.io.safe_pickle import load_pickle
 
 if TYPE_CHECKING:
@@ -351,6 +358,16 @@ def a1111_dict(embedding: Embedding) -> dict[str, Any]:
             "sd_checkpoint_name": embedding.sd_checkpoint_name}
 
 
+def embedding_card(embedding: Embedding, picture: Image) -> Image:
+    """`picture` captioned as A1111 captions its embedding images: "<name>" at the top; at the bottom
+    "Trained on <checkpoint name>", "[checkpoint hash]" and "<N>v <step>s" (fields it does not know
+    are left out). Pass the result to `save_embedding(..., preview=...)` to write a card."""
+    footer_left = f"Trained on {embedding.sd_checkpoint_name}" if embedding.sd_checkpoint_name else ""
+    footer_mid = f"[{embedding.sd_checkpoint}]" if embedding.sd_checkpoint else ""
+    footer_right = f"{embedding.n_vectors}v" + (f" {embedding.step}s" if embedding.step is not None else "")
+    return caption_card(picture, f"<{embedding.name}>", footer_left, footer_mid, footer_right)
+
+
 def save_embedding(embedding: Embedding, path: str | os.PathLike[str], *,
                    format: str | None = None, overwrite: bool = False,
                    preview: Image | None = None) -> Path:
@@ -367,7 +384,7 @@ def save_embedding(embedding: Embedding, path: str | os.PathLike[str], *,
         raise EmbeddingError(f"{path}: unknown output format {format or path.suffix!r} (expected "
                              f"{', '.join(SAVE_FORMATS.values())})")
     if path.exists() and not overwrite:
-        raise EmbeddingError(f"{path}: already exists (pass overwrite=True to replace it)")
+        raise EmbeddingError(f"{path}: already exists ({OVERWRITE_HINT})")
     if fmt == "safetensors":
         tensors = dict(embedding.vectors) if embedding.family == "sdxl" else {
             "emb_params": next(iter(embedding.vectors.values()))}
@@ -386,5 +403,5 @@ def save_embedding(embedding: Embedding, path: str | os.PathLike[str], *,
     return path
 
 
-__all__ = ["Embedding", "load_embedding", "save_embedding",
+__all__ = ["Embedding", "load_embedding", "save_embedding", "embedding_card",
            "load_bundled_embeddings", "list_bundled_embeddings"]

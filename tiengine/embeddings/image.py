@@ -11,6 +11,11 @@ from /work/shared/spec/embedding-formats.md):
   (seed 0; seed = (1664525 * seed + 1013904223) mod 2**32; each step yields seed % 255, of
   which the low 4 bits are used); the upper nibble is a decorative pattern.
 
+A1111 saves its image embeddings as a *card*: the training preview with the name drawn at the top and
+the checkpoint, vector count and step at the bottom over darkened bands, then the carriers around it.
+`caption_card` draws such a caption (its own layout: shaded bands, title fitted to three quarters of
+the width, three footer fields); the carriers do not depend on what the picture shows.
+
 Pillow is imported only inside the functions that handle images.
 """
 
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 
 from tiengine.errors import EmbeddingError
+from tiengine.io.fonts import label_font
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -194,6 +200,47 @@ def preview_from_vectors(vectors: torch.Tensor) -> Image:
     shades = ((values + 1.0) * 127.5).clamp(1, 255).to(torch.uint8).numpy()
     index = np.arange(PREVIEW_SIZE * PREVIEW_SIZE * CHANNELS) % shades.size
     return PILImage.fromarray(shades[index].reshape(PREVIEW_SIZE, PREVIEW_SIZE, CHANNELS), "RGB")
+
+
+CARD_BAND = 0.22  # share of the height darkened at the top and at the bottom of a card
+CARD_SHADE = 0.75  # darkening at the picture's edge (0: none, 1: black), fading to none inside the band
+
+
+def caption_card(picture: Image, title: str, footer_left: str = "", footer_mid: str = "",
+                 footer_right: str = "") -> Image:
+    """`picture` with `title` at the top and three footer fields at the bottom, on shaded bands (RGB copy)."""
+    from PIL import Image as PILImage
+    from PIL import ImageDraw
+
+    card = picture.convert("RGB")
+    width, height = card.size
+    rows = np.arange(height, dtype=np.float32)
+    band = max(1.0, CARD_BAND * height)
+    edge = np.minimum(rows, height - 1 - rows)  # (H,) distance to the nearest edge
+    shade = CARD_SHADE * np.clip(1.0 - edge / band, 0.0, 1.0) ** 2  # (H,)
+    pixels = np.asarray(card, dtype=np.float32) * (1.0 - shade)[:, None, None]  # (H, W, 3)
+    card = PILImage.fromarray(pixels.round().astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(card)
+    padding = max(2, width // 50)
+
+    def fitted_size(text: str, room: float, largest: int) -> int:  # largest size <= `largest` that fits
+        size = largest
+        while size > 8 and draw.textlength(text, font=label_font(size)) > room:
+            size -= 1
+        return size
+
+    white = (255, 255, 255)
+    if title:
+        size = fitted_size(title, width * 0.75 - 2 * padding, max(8, min(72, height // 6)))
+        draw.text((padding, padding), title, font=label_font(size), fill=white, anchor="lt")
+    fields = [text for text in (footer_left, footer_mid, footer_right) if text]
+    if fields:
+        size = min(fitted_size(text, width / 3 - padding, max(8, min(32, height // 12))) for text in fields)
+        font, bottom = label_font(size), height - padding
+        draw.text((padding, bottom), footer_left, font=font, fill=white, anchor="ls")
+        draw.text((width / 2, bottom), footer_mid, font=font, fill=white, anchor="ms")
+        draw.text((width - padding, bottom), footer_right, font=font, fill=white, anchor="rs")
+    return card
 
 
 def write_png(data: dict[str, Any], vectors: torch.Tensor, preview: Image | None) -> bytes:

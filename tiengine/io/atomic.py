@@ -16,6 +16,10 @@ from pathlib import Path
 from tiengine.errors import TiengineError
 
 
+# How every refusal to replace a file ends: command-line users read the flag, Python users the argument.
+OVERWRITE_HINT = "pass --overwrite (overwrite=True in Python) to replace it"
+
+
 class FileExistsRefusal(TiengineError):
     """The destination exists and overwriting was not asked for."""
 
@@ -24,7 +28,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
     """Call `write(temporary_path)`, then move the finished file onto `path` in one step."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsRefusal(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+        raise FileExistsRefusal(f"{path}: already exists ({OVERWRITE_HINT})")
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary_path = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     # Created like any new file (mode 0o666 less the umask), unlike mkstemp's owner-only 0o600.
@@ -38,7 +42,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
         else:
             _publish_without_replacing(temporary_path, path)
     except FileExistsError:
-        raise FileExistsRefusal(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)") from None
+        raise FileExistsRefusal(f"{path}: already exists ({OVERWRITE_HINT})") from None
     finally:
         temporary_path.unlink(missing_ok=True)
     return path

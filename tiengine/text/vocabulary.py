@@ -3,11 +3,14 @@
 An `EmbeddingVocabulary` registers every embedding name (and its `sub/folder/name` alias) with the
 tokenizer, builds the (added ids, D) row table per encoder key (`clip_l`, `clip_h`, `clip_g`) in id
 order, and reports prompts' mentions of embeddings that could not be used (e.g. made for another model
-family), so users can tell what happened to each name they typed.
+family), so users can tell what happened to each name they typed. A typed word that names no embedding
+but looks like a misspelt or mis-versioned name of a loaded one (`EasyNegativeV2` when `EasyNegative` is
+loaded) is reported the same way, with a "did you mean" note (`near_misses`).
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +22,14 @@ from tiengine.embeddings.embedding import Embedding
 from tiengine.text.tokenizer import ClipTokenizer
 
 _EXPLICIT_REFERENCE = re.compile(r"(?<![\w])embedding:([^\s,()\[\]:|]+)")
+# A typed word: a run without whitespace or prompt syntax (weights, brackets, alternation, schedules).
+_WORD = re.compile(r"[^\s,\uff0c\u3001()\[\]{}<>:|\\]+")
+_SEPARATORS = re.compile(r"[\s_\-.]+")
+_VERSION_SUFFIX = re.compile(r"(?:v(?:er(?:sion)?)?)?\d+$")  # "v2", "version2", "75": a trailing version
+# Near misses (`near_misses`): words shorter than this are never suggested for; a fuzzy match needs this
+# difflib ratio between the normalised word and name (lower case, no separators).
+NEAR_MISS_MIN_LENGTH = 5
+NEAR_MISS_RATIO = 0.85
 
 
 @dataclass(frozen=True)
@@ -27,6 +38,7 @@ class SkippedMention:
 
     name: str
     reason: str
+    suggestion: str | None = None  # near misses: the loaded embedding the word probably meant
 
 
 @dataclass
@@ -79,7 +91,36 @@ class EmbeddingVocabulary:
         return {name: self.embeddings[name].short_hash for name in names}
 
     def skipped_mentions(self, text: str) -> list[SkippedMention]:
-        """Skipped embedding names that `text` mentions, bare (on token ids) or as `embedding:NAME`."""
+        """Skipped embedding names that `text` mentions, bare (on token ids) or as `embedding:NAME`, then
+        its near misses of loaded names (see `near_misses`)."""
+        return self._skipped_files(text) + self.near_misses(text)
+
+    def near_misses(self, text: str) -> list[SkippedMention]:
+        """Words of `text` that name no embedding but look like a loaded embedding's name gone wrong.
+
+        A word qualifies when it is at least NEAR_MISS_MIN_LENGTH characters, looks like a name rather
+        than an English word (it has a digit, an upper-case letter after the first, "_" or "-"), binds to
+        nothing (the tokenizer lower-cases, so case alone never misses) and, compared in lower case without
+        separators, equals a loaded name but for a trailing version ("V2", "75"), or reaches a difflib ratio
+        of NEAR_MISS_RATIO with one. One mention per word, in order of appearance.
+        """
+        if not self.embeddings:
+            return []
+        known = {name.lower() for name in [*self.embeddings, *self.skipped, *self.tokenizer.embedding_names()]}
+        keys = {name: _name_key(name) for name in sorted(self.embeddings)}
+        found: dict[str, SkippedMention] = {}
+        for word in _WORD.findall(text):
+            word = word.removeprefix("embedding:").strip(".!?;'\"")
+            if len(word) < NEAR_MISS_MIN_LENGTH or word in found or word.lower() in known or not _looks_like_name(word):
+                continue
+            suggestion = _closest_name(_name_key(word), keys)
+            if suggestion is not None:
+                found[word] = SkippedMention(
+                    word, f"not a loaded embedding; did you mean '{suggestion}'?", suggestion
+                )
+        return list(found.values())
+
+    def _skipped_files(self, text: str) -> list[SkippedMention]:
         if not self.skipped:
             return []
         explicit = set(_EXPLICIT_REFERENCE.findall(text))
@@ -90,6 +131,36 @@ class EmbeddingVocabulary:
             if name in explicit or (name_ids and _contains(ids, name_ids)):
                 found.append(SkippedMention(name, reason))
         return found
+
+
+def _name_key(name: str) -> str:
+    """A name compared loosely: lower case, without spaces, "_", "-" and "."."""
+    return _SEPARATORS.sub("", name.lower())
+
+
+def _looks_like_name(word: str) -> bool:
+    """A word typed as a name, not as English: a digit, an inner capital, "_" or "-"."""
+    return any(c.isdigit() for c in word) or any(c.isupper() for c in word[1:]) or "_" in word or "-" in word
+
+
+def _closest_name(key: str, keys: Mapping[str, str]) -> str | None:
+    """The loaded name with the same key, else one whose key matches but for a version suffix, else the
+    closest by difflib (at least NEAR_MISS_RATIO)."""
+    for name, name_key in keys.items():
+        if name_key == key:
+            return name
+    unversioned = _VERSION_SUFFIX.sub("", key)
+    for name, name_key in keys.items():
+        if _VERSION_SUFFIX.sub("", name_key) == unversioned and len(unversioned) >= 3:
+            return name
+    best, best_ratio = None, NEAR_MISS_RATIO
+    for name, name_key in keys.items():
+        matcher = difflib.SequenceMatcher(None, key, name_key)
+        if matcher.real_quick_ratio() >= best_ratio and matcher.quick_ratio() >= best_ratio:
+            ratio = matcher.ratio()
+            if ratio >= best_ratio and (best is None or ratio > best_ratio):
+                best, best_ratio = name, ratio
+    return best
 
 
 def _contains(sequence: list[int], part: list[int]) -> bool:

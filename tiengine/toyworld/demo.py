@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiengine.default_model import DEFAULT_MODEL_CFG_SCALE
+from tiengine.embeddings.embedding import file_sha256
 from tiengine.engine import Engine
 from tiengine.errors import TiengineError
 from tiengine.io.atomic import atomic_write, atomic_write_bytes
 from tiengine.io.images import labelled_grid
+from tiengine.io.metadata import format_parameters, format_ti_hashes, save_png
 from tiengine.toyworld.demo_recipe import (
     CONCEPT_IMAGES,
     CONCEPT_NAME,
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 GRID_ROWS = 8
+STAGES = ("rendering images", "training", "generating", "scoring and writing")  # progress(stage, ...) order
 GRID_SCALE = 2  # grid cells are the 64 px images scaled up by this factor (nearest neighbour)
 
 
@@ -134,7 +137,8 @@ def write_concept_images(folder: Path, seed: int, *, overwrite: bool) -> list[Pa
     return written
 
 
-def _grid(columns: list[tuple[str, list[Image.Image]]]) -> Image.Image:
+def _grid(columns: list[tuple[str, list[Image.Image]]], row_labels: list[str]) -> Image.Image:
+    """The first GRID_ROWS images of each column, scaled up, each row labelled with its held-out prompt."""
     from PIL import Image
 
     scaled = [
@@ -142,7 +146,25 @@ def _grid(columns: list[tuple[str, list[Image.Image]]]) -> Image.Image:
                  for image in images[:GRID_ROWS]])
         for label, images in columns
     ]
-    return labelled_grid(scaled)
+    rows = max(len(images) for _, images in scaled)
+    return labelled_grid(scaled, row_labels=row_labels[:rows])
+
+
+def grid_parameters(
+    columns: list[str], prompts: int, rows: int, seed: int, size: tuple[int, int], embedding_hash: str | None
+) -> str:
+    """The demo grid's `parameters` text: what its columns and rows are and how the images were made."""
+    description = (
+        f"tiengine demo grid. Columns: {', '.join(columns)}. Row k (from 0): held-out prompt k of {prompts} "
+        f"(label on the left; the first {rows} are shown), generated with seed {seed}+k; the first column "
+        f"holds the {CONCEPT_IMAGES} training images, one per row, unrelated to the row's prompt."
+    )
+    settings = {
+        "Steps": DEFAULT_STEPS, "Sampler": DEFAULT_SAMPLER, "CFG scale": f"{DEFAULT_MODEL_CFG_SCALE:g}",
+        "Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": "tiengine default model",
+        "TI hashes": format_ti_hashes({CONCEPT_NAME: embedding_hash}),
+    }
+    return format_parameters(description, "", settings)
 
 
 def run_demo(
@@ -156,7 +178,8 @@ def run_demo(
 ) -> DemoReport:
     """Run the demonstration into the folder `out` (see the module docstring); returns the scores.
 
-    progress(stage, done, total) is called as training steps and generated images complete.
+    progress(stage, done, total) is called as each stage starts (done = 0) and as its work completes, stages
+    in order: STAGES ("rendering images", "training", "generating", "scoring and writing").
     """
     import numpy as np
 
@@ -171,7 +194,9 @@ def run_demo(
     report = progress or (lambda stage, done, total: None)
 
     images_dir = out / "concept_images"
+    report("rendering images", 0, CONCEPT_IMAGES)
     outputs = [str(path) for path in write_concept_images(images_dir, seed, overwrite=overwrite)]
+    report("rendering images", CONCEPT_IMAGES, CONCEPT_IMAGES)
     template_path = atomic_write_bytes(out / "template.txt", (TEMPLATE + "\n").encode("utf-8"), overwrite=overwrite)
     embedding_path = out / f"{CONCEPT_NAME}.safetensors"
 
@@ -186,6 +211,7 @@ def run_demo(
         f"--seed {seed} --save-every 0 --out {embedding_path}"
     )
     train_started = time.perf_counter()
+    report("training", 0, train_steps)
     result = engine.train_embedding(
         images_dir, CONCEPT_NAME, out=embedding_path, overwrite=overwrite,
         callback=lambda step: report("training", step.step, step.steps), **asdict(settings),
@@ -200,7 +226,9 @@ def run_demo(
     plain_prompts = evaluation_prompts()
     columns = []
     arms = []
+    generated_images: list[list[Image.Image]] = []
     total_images = len(plain_prompts) * len(arm_words)
+    report("generating", 0, total_images)
     for number, (label, colour_word) in enumerate(arm_words):
         images = []
         for index, prompt in enumerate(evaluation_prompts(colour_word)):
@@ -208,17 +236,25 @@ def run_demo(
                                         cfg_scale=DEFAULT_MODEL_CFG_SCALE, seed=seed + index)
             images += generated.images
             report("generating", number * len(plain_prompts) + index + 1, total_images)
+        generated_images.append(images)
+    report("scoring and writing", 0, len(arm_words) + 2)
+    for number, ((label, colour_word), images) in enumerate(zip(arm_words, generated_images)):
         # the named attributes are scored against the prompt without its colour word: the colour is the concept's
         scores = adherence_report([np.asarray(image.convert("RGB")) for image in images], plain_prompts)
         arms.append(ArmScore(label, colour_word, scores.concept_rate, scores.score))
         columns.append((colour_word or label, images))
+        report("scoring and writing", number + 1, len(arm_words) + 2)
 
     from PIL import Image
 
     training_images = [Image.open(path).convert("RGB") for path in sorted(images_dir.glob("*.png"))]
-    grid = _grid([("training images", training_images)] + columns)
-    grid_path = atomic_write(out / "demo_grid.png", lambda temporary: grid.save(temporary, format="PNG"),
-                             overwrite=overwrite)
+    grid_columns = [("training images", training_images)] + columns
+    grid = _grid(grid_columns, plain_prompts)
+    parameters = grid_parameters([label for label, _ in grid_columns], len(plain_prompts),
+                                 min(GRID_ROWS, len(plain_prompts)), seed, columns[0][1][0].size,
+                                 file_sha256(embedding_path)[:12])
+    grid_path = save_png(grid, out / "demo_grid.png", parameters, overwrite=overwrite)
+    report("scoring and writing", len(arm_words) + 1, len(arm_words) + 2)
     scores_path = out / "scores.json"
     demo = DemoReport(
         name=CONCEPT_NAME, arms=arms, images_per_arm=len(plain_prompts), train_steps=result.steps_done,
@@ -226,4 +262,5 @@ def run_demo(
         grid_path=str(grid_path), train_command=train_command, outputs=[*outputs, str(grid_path), str(scores_path)],
     )
     atomic_write_bytes(scores_path, (json.dumps(asdict(demo), indent=2) + "\n").encode("utf-8"), overwrite=overwrite)
+    report("scoring and writing", len(arm_words) + 2, len(arm_words) + 2)
     return demo

@@ -53,7 +53,7 @@ from torch import nn
 
 from tiengine.default_model import DEFAULT_MODEL_SEED
 from tiengine.diffusion.schedules import NoiseSchedule
-from tiengine.io.atomic import FileExistsRefusal, atomic_write_bytes, make_readable
+from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal, atomic_write_bytes, make_readable
 from tiengine.models.config import ModelConfig
 from tiengine.models.text_encoder import ClipTextEncoder, TextEncoderConfig
 from tiengine.models.unet import UNet2DConditionModel, UNetConfig
@@ -433,7 +433,7 @@ def save_model(
     files = [folder / f"{name}.safetensors" for name in COMPONENT_FILES] + [folder / "config.json"]
     existing = [str(path) for path in files if path.exists()]
     if existing and not overwrite:
-        raise FileExistsRefusal(f"{folder}: would replace {', '.join(existing)} (pass --overwrite)")
+        raise FileExistsRefusal(f"{folder}: would replace {', '.join(existing)} ({OVERWRITE_HINT})")
     folder.mkdir(parents=True, exist_ok=True)
     for name in COMPONENT_FILES:
         tensors = [(key, value.detach().to(dtype).contiguous()) for key, value in modules[name].state_dict().items()]
@@ -450,7 +450,7 @@ def train(
 ) -> tuple[ModelConfig, TrainLog]:
     """Run the whole recipe and write the model folder and train_log.csv to `out`."""
     if out.exists() and (out / "config.json").exists() and not overwrite:
-        raise FileExistsRefusal(f"{out}: already holds a model (pass --overwrite)")
+        raise FileExistsRefusal(f"{out}: already holds a model ({OVERWRITE_HINT})")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     deadline = _Deadline(minutes)

@@ -22,6 +22,7 @@ import torch
 from tiengine.diffusion.schedules import NoiseSchedule
 from tiengine.embeddings.embedding import SAVE_FORMATS, Embedding, file_sha256, save_embedding
 from tiengine.errors import EmbeddingError
+from tiengine.io.atomic import OVERWRITE_HINT
 from tiengine.io.metadata import save_png
 from tiengine.models.config import size_time_ids
 from tiengine.text.conditioning import EncodeOptions, encode_tokenized, tokenize_texts
@@ -127,12 +128,12 @@ class EmbeddingTrainer:
             self.warnings.append(f"nothing to resume in {self.work_dir} (no {STATE_FILE}); starting at step 0")
         elif state_path.exists() and not overwrite:
             raise TrainingError(f"{self.work_dir} holds an earlier training run; pass resume=True (--resume) to "
-                                "continue it or overwrite=True (--overwrite) to start over")
+                                "continue it or --overwrite (overwrite=True) to start over")
         for path, _ in [(self.out, main_format), *self.extra_outputs]:
             if path.exists() and not overwrite:
                 written = self.previous.outputs.get(str(path)) if self.previous is not None else None
                 if written is None or file_sha256(path) != written:
-                    raise TrainingError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+                    raise TrainingError(f"{path}: already exists ({OVERWRITE_HINT})")
                 self.replaceable.add(path)
 
     def check_name(self) -> None:
