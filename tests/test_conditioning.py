@@ -305,3 +305,15 @@ def test_clip_skip_beyond_layers_is_refused():
 def test_prompt_matrix_size():
     combos = list(itertools.product(all_prompts(), ["original", "no_norm", "ignore", "none", "lerp"]))
     assert len(combos) >= 250
+
+
+@pytest.mark.parametrize("emphasis", ["original", "no_norm"])
+def test_conditioning_that_is_not_finite_is_refused(emphasis):
+    from tiengine.text.conditioning import ConditioningError
+
+    fam = Family("sd1")
+    # finite in float32 as a weight, but it overflows the encoder output
+    with pytest.raises(ConditioningError, match=r"not finite \(inf or NaN\).*largest prompt weight is 3e\+38"):
+        fam.ours(["a (cat:" + "3" + "0" * 38 + ")"], emphasis=emphasis)
+    context, _ = fam.ours(["a (cat:1.5)"], emphasis=emphasis)
+    assert torch.isfinite(context).all()

@@ -16,6 +16,7 @@ from tiengine.text.prompt import (
     ComposablePrompts,
     Fragment,
     PromptError,
+    PromptLimits,
     ScheduledText,
     composable_prompts,
     parse_prompt_attention,
@@ -27,6 +28,7 @@ from tiengine.text.prompt import (
 )
 
 R = 1.1
+S = 1 / 1.1
 
 
 # ------------------------------------------------------------------------------------------ attention
@@ -62,11 +64,15 @@ def test_weight_close_without_open_bracket_is_never_converted() -> None:
 
 def test_deep_nesting_does_not_exhaust_the_stack() -> None:
     depth = 3000
-    weight = 1.0
-    for _ in range(depth):
-        weight *= R
-    assert parse_prompt_attention("(" * depth + "x" + ")" * depth) == [("x", weight)]
-    assert parse_prompt_attention("(" * depth + "x") == [("x", weight)]
+    deep = PromptLimits(max_nesting_depth=depth)
+    closed = 1.0
+    for _ in range(depth // 2):
+        closed = closed * S * R  # "])" closes the inner "[" first
+    assert parse_prompt_attention("([" * (depth // 2) + "x" + "])" * (depth // 2), limits=deep) == [("x", closed)]
+    unclosed = 1.0
+    for multiplier in [R] * (depth // 2) + [S] * (depth // 2):  # unclosed: round ones first
+        unclosed *= multiplier
+    assert parse_prompt_attention("([" * (depth // 2) + "x", limits=deep) == [("x", unclosed)]
 
 
 # ------------------------------------------------------------------------------------------ schedules
@@ -132,14 +138,18 @@ def test_second_order_schedule_advances_once_per_model_call() -> None:
 
 
 def test_deeply_nested_schedules_and_brackets() -> None:
+    deep = PromptLimits(max_nesting_depth=20000)
     nested = "x"
     for _ in range(2000):
         nested = f"[{nested}:y:1]"
-    assert prompt_schedule(nested, 10) == [(1, "x"), (10, "y")]
+    assert prompt_schedule(nested, 10, limits=deep) == [(1, "x"), (10, "y")]
     unclosed = "[" * 20000 + "a:b:2"
-    assert prompt_schedule(unclosed, 10) == [(10, unclosed)]
+    assert prompt_schedule(unclosed, 10, limits=deep) == [(10, unclosed)]
     balanced = "[" * 5000 + "a:b:2" + "]" * 5000
-    assert prompt_schedule(balanced, 10) == [(2, "[" * 4999 + "a" + "]" * 4999), (10, "[" * 4999 + "b" + "]" * 4999)]
+    assert prompt_schedule(balanced, 10, limits=deep) == [
+        (2, "[" * 4999 + "a" + "]" * 4999),
+        (10, "[" * 4999 + "b" + "]" * 4999),
+    ]
 
 
 def test_long_alternation_covers_every_step() -> None:

@@ -390,3 +390,17 @@ def test_chunk_frame_openclip_zeroes_after_first_eos():
     assert full == [BOS_TOKEN_ID, *range(1, 76), EOS_TOKEN_ID]
     with pytest.raises(ValueError, match="at most 75 tokens"):
         chunk_frame(list(range(76)), pad_token_id=0)
+
+
+def test_an_unresolved_explicit_reference_never_binds_its_tail_by_bare_name():
+    tokenizer = ClipTokenizer.default()
+    tokenizer.add_embedding("cat", 2)
+    plain = ClipTokenizer.default()
+    result = tokenizer.tokenize("a embedding:sub/cat, and a cat")
+    assert result.unresolved == ["sub/cat"]
+    assert [span.start for span in result.embeddings] == [len(result.ids) - 2]  # only the bare "cat" at the end
+    assert result.ids[: -2] == plain.encode("a embedding:sub/cat, and a")
+    # a resolved reference still binds, and bare names elsewhere still bind
+    tokenizer.add_embedding("dog", 1, aliases=("sub/dog",))
+    bound = tokenizer.tokenize("embedding:sub/dog cat")
+    assert [span.name for span in bound.embeddings] == ["dog", "cat"] and bound.unresolved == []

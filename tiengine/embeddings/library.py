@@ -14,6 +14,16 @@ modification time or size changed and drops deleted ones. No tokenizer logic liv
 
 `default_embeddings_folder()` is the folder named by the environment variable TIENGINE_EMBEDDINGS, which
 `Engine.load` and every command with `--embeddings` use when no folder is given.
+
+One bad file never spoils the folder: any error while reading a file (a malformed header, an image
+over Pillow's decompression-bomb limit, a file that vanished, a recursion or memory error from a
+hostile pickle) makes that one file a skipped entry with its reason. A file whose name (stem, or
+stored name) is empty or only whitespace is skipped. The walk is bounded: symbolic links are not
+followed out of the folder (a link pointing outside is a skipped entry "link points outside the
+folder"; its target is never quoted), folders deeper than `max_depth` levels and files beyond
+`max_files` are not read, and each cut is reported as a skipped entry. `follow_links=True` follows
+links anywhere (still once per real folder, within the same bounds). A relative path that is also
+another embedding's name stays that name; the clash is reported in `collisions`.
 """
 
 from __future__ import annotations
@@ -28,6 +38,10 @@ from tiengine.errors import EmbeddingError, TiengineError
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp")
 EMBEDDINGS_ENV = "TIENGINE_EMBEDDINGS"  # the default embeddings folder
+# Bounds on a folder scan: real embeddings folders are a few levels deep and hold hundreds of files.
+MAX_SCAN_DEPTH = 16
+MAX_SCAN_FILES = 10_000
+LINK_OUTSIDE = "link points outside the folder"
 
 # (st_mtime_ns, st_size) of a file, plus its pair partner's for diffusers SDXL pairs
 Signature = tuple[tuple[int, int], tuple[int, int] | None]
@@ -71,7 +85,15 @@ class ReloadReport:
 class EmbeddingLibrary:
     """Embeddings of one folder by name and by relative path (see module docstring)."""
 
-    def __init__(self, folder: str | os.PathLike[str], family: str | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        family: str | None = None,
+        *,
+        max_depth: int = MAX_SCAN_DEPTH,
+        max_files: int = MAX_SCAN_FILES,
+        follow_links: bool = False,
+    ):
         if family is not None and family not in FAMILY_LABELS:
             raise EmbeddingError(f"unknown model family {family!r} (expected "
                                  f"{', '.join(FAMILY_LABELS)})")
@@ -79,6 +101,9 @@ class EmbeddingLibrary:
         if not self.folder.is_dir():
             raise EmbeddingError(f"{self.folder}: not a folder")
         self.family = family
+        self.max_depth = max_depth
+        self.max_files = max_files
+        self.follow_links = follow_links
         self._files: dict[str, tuple[Signature, LibraryEntry]] = {}
         self._by_name: dict[str, LibraryEntry] = {}
         self._by_path: dict[str, LibraryEntry] = {}
@@ -89,44 +114,103 @@ class EmbeddingLibrary:
     def reload(self) -> ReloadReport:
         """Re-scan the folder, re-reading only new or changed files."""
         report = ReloadReport()
-        seen: dict[str, tuple[Path, Signature]] = {}
-        for path in self._walk():
-            relative = path.relative_to(self.folder).as_posix()
-            signature = _signature(path)
-            if signature is not None:
-                seen[relative] = (path, signature)
+        seen: dict[str, tuple[Path, Signature | None, str | None]] = {}
+        for path, relative, reason in self._walk():
+            signature = None if reason is not None else _signature(path)
+            if reason is None and signature is None:
+                continue  # vanished during the scan
+            seen[relative] = (path, signature, reason)
         for relative in sorted(set(self._files) - set(seen)):
             del self._files[relative]
             report.removed.append(relative)
-        for relative, (path, signature) in seen.items():
+        for relative, (path, signature, reason) in seen.items():
             cached = self._files.get(relative)
+            if reason is not None:
+                entry = LibraryEntry(relative, reason=reason)
+                if cached is None or cached[1].reason != reason:
+                    (report.changed if cached else report.added).append(relative)
+                self._files[relative] = ((((0, 0), None)), entry)
+                continue
             if cached is not None and cached[0] == signature:
                 continue
             (report.changed if cached else report.added).append(relative)
+            assert signature is not None
             self._files[relative] = (signature, self._read(path, relative))
         self._index()
         return report
 
-    def _walk(self) -> Iterator[Path]:
-        """Every file below the folder, sorted, following links once; hidden folders skipped."""
+    def _walk(self) -> Iterator[tuple[Path, str, str | None]]:
+        """(path, relative path, reason it is not read or None) for every file below the folder, sorted.
+
+        Hidden folders are skipped; links are followed only inside the folder (anywhere with
+        `follow_links`), each real folder once; depth and file count are bounded (module docstring).
+        """
+        root_real = os.path.realpath(self.folder)
         visited: set[str] = set()
-        for root, folders, files in os.walk(self.folder, followlinks=True):
-            real = os.path.realpath(root)
+        files_seen = 0
+        pending: list[tuple[Path, int]] = [(self.folder, 0)]
+        while pending:
+            folder, depth = pending.pop()
+            relative_folder = folder.relative_to(self.folder).as_posix()
+            real = os.path.realpath(folder)
             if real in visited:
-                folders[:] = []
                 continue
             visited.add(real)
-            folders[:] = sorted(f for f in folders if not f.startswith("."))
-            for name in sorted(files):
-                yield Path(root) / name
+            try:
+                with os.scandir(folder) as scan:
+                    items = sorted(scan, key=lambda item: item.name)
+            except OSError as error:
+                yield folder, relative_folder + "/", f"folder could not be read ({error.strerror or error})"
+                continue
+            subfolders: list[Path] = []
+            for item in items:
+                path = folder / item.name
+                relative = path.relative_to(self.folder).as_posix()
+                try:
+                    is_link = item.is_symlink()
+                    is_dir = item.is_dir()  # follows links
+                except OSError:
+                    is_link, is_dir = True, False
+                if is_link and not self.follow_links:
+                    target = os.path.realpath(path)
+                    if target != root_real and not target.startswith(root_real + os.sep):
+                        yield path, relative, LINK_OUTSIDE
+                        continue
+                if is_dir:
+                    if item.name.startswith("."):
+                        continue
+                    if depth + 1 > self.max_depth:
+                        yield path, relative + "/", (f"folder not scanned: deeper than {self.max_depth} "
+                                                     "levels (max_depth)")
+                        continue
+                    subfolders.append(path)
+                    continue
+                if is_link and not os.path.exists(path):
+                    yield path, relative, "broken link"
+                    continue
+                files_seen += 1
+                if files_seen > self.max_files:
+                    yield path, relative, (f"not read: the scan stops after {self.max_files} files "
+                                           "(max_files); later files in this folder and others were not read")
+                    return
+                yield path, relative, None
+            pending.extend((subfolder, depth + 1) for subfolder in reversed(subfolders))
 
     def _read(self, path: Path, relative: str) -> LibraryEntry:
+        try:
+            return self._read_file(path, relative)
+        except Exception as error:  # one bad file must not spoil the folder  # noqa: BLE001
+            return LibraryEntry(relative, reason=_describe(error, str(path)))
+
+    def _read_file(self, path: Path, relative: str) -> LibraryEntry:
         entry = LibraryEntry(relative)
         suffix = path.suffix.lower()
         if ".preview." in path.name.lower():
             entry.reason = "preview image"
         elif suffix not in EMBEDDING_SUFFIXES:
             entry.reason = f"not an embedding file type ({suffix or 'no extension'})"
+        elif not path.stem.strip():
+            entry.reason = "file name is empty or only whitespace before the extension"
         elif path.stat().st_size == 0:
             entry.reason = "empty file (0 bytes)"
         elif PAIR_SECOND_STEM in path.stem and pair_partner(path) is not None:
@@ -135,10 +219,11 @@ class EmbeddingLibrary:
             entry.reason = (f"second half of the SDXL pair "
                             f"{partner.relative_to(self.folder).as_posix()}")
         else:
-            try:
-                entry.embedding = load_embedding(path)
-            except TiengineError as error:
-                entry.reason = _strip_label(str(error), str(path))
+            embedding = load_embedding(path)
+            if not isinstance(embedding.name, str) or not embedding.name.strip():
+                entry.reason = f"stored embedding name {embedding.name!r} is empty or only whitespace"
+            else:
+                entry.embedding = embedding
         return entry
 
     def _index(self) -> None:
@@ -158,6 +243,13 @@ class EmbeddingLibrary:
             self._by_name[name] = entries[0]
             if len(entries) > 1:
                 self.collisions[name] = [e.relative_path for e in entries]
+        # A path key that is also another embedding's name stays that name (and is reported).
+        for path_key, entry in self._by_path.items():
+            owner = self._by_name.get(path_key)
+            if owner is not None and owner is not entry and entry.embedding is not None:
+                clash = self.collisions.setdefault(path_key, [owner.relative_path])
+                if entry.relative_path not in clash:
+                    clash.append(entry.relative_path)
 
     def _usable(self, entry: LibraryEntry) -> Embedding | None:
         if entry.embedding is None:
@@ -196,7 +288,12 @@ class EmbeddingLibrary:
     def path_keys(self, name: str) -> list[str]:
         """Relative paths without extension that also refer to the embedding `name`."""
         entry = self._by_name.get(name)
-        return [entry.path_key] if entry is not None else []
+        if entry is None:
+            return []
+        key = entry.path_key
+        if key != name and (key in self._by_name or self._by_path.get(key) is not entry):
+            return []  # the key is another embedding's name, or another file's path
+        return [key]
 
     def get(self, name: str) -> Embedding | None:
         """Embedding by its (case-sensitive) name."""
@@ -231,14 +328,31 @@ class EmbeddingLibrary:
 def _signature(path: Path) -> Signature | None:
     try:
         stat = path.stat()
+        partner = pair_partner(path) if path.suffix.lower() in EMBEDDING_SUFFIXES else None
+        partner_stat = None
+        if partner is not None:
+            other = partner.stat()
+            partner_stat = (other.st_mtime_ns, other.st_size)
     except OSError:  # vanished or a broken link
         return None
-    partner = pair_partner(path) if path.suffix.lower() in EMBEDDING_SUFFIXES else None
-    partner_stat = None
-    if partner is not None:
-        other = partner.stat()
-        partner_stat = (other.st_mtime_ns, other.st_size)
     return (stat.st_mtime_ns, stat.st_size), partner_stat
+
+
+def _describe(error: Exception, label: str) -> str:
+    """A skip reason for any error: tiengine's own message as is, anything else with its type."""
+    if isinstance(error, TiengineError):
+        return _strip_label(str(error), label)
+    if isinstance(error, RecursionError):
+        return "could not be read (structure nested too deeply)"
+    if isinstance(error, MemoryError):
+        return "could not be read (out of memory)"
+    if isinstance(error, OSError):
+        return f"could not be read ({error.strerror or type(error).__name__})"
+    message = _strip_label(str(error), label).replace(label, "<file>")
+    if len(message) > 200:
+        message = message[:197] + "..."
+    return f"could not be read ({type(error).__name__}: {message})" if message else \
+        f"could not be read ({type(error).__name__})"
 
 
 def _strip_label(message: str, label: str) -> str:

@@ -200,6 +200,12 @@ def _encode_chunk_batch(
     z, pooled = encoder.encode(ids, rows, output_layer=layer, pooled=want_pooled, pool_positions=positions)
     weights = torch.tensor([chunk.weights for chunk in chunks], device=device, dtype=z.dtype)  # (B, 77)
     z = _apply_emphasis(z, weights, options, slot, rows, layer)
+    if not bool(torch.isfinite(z).all()):
+        largest = max(abs(weight) for chunk in chunks for weight in chunk.weights)
+        raise ConditioningError(
+            f"the {slot.component} conditioning is not finite (inf or NaN) in {z.dtype}; the largest prompt "
+            f"weight is {largest:.6g} (weights or embedding vectors too large for this dtype)"
+        )
     return z, pooled
 
 

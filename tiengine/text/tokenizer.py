@@ -135,6 +135,10 @@ class _AddedEmbedding:
     aliases: tuple[str, ...]
 
 
+# Marks an `embedding:NAME` reference that named nothing: its text is tokenized, never bound.
+_UNRESOLVED = _AddedEmbedding("", (), ())
+
+
 class ClipTokenizer:
     """CLIP BPE tokenizer: `encode(text) -> ids` (no BOS/EOS, no truncation), extensible vocabulary."""
 
@@ -279,6 +283,9 @@ class ClipTokenizer:
         spans: list[EmbeddingSpan] = []
         unresolved: list[str] = []
         for piece, embedding in self._split_explicit(text, unresolved):
+            if embedding is _UNRESOLVED:
+                ids.extend(self._encode_plain(piece))
+                continue
             if embedding is not None:
                 spans.append(EmbeddingSpan(len(ids), len(embedding.ids), embedding.name, explicit=True))
                 ids.extend(embedding.ids)
@@ -457,7 +464,8 @@ class ClipTokenizer:
         return ids
 
     def _split_explicit(self, text: str, unresolved: list[str]) -> list[tuple[str, _AddedEmbedding | None]]:
-        """Split text at explicit `embedding:NAME` references into (text, None) and ('', embedding)."""
+        """Split text at explicit `embedding:NAME` references into (text, None), ('', embedding) and, for a
+        reference naming nothing, (its text, _UNRESOLVED)."""
         if "embedding:" not in text:
             return [(text, None)]
         by_alias = {alias: added for added in self._embeddings.values() for alias in (added.name, *added.aliases)}
@@ -480,12 +488,17 @@ class ClipTokenizer:
             if found is None:
                 word = re.match(r"[^\s,()\[\]:|]*", text[rest_start:])
                 unresolved.append(word.group(0) if word else "")
+                # kept as words, but never bound by bare name: `embedding:sub/cat` must not bind "cat"
+                end = rest_start + (len(word.group(0)) if word else 0)
+                pieces.append((text[position : match.start()], None))
+                pieces.append((text[match.start() : end], _UNRESOLVED))
+                position = end
                 continue
             pieces.append((text[position : match.start()], None))
             pieces.append(("", by_alias[found]))
             position = rest_start + len(found)
         pieces.append((text[position:], None))
-        return [piece for piece in pieces if piece[1] is not None or piece[0]]
+        return [piece for piece in pieces if (piece[1] is not None and piece[1] is not _UNRESOLVED) or piece[0]]
 
     def _bind_bare_names(self, ids: list[int], offset: int) -> tuple[list[int], list[EmbeddingSpan]]:
         """Replace every bare-name id sequence by the embedding's ids, longest name first."""
