@@ -289,8 +289,11 @@ def _read_data(path: Path, limits: _Limits) -> tuple[Any, str, str | None]:
             data = load_pickle(path, max_depth=limits.max_depth, max_pickle_bytes=limits.max_bytes,
                                max_inflated_bytes=limits.max_bytes,
                                max_storage_bytes=limits.max_bytes)
-        except CheckpointError as error:
-            raise EmbeddingError(str(error)) from None
+        except CheckpointError as error:  # name load_embedding's options, not load_pickle's
+            message = str(error)
+            for option in ("max_pickle_bytes", "max_inflated_bytes", "max_storage_bytes"):
+                message = message.replace(f"({option})", "(max_bytes)")
+            raise EmbeddingError(message) from None
         return data, "torch_zip" if head[:1] == b"P" else "torch_legacy", None
     raise EmbeddingError(f"{label}: not an embedding file (expected a PyTorch .pt/.bin, "
                          f"safetensors or PNG/WebP; file starts with {head[:8]!r})")
