@@ -85,7 +85,7 @@ from tiengine.io.pickle_allowlist import (
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
-MAX_PICKLE_BYTES = 64 * 2**20  # real data.pkl: kilobytes (embeddings) to a few MB (checkpoints)
+MAX_PICKLE_BYTES = 8 * 2**20  # real data.pkl: kilobytes (embeddings) to ~1 MB (SD checkpoints)
 MAX_INFLATED_BYTES = 256 * 2**20  # > SDXL's largest tensor in fp32 (token embedding, 241 MiB)
 
 # stand-ins a caller may meet in a loaded object (defined beside the rest of the allowlist)
