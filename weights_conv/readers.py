@@ -7,11 +7,12 @@ reads one tensor on request. Implementations:
   8-byte little-endian header length N, N bytes of JSON `{name: {"dtype", "shape", "data_offsets"},
   "__metadata__": {str: str}}`, then the data buffer. The header is validated as safetensors' own
   `safe_open` does (offsets inside the buffer, contiguous, no holes or overlaps, byte counts equal to
-  dtype size x shape) but with errors naming the file and the tensor. Data is read with positioned reads
+  dtype size x shape, JSON nesting at most MAX_NESTING_DEPTH) but with errors naming the file and the tensor. Data is read with positioned reads
   into a fresh tensor rather than through a memory map, so the pages of a multi-GB file never pile up in
   the process's resident set: converting needs one tensor's worth of memory, not the file's.
 - `PickleCheckpoint`: `.ckpt` / `.pt` / `.bin` through `tiengine.io.safe_pickle` (tensors, storages and
-  plain containers only; nothing in the file is executed). The Lightning layout `{"state_dict": {...},
+  plain containers only; nothing in the file is executed; safe_pickle's default limits: nesting depth,
+  pickle size, inflated storages, every tensor view inside its storage). The Lightning layout `{"state_dict": {...},
   "global_step": ..., "optimizer_states": [...], ...}` and flat state dicts are both accepted; the
   top-level entries other than the state dict are reported (`extras`) and never converted.
 - `MergedSource`: several files seen as one (sharded safetensors with an index, or a folder's shards).
@@ -32,6 +33,7 @@ from typing import Any, BinaryIO, Protocol
 import torch
 
 from tiengine.errors import CheckpointError
+from tiengine.io.limits import MAX_NESTING_DEPTH, json_nesting_depth
 from tiengine.io.safe_pickle import TensorRef, TorchArchive
 
 # safetensors dtype names (format spec) -> torch dtypes; sizes in bytes come from torch.
@@ -168,9 +170,13 @@ def _parse_safetensors_header(
             f"{path}: safetensors header length says {header_len} bytes but the file has only "
             f"{file_size - 8} after the length (truncated, or not a safetensors file)"
         )
+    raw = file.read(header_len)
+    if json_nesting_depth(raw, MAX_NESTING_DEPTH) > MAX_NESTING_DEPTH:
+        raise CheckpointError(f"{path}: safetensors header nests deeper than {MAX_NESTING_DEPTH} levels "
+                              "(a real header nests 3); refused before decoding it")
     try:
-        header = json.loads(file.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({error})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tiengine.errors import CheckpointError
+from tiengine.io.limits import MAX_NESTING_DEPTH, json_nesting_depth
 from tiengine.models.config import ModelConfig, ScheduleConfig
 from tiengine.models.text_encoder import TextEncoderConfig
 from tiengine.models.unet import UNetConfig
@@ -98,8 +99,11 @@ def _infos(source: TensorSource, prefix: str, keys: list[str]) -> dict[str, Any]
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        text = path.read_text(encoding="utf-8")
+        if json_nesting_depth(text, MAX_NESTING_DEPTH) > MAX_NESTING_DEPTH:
+            raise CheckpointError(f"{path}: JSON nests deeper than {MAX_NESTING_DEPTH} levels; refused")
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise CheckpointError(f"{path}: not readable JSON ({error})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")

@@ -7,6 +7,13 @@ widths: "clip_l" 768 (SD1, SDXL encoder 1), "clip_h" 1024 (SD2), "clip_g" 1280 (
 encoder 2). Naming follows A1111: the file stem, except for images, whose stored name wins.
 The hash is sha256 of the file bytes; its short form is the first 12 hex digits.
 EmbeddingLibrary (a scanned folder) lives in tiengine.embeddings.library.
+
+Limits (keyword options of load_embedding; README, "Threat model and limits"): real embeddings
+hold kilobytes (75 vectors of SDXL's 768 + 1280 in fp32 are 600 KiB; the largest file in the
+wild set is 1.4 MiB), so `max_bytes` (MAX_EMBEDDING_BYTES) caps the *uncompressed* data a file
+may make us hold: the tensor bytes a pickle's storages or a safetensors header declare (checked
+before anything is read; for a LoRA file, its bundled tensors only), a pickle stream, an image's
+inflated payload. `max_depth` caps nesting (pickles, JSON), `max_pixels` an image's size.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from tiengine.embeddings.image import (
+    MAX_IMAGE_FILE_BYTES,
+    MAX_IMAGE_PIXELS,
     PNG_SIGNATURE,
     TEXT_CHUNK_KEY,
     caption_card,
@@ -43,6 +52,7 @@ from tiengine.embeddings.layouts import (
 )
 from tiengine.errors import CheckpointError, EmbeddingError
 from tiengine.io.atomic import OVERWRITE_HINT, atomic_write_bytes
+from tiengine.io.limits import MAX_NESTING_DEPTH
 from tiengine.io.safe_pickle import load_pickle
 
 if TYPE_CHECKING:
@@ -53,7 +63,11 @@ FAMILY_LABELS = {"sd1": "SD1 (768)", "sd2": "SD2 (1024)", "sdxl": "SDXL (768+128
 # A single-encoder embedding of another width (a small model such as tiengine's default) has this family.
 CUSTOM_FAMILY = "custom"
 MAX_VECTORS = 75  # one prompt chunk: 77 tokens minus BOS and EOS
-MAX_FILE_BYTES = 64 * 2**20  # larger pickles/safetensors without bundles are not embeddings
+MAX_EMBEDDING_BYTES = 16 * 2**20  # uncompressed tensor/pickle/payload bytes (module docstring)
+MAX_STEP_DIGITS = 18  # a training step of more digits is not a step (and int() of 4,301+ fails)
+# bytes per element of the safetensors dtypes (format spec); unknown dtypes count as 8
+SAFETENSORS_ITEMSIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
+                         "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}  # fmt: skip
 MAX_SAFETENSORS_KEYS = 8
 SHORT_HASH_LENGTH = 12
 SAVE_FORMATS = {".safetensors": "safetensors", ".pt": "pt", ".png": "png"}
@@ -179,22 +193,26 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_embedding(path: str | os.PathLike[str], name: str | None = None) -> Embedding:
+def load_embedding(path: str | os.PathLike[str], name: str | None = None, *,
+                   max_bytes: int = MAX_EMBEDDING_BYTES, max_depth: int = MAX_NESTING_DEPTH,
+                   max_pixels: int = MAX_IMAGE_PIXELS) -> Embedding:
     """Read one embedding from any supported file (see module docstring).
 
     `name` overrides the prompt name (default: the file stem; for images and LoRA bundles
     the stored name). A diffusers `learned_embeds` file with a `learned_embeds_2` file beside
     it loads as one SDXL embedding (from either file; `path` is then the first file). A LoRA
     file with exactly one bundled embedding loads it; with several, use
-    load_bundled_embeddings.
+    load_bundled_embeddings. `max_bytes`, `max_depth` and `max_pixels` are the limits of the
+    module docstring; a file over one raises EmbeddingError naming it and the option.
     """
     path = Path(path)
+    limits = _Limits(max_bytes, max_depth, max_pixels)
     primary, second = path, pair_partner(path)
     if second is not None and PAIR_SECOND_STEM in path.stem:
         primary, second = second, path
-    parsed, container = _read_parsed(primary)
+    parsed, container = _read_parsed(primary, limits)
     if second is not None:
-        second_data, _, _ = _read_data(second)
+        second_data, _, _ = _read_data(second, limits)
         parsed = join_sdxl_pair(parsed, second_data, f"{primary} + {second.name}")
     return _build(parsed, primary, container, name)
 
@@ -215,6 +233,13 @@ def pair_partner(path: Path) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Limits:
+    max_bytes: int = MAX_EMBEDDING_BYTES
+    max_depth: int = MAX_NESTING_DEPTH
+    max_pixels: int = MAX_IMAGE_PIXELS
+
+
 def list_bundled_embeddings(path: str | os.PathLike[str]) -> list[str]:
     """Names of the `bundle_emb.<name>` embeddings inside a LoRA safetensors file."""
     path = Path(path)
@@ -228,17 +253,19 @@ def load_bundled_embeddings(path: str | os.PathLike[str]) -> dict[str, Embedding
     path = Path(path)
     _check_size(path, limit=None)
     with _safe_open(path) as handle:
-        tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(BUNDLE_PREFIX)}
+        keys = [k for k in handle.keys() if k.startswith(BUNDLE_PREFIX)]
+        _check_declared_bytes(handle, keys, path, MAX_EMBEDDING_BYTES)
+        tensors = {k: handle.get_tensor(k) for k in keys}
     if not tensors:
         raise EmbeddingError(f"{path}: no bundled embeddings (no '{BUNDLE_PREFIX}*' keys)")
     return {name: _build(parsed, path, "safetensors", name)
             for name, parsed in sorted(parse_bundles(tensors, str(path)).items())}
 
 
-def _read_parsed(path: Path) -> tuple[ParsedEmbedding, str]:
+def _read_parsed(path: Path, limits: _Limits) -> tuple[ParsedEmbedding, str]:
     """(parsed layout, container) of one file."""
     label = str(path)
-    data, container, carrier = _read_data(path)
+    data, container, carrier = _read_data(path, limits)
     bundles = sorted({k.split(".")[1] for k in data if str(k).startswith(BUNDLE_PREFIX)}
                      ) if container == "safetensors" else []
     if len(bundles) == 1:
@@ -249,32 +276,43 @@ def _read_parsed(path: Path) -> tuple[ParsedEmbedding, str]:
     return parsed, container
 
 
-def _read_data(path: Path) -> tuple[Any, str, str | None]:
+def _read_data(path: Path, limits: _Limits) -> tuple[Any, str, str | None]:
     """(file contents, container, image carrier) without interpreting the layout."""
     label = str(path)
     head = _check_size(path, limit=None)
     if is_image(head):
-        found = read_image_embedding(path.read_bytes(), label)
+        _check_size(path, limit=MAX_IMAGE_FILE_BYTES)
+        found = read_image_embedding(path.read_bytes(), label, max_bytes=limits.max_bytes,
+                                     max_depth=limits.max_depth, max_pixels=limits.max_pixels)
         if found is None:
             raise EmbeddingError(f"{label}: image holds no embedding (no '"
                                  f"{TEXT_CHUNK_KEY}' text chunk, no pixel data)")
         container = "png" if head.startswith(PNG_SIGNATURE) else "webp"
         return found[0], container, found[1]
     if _looks_like_safetensors(head):
-        return _read_safetensors(path), "safetensors", None
+        return _read_safetensors(path, limits.max_bytes), "safetensors", None
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        _check_size(path, limit=MAX_FILE_BYTES)
+        _check_size(path, limit=2 * limits.max_bytes)  # pickle + storages, each within max_bytes
         try:
-            data = load_pickle(path)
-        except CheckpointError as error:
-            raise EmbeddingError(str(error)) from None
+            data = load_pickle(path, max_depth=limits.max_depth, max_pickle_bytes=limits.max_bytes,
+                               max_inflated_bytes=limits.max_bytes,
+                               max_storage_bytes=limits.max_bytes)
+        except CheckpointError as error:  # name load_embedding's options, not load_pickle's
+            message = str(error)
+            for option in ("max_pickle_bytes", "max_inflated_bytes", "max_storage_bytes"):
+                message = message.replace(f"({option})", "(max_bytes)")
+            raise EmbeddingError(message) from None
         return data, "torch_zip" if head[:1] == b"P" else "torch_legacy", None
     raise EmbeddingError(f"{label}: not an embedding file (expected a PyTorch .pt/.bin, "
                          f"safetensors or PNG/WebP; file starts with {head[:8]!r})")
 
 
 def _check_size(path: Path, limit: int | None) -> bytes:
-    """The first 16 bytes; refuses missing, empty and (with `limit`) oversized files."""
+    """The first 16 bytes; refuses missing, empty and (with `limit`) oversized files.
+
+    The file size only guards reading a whole file (images); what a file may expand to is
+    checked by each format's reader against max_bytes.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as file:
@@ -284,7 +322,8 @@ def _check_size(path: Path, limit: int | None) -> bytes:
     if size == 0:
         raise EmbeddingError(f"{path}: file is empty (0 bytes)")
     if limit is not None and size > limit:
-        raise EmbeddingError(f"{path}: {size / 2**20:.0f} MiB is too large for an embedding")
+        raise EmbeddingError(f"{path}: {size / 2**20:.0f} MiB is too large for an embedding "
+                             f"file of this kind (limit {limit / 2**20:.0f} MiB)")
     return head
 
 
@@ -300,11 +339,39 @@ def _safe_open(path: Path) -> Any:
         raise EmbeddingError(f"{path}: corrupt or truncated safetensors file ({error})") from None
 
 
-def _read_safetensors(path: Path) -> dict[str, Any]:
+def _check_declared_bytes(handle: Any, keys: list[str], path: Path, max_bytes: int) -> None:
+    """Refuse tensors whose header-declared sizes add up to more than `max_bytes` (none read)."""
+    total = 0
+    for key in keys:
+        info = handle.get_slice(key)
+        numel = 1
+        for size in info.get_shape():
+            numel *= size
+        total += numel * SAFETENSORS_ITEMSIZES.get(info.get_dtype(), 8)
+    if total > max_bytes:
+        raise EmbeddingError(f"{path}: the header declares {total} bytes of tensor data, more than "
+                             f"an embedding may hold ({max_bytes} bytes, max_bytes); refused "
+                             "before reading any")
+
+
+def _metadata_step(metadata: dict[str, str], label: str) -> int | None:
+    """The header's "step" as an int: None when it is no number, an error when it only looks like
+    one (Unicode digits such as "²", or more than MAX_STEP_DIGITS digits)."""
+    value = metadata.get("step", "")
+    if not isinstance(value, str) or not value.isdigit():
+        return None
+    if not value.isascii() or len(value) > MAX_STEP_DIGITS:
+        raise EmbeddingError(f"{label}: metadata 'step' is not a training step ({value[:20]!r}"
+                             f"{'...' if len(value) > 20 else ''}, {len(value)} characters; "
+                             f"expected at most {MAX_STEP_DIGITS} ASCII digits)")
+    return int(value)
+
+
+def _read_safetensors(path: Path, max_bytes: int = MAX_EMBEDDING_BYTES) -> dict[str, Any]:
     """The tensors (and A1111 metadata from the header) of a small safetensors file.
 
-    LoRA files keep only their `bundle_emb.*` tensors; files with many tensors are refused
-    before any tensor is read.
+    LoRA files keep only their `bundle_emb.*` tensors; files with many tensors, or whose tensors
+    declare more than `max_bytes`, are refused before any tensor is read.
     """
     label = str(path)
     with _safe_open(path) as handle:
@@ -316,6 +383,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         elif len(keys) > MAX_SAFETENSORS_KEYS:
             raise EmbeddingError(f"{label}: unknown embedding layout ({len(keys)} tensors, keys "
                                  f"found: {describe_keys(keys)})")
+        _check_declared_bytes(handle, keys, path, max_bytes)
         try:
             data: dict[str, Any] = {k: handle.get_tensor(k) for k in keys}
         except Exception as error:
@@ -326,8 +394,9 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
     for key in ("name", "sd_checkpoint", "sd_checkpoint_name"):
         if key in metadata and key not in data:
             data[key] = metadata[key]
-    if metadata.get("step", "").isdigit() and "step" not in data:
-        data["step"] = int(metadata["step"])
+    step = _metadata_step(metadata, label)
+    if step is not None and "step" not in data:
+        data["step"] = step
     return data
 
 

@@ -16,6 +16,10 @@ the checkpoint, vector count and step at the bottom over darkened bands, then th
 `caption_card` draws such a caption (its own layout: shaded bands, title fitted to three quarters of
 the width, three footer fields); the carriers do not depend on what the picture shows.
 
+Reading is bounded (README, "Threat model and limits"): the image's pixel count is checked
+before its pixels are decoded (`max_pixels`), the pixel payload is inflated at most to
+`max_bytes`, and JSON is refused when larger than `max_bytes` or nested deeper than `max_depth`.
+
 Pillow is imported only inside the functions that handle images.
 """
 
@@ -33,6 +37,7 @@ import torch
 
 from tiengine.errors import EmbeddingError
 from tiengine.io.fonts import label_font
+from tiengine.io.limits import MAX_NESTING_DEPTH, json_nesting_depth
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -43,6 +48,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LCG_MULTIPLIER, LCG_INCREMENT, LCG_MODULUS = 1664525, 1013904223, 2**32
 CHANNELS = 3  # the carrier blocks are RGB
 PREVIEW_SIZE = 256  # side of the generated preview picture, pixels
+# A1111 previews are 512-1024 px a side plus the carrier columns (~1.4 Mpx for 75 SD1 vectors on
+# 1024 px); 4 Mpx leaves room and keeps decoding under ~100 MB.
+MAX_IMAGE_PIXELS = 2048 * 2048
+MAX_IMAGE_FILE_BYTES = 64 * 2**20
+MAX_PAYLOAD_BYTES = 16 * 2**20  # inflated pixel payload / JSON text (an embedding is kilobytes)
 
 
 def is_image(head: bytes) -> bool:
@@ -85,8 +95,18 @@ def encode_json(data: dict[str, Any]) -> str:
     return json.dumps(data, default=tensor_to_json)
 
 
-def decode_json(text: str | bytes, label: str) -> dict[str, Any]:
-    """Inverse of encode_json; tensors come back as float tensors."""
+def decode_json(text: str | bytes, label: str, *, max_bytes: int = MAX_PAYLOAD_BYTES,
+                max_depth: int = MAX_NESTING_DEPTH) -> dict[str, Any]:
+    """Inverse of encode_json; tensors come back as float tensors.
+
+    Text over `max_bytes` or nested deeper than `max_depth` is refused before decoding.
+    """
+    if len(text) > max_bytes:
+        raise EmbeddingError(f"{label}: embedding JSON in the image is {len(text)} bytes, more "
+                             f"than the limit of {max_bytes} (max_bytes)")
+    if json_nesting_depth(text, max_depth) > max_depth:
+        raise EmbeddingError(f"{label}: embedding JSON in the image nests deeper than "
+                             f"{max_depth} levels (max_depth)")
 
     def object_hook(obj: dict[str, Any]) -> Any:
         if TENSOR_TAG in obj:
@@ -108,16 +128,24 @@ def decode_json(text: str | bytes, label: str) -> dict[str, Any]:
     return data
 
 
-def read_image_embedding(data: bytes, label: str) -> tuple[dict[str, Any], str] | None:
+def read_image_embedding(data: bytes, label: str, *, max_bytes: int = MAX_PAYLOAD_BYTES,
+                         max_depth: int = MAX_NESTING_DEPTH,
+                         max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[dict[str, Any], str] | None:
     """(embedding dict, "text" or "pixels") from an image's bytes; None if it holds none.
 
-    The text chunk wins when both carriers are present, as in A1111.
+    The text chunk wins when both carriers are present, as in A1111. Limits: module docstring.
     """
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
+    limits = {"max_bytes": max_bytes, "max_depth": max_depth}
     try:
         with PILImage.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise EmbeddingError(f"{label}: image of {width}x{height} pixels is larger than "
+                                     f"the limit of {max_pixels} pixels (max_pixels) for an "
+                                     "embedding image; refused before decoding it")
             image.load()
             text = getattr(image, "text", None) or {}
             chunk = text.get(TEXT_CHUNK_KEY) if isinstance(text, dict) else None
@@ -127,18 +155,25 @@ def read_image_embedding(data: bytes, label: str) -> tuple[dict[str, Any], str] 
                 except (binascii.Error, ValueError) as error:
                     raise EmbeddingError(f"{label}: '{TEXT_CHUNK_KEY}' text chunk is not base64 "
                                          f"({error})") from None
-                return decode_json(payload, label), "text"
+                return decode_json(payload, label, **limits), "text"
             pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise EmbeddingError(f"{label}: unreadable image ({error})") from None
-    payload = extract_pixel_payload(pixels)
+    except EmbeddingError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError,
+            PILImage.DecompressionBombError) as error:
+        raise EmbeddingError(f"{label}: unreadable image ({type(error).__name__}: {error})") from None
+    payload = extract_pixel_payload(pixels, max_bytes=max_bytes, label=label)
     if payload is None:
         return None
-    return decode_json(payload, label), "pixels"
+    return decode_json(payload, label, **limits), "pixels"
 
 
-def extract_pixel_payload(pixels: np.ndarray) -> bytes | None:
-    """The JSON bytes hidden in an (H, W, 3) uint8 picture, or None if there are none."""
+def extract_pixel_payload(pixels: np.ndarray, *, max_bytes: int = MAX_PAYLOAD_BYTES,
+                          label: str = "image") -> bytes | None:
+    """The JSON bytes hidden in an (H, W, 3) uint8 picture, or None if there are none.
+
+    A payload that inflates to more than `max_bytes` raises EmbeddingError.
+    """
     content = (pixels > 0).all(axis=2)  # (H, W): a pixel is content if no channel is 0
     if not content.any():
         return None
@@ -158,9 +193,12 @@ def extract_pixel_payload(pixels: np.ndarray) -> bytes | None:
     stream = ((high << 4) | low).astype(np.uint8).tobytes()  # row-major (h, w, 3) order
     decompressor = zlib.decompressobj()
     try:
-        payload = decompressor.decompress(stream)
+        payload = decompressor.decompress(stream, max_bytes + 1)  # never more than the cap
     except zlib.error:
         return None
+    if len(payload) > max_bytes:
+        raise EmbeddingError(f"{label}: the embedding data in the pixels inflates to more than "
+                             f"the limit of {max_bytes} bytes (max_bytes)")
     return payload if decompressor.eof else None
 
 

@@ -241,6 +241,9 @@ def _with_metadata(parsed: ParsedEmbedding, data: dict[str, Any], label: str) ->
     if isinstance(step, torch.Tensor) and step.numel() == 1:
         step = step.item()
     parsed.step = int(step) if isinstance(step, numbers.Integral) else None
+    if parsed.step is not None and abs(parsed.step) >= 2**63:
+        raise EmbeddingError(f"{label}: 'step' is not a training step (an integer of "
+                             f"{parsed.step.bit_length()} bits)")
     for key in ("sd_checkpoint", "sd_checkpoint_name"):
         value = data.get(key)
         setattr(parsed, key, str(value) if isinstance(value, (str, int)) else None)

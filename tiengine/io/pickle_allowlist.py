@@ -91,6 +91,9 @@ class StorageType:
 
     dtype: torch.dtype
 
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafePickleError(f"refused to set state on storage type {self.dtype} (pickle BUILD)")
+
 
 def rebuild_parameter(data: Any, requires_grad: Any, backward_hooks: Any) -> Any:
     return data
@@ -148,7 +151,7 @@ def numpy_dtype(spec: Any, align: Any = False, copy: Any = False) -> Any:
 
     if not isinstance(spec, str) or not NUMPY_DTYPE_PATTERN.match(spec):
         raise UnsafePickleError(f"refused numpy dtype {spec!r:.40} (only bool/int/float/complex)")
-    return numpy.dtype(spec)
+    return numpy.dtype(spec, copy=True)  # a copy: numpy's BUILD of it must not touch numpy's own
 
 
 def numpy_ndarray_class() -> type:

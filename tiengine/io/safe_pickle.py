@@ -18,6 +18,25 @@ real files (the original textual-inversion repo's `ParameterDict`, `Parameter`, 
 Lightning's `ModelCheckpoint`). Any other global raises UnsafePickleError naming it and the
 file before anything is constructed from it. Malformed or truncated files raise
 CheckpointError.
+
+Hostile files are refused before they can use up memory, stack or time (README, "Threat model and
+limits"); each limit is a keyword option of TorchArchive / load_pickle / iter_tensors:
+
+- max_depth (MAX_NESTING_DEPTH): the pickle's opcodes are first replayed on a model of its stack
+  that records only how deep each container nests, so a dict key nested 100,000 deep is refused
+  before the real unpickler hashes it (which would crash the process); the loaded object is
+  checked again without recursion.
+- max_pickle_bytes (MAX_PICKLE_BYTES): the pickle stream itself (data.pkl after decompression, or
+  the legacy file's pickles), checked against the zip entry's declared size and read with a cap.
+- max_inflated_bytes (MAX_INFLATED_BYTES): a storage stored compressed in the zip (torch never
+  writes those) is inflated into memory only up to this size.
+- max_storage_bytes (None: no limit): the sum of the declared sizes of all storages; embeddings
+  pass a small value so a file that claims gigabytes is refused before anything is read.
+- Every tensor view must lie inside its storage and hold no more elements than the storage does
+  (zero or overlapping strides would turn a few bytes into gigabytes on the first copy).
+- Globals from the allowlist are handed to the pickle wrapped so that BUILD / __setstate__ cannot
+  change them (nor anything else the process shares); only the inert objects the file itself
+  creates take state. `torch.Tensor` may only name a type, never be called.
 """
 
 from __future__ import annotations
@@ -27,7 +46,9 @@ import io
 import mmap
 import os
 import pickle
+import pickletools
 import struct
+import types
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -38,6 +59,7 @@ from typing import Any
 import torch
 
 from tiengine.errors import CheckpointError, TiengineError, UnsafePickleError
+from tiengine.io.limits import MAX_NESTING_DEPTH
 from tiengine.io.pickle_allowlist import (
     INERT_CLASSES,
     STORAGE_DTYPES,
@@ -63,11 +85,13 @@ from tiengine.io.pickle_allowlist import (
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
+MAX_PICKLE_BYTES = 8 * 2**20  # real data.pkl: kilobytes (embeddings) to ~1 MB (SD checkpoints)
+MAX_INFLATED_BYTES = 256 * 2**20  # > SDXL's largest tensor in fp32 (token embedding, 241 MiB)
 
 # stand-ins a caller may meet in a loaded object (defined beside the rest of the allowlist)
 __all__ = ["InertObject", "InertParameterDict", "InertParameter", "InertModelCheckpoint",
            "StorageRef", "TensorRef", "TorchArchive", "open_torch_file", "load_pickle",
-           "iter_tensors"]
+           "iter_tensors", "MAX_NESTING_DEPTH", "MAX_PICKLE_BYTES", "MAX_INFLATED_BYTES"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +141,193 @@ def _view_extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
     return 1 + sum((size - 1) * step for size, step in zip(shape, stride))
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _check_view(path: Path, shape: tuple[int, ...], stride: tuple[int, ...], offset: int,
+                storage_numel: int, what: str) -> None:
+    """A view must lie inside its storage and hold no more elements than the storage has."""
+    if len(shape) != len(stride):
+        raise CheckpointError(f"{path}: tensor size {shape} and stride {stride} differ in length")
+    if offset + _view_extent(shape, stride) > storage_numel:
+        raise CheckpointError(f"{path}: a tensor view {shape} lies outside its storage {what}of "
+                              f"{storage_numel} elements")
+    numel = _numel(shape)
+    if numel > storage_numel:
+        raise CheckpointError(f"{path}: a tensor of shape {shape} ({numel} elements) is rebuilt with "
+                              f"strides {stride} from a storage {what}of {storage_numel} elements; "
+                              "zero or overlapping strides are refused (a few stored bytes would "
+                              "become gigabytes when copied)")
+
+
+# -- nesting depth, before the real unpickler runs ------------------------------------------------
+# Opcodes (pickletools names) by their effect on the stack of the model below.
+_ATOMS = frozenset((
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING",
+    "SHORT_BINSTRING", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NONE", "NEWTRUE",
+    "NEWFALSE", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "BINFLOAT",
+    "GLOBAL", "PERSID", "NEXT_BUFFER", "EXT1", "EXT2", "EXT4",
+))  # fmt: skip
+_EMPTIES = frozenset(("EMPTY_LIST", "EMPTY_TUPLE", "EMPTY_DICT", "EMPTY_SET"))
+_FROM_MARK = frozenset(("TUPLE", "LIST", "DICT", "FROZENSET", "OBJ", "INST"))
+_INTO_FROM_MARK = frozenset(("APPENDS", "SETITEMS", "ADDITEMS"))
+_CALLS = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "REDUCE": 2, "NEWOBJ": 2, "NEWOBJ_EX": 3,
+          "BINPERSID": 1, "STACK_GLOBAL": 2}  # fmt: skip
+_NOOPS = frozenset(("PROTO", "FRAME", "READONLY_BUFFER", "STOP"))
+
+
+def _scan_pickle_depth(stream: io.BytesIO, max_depth: int, path: Path) -> None:
+    """Replay one pickle's opcodes on a stack of nesting depths; refuse one deeper than max_depth.
+
+    Each object the pickle builds gets a depth (1 + its deepest part; atoms are 0), shared through
+    the memo like the object itself. Hashable objects (tuples, frozensets: what a dict key or set
+    item can be) are immutable, so their depth is exact before the unpickler hashes them; a list
+    or dict filled after it was put inside another is caught by the check of the loaded object.
+    Leaves `stream` where it was.
+    """
+    start = stream.tell()
+    depths = [0]  # depths[i]: nesting depth of the i-th object built; index 0 stands for atoms
+    stack: list[int] = []
+    marks: list[int] = []
+    memo: dict[int, int] = {}
+
+    def build(parts: list[int]) -> int:
+        depth = 1 + max((depths[p] for p in parts), default=0)
+        if depth > max_depth:
+            raise CheckpointError(f"{path}: the pickle nests containers deeper than {max_depth} "
+                                  "levels (max_depth); refused before building them")
+        depths.append(depth)
+        return len(depths) - 1
+
+    def fill(target: int, parts: list[int]) -> None:
+        if target and parts:
+            depths[target] = max(depths[target], depths[build(parts)])
+
+    def pop_mark() -> list[int]:
+        begin = marks.pop()
+        items = stack[begin:]
+        del stack[begin:]
+        return items
+
+    try:
+        for opcode, arg, _pos in pickletools.genops(stream):
+            name = opcode.name
+            if name in _ATOMS:
+                stack.append(0)
+            elif name in _EMPTIES:
+                stack.append(build([]))
+            elif name == "MARK":
+                marks.append(len(stack))
+            elif name in _FROM_MARK:
+                stack.append(build(pop_mark()))
+            elif name in _CALLS:
+                count = _CALLS[name]
+                parts = stack[-count:]
+                if len(parts) != count:
+                    raise IndexError("stack underflow")
+                del stack[-count:]
+                stack.append(0 if name == "STACK_GLOBAL" else build(parts))
+            elif name in _INTO_FROM_MARK:
+                items = pop_mark()
+                fill(stack[-1], items)
+            elif name in ("APPEND", "BUILD"):
+                value = stack.pop()
+                fill(stack[-1], [value])
+            elif name == "SETITEM":
+                value, key = stack.pop(), stack.pop()
+                fill(stack[-1], [key, value])
+            elif name == "POP":
+                if marks and marks[-1] == len(stack):
+                    marks.pop()
+                else:
+                    stack.pop()
+            elif name == "POP_MARK":
+                pop_mark()
+            elif name == "DUP":
+                stack.append(stack[-1])
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+            elif name not in _NOOPS:
+                raise ValueError(f"unknown opcode {name}")
+    except TiengineError:
+        raise
+    except Exception as error:  # truncated or malformed: the unpickler would fail the same way
+        raise CheckpointError(f"{path}: malformed or truncated pickle ({type(error).__name__}: "
+                              f"{error})") from None
+    finally:
+        stream.seek(start)
+
+
+def _check_loaded_depth(root: Any, max_depth: int, path: Path) -> None:
+    """Nesting depth of a loaded object, walked without recursion (shared parts counted once)."""
+    depth_of: dict[int, int] = {}
+    pending: list[tuple[Any, bool]] = [(root, False)]
+    while pending:
+        obj, finished = pending.pop()
+        parts = _parts(obj)
+        if parts is None:
+            continue
+        if finished:
+            depth = 1 + max((depth_of.get(id(p), 0) for p in parts), default=0)
+            if depth > max_depth:
+                raise CheckpointError(f"{path}: the pickle nests containers deeper than "
+                                      f"{max_depth} levels (max_depth)")
+            depth_of[id(obj)] = depth
+        elif id(obj) not in depth_of:
+            depth_of[id(obj)] = 0  # in progress: a cycle back to it adds nothing
+            pending.append((obj, True))
+            pending.extend((p, False) for p in parts if id(p) not in depth_of)
+
+
+def _parts(obj: Any) -> list[Any] | None:
+    if isinstance(obj, dict):
+        return [*obj.keys(), *obj.values()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return list(obj)
+    if isinstance(obj, InertObject):
+        return [getattr(obj, "args", ()), getattr(obj, "kwargs", {}), obj.state]
+    return None
+
+
+class _AllowedCallable:
+    """An allowlisted function as the pickle sees it: callable, but BUILD cannot change it.
+
+    pickle's BUILD sets state on whatever object is on the stack (`__setstate__`, else the
+    instance `__dict__` and setattr). On a plain function that would rewrite e.g. its
+    `__defaults__` for every later file; this wrapper has no `__dict__` and refuses state.
+    """
+
+    __slots__ = ("function", "name", "path")
+
+    def __init__(self, function: Any, name: str, path: Path):
+        self.function, self.name, self.path = function, name, path
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.function(*args, **kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafePickleError(f"{self.path}: refused to set state on the global '{self.name}' "
+                                "(pickle BUILD); only objects the file creates take state")
+
+
+class _TensorTypeName(_AllowedCallable):
+    """`torch.Tensor` from a pickle: only the type argument of _rebuild_from_type_v2."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise UnsafePickleError(f"{self.path}: refused to call 'torch.Tensor' as a constructor "
+                                f"(arguments {args!r:.80}); it may only name the type of a tensor")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves globals only from the allowlist; storages through the owning archive."""
 
@@ -141,6 +352,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
                 f"{self._archive.path}: refused to load global '{module}.{name}' (only tensors, "
                 "storages and plain containers are allowed); nothing from the file was executed"
             )
+        if found is torch.Tensor:
+            return _TensorTypeName(found, "torch.Tensor", self._archive.path)
+        if isinstance(found, (types.FunctionType, types.MethodType)):
+            # classes stay classes (NEWOBJ needs one) and refuse BUILD themselves: builtin and
+            # numpy types are immutable, the inert stand-ins' __setstate__ needs an instance
+            return _AllowedCallable(found, f"{module}.{name}", self._archive.path)
         return found
 
     def _allowed(self, module: str, name: str) -> Any:
@@ -194,9 +411,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if isinstance(storage, torch.Tensor):  # materialized storage (1-D, its dtype)
             shape, strides = int_tuple(size, "size"), int_tuple(stride, "stride")
             offset = non_negative_int(storage_offset, "storage offset")
-            if len(shape) != len(strides) or offset + _view_extent(shape, strides) > storage.numel():
-                raise CheckpointError(f"{self._archive.path}: a tensor view {shape} lies outside "
-                                      f"its storage of {storage.numel()} elements")
+            _check_view(self._archive.path, shape, strides, offset, storage.numel(), "")
             return storage.as_strided(shape, strides, storage.storage_offset() + offset)
         if not isinstance(storage, StorageRef):
             raise CheckpointError(f"{self._archive.path}: tensor rebuilt from a "
@@ -215,11 +430,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, None)
 
     def _rebuild_from_type_v2(self, func: Any, new_type: Any, args: Any, state: Any) -> Any:
-        allowed_types = (torch.Tensor, InertParameter)
-        if func not in self._rebuild_functions or new_type not in allowed_types:
+        function = func.function if isinstance(func, _AllowedCallable) else func
+        if function not in self._rebuild_functions or not (
+                isinstance(new_type, _TensorTypeName) or new_type is InertParameter):
             raise UnsafePickleError(f"{self._archive.path}: refused _rebuild_from_type_v2 of "
                                     f"{getattr(new_type, '__name__', new_type)!r}")
-        return func(*args)
+        if not isinstance(args, tuple):
+            raise CheckpointError(f"{self._archive.path}: _rebuild_from_type_v2 arguments are a "
+                                  f"{type(args).__name__}, expected a tuple")
+        return function(*args)
 
 
 class TorchArchive:
@@ -227,20 +446,33 @@ class TorchArchive:
 
     `root` is the unpickled object with TensorRef leaves; `tensors()` walks it. Tensors from
     `TensorRef.load()` share memory with a copy-on-write map of the file when stored
-    uncompressed and aligned, otherwise they are read into their own memory.
+    uncompressed and aligned, otherwise they are read into their own memory. The keyword
+    options are the limits of the module docstring.
     """
 
-    def __init__(self, path: str | os.PathLike[str]):
+    def __init__(self, path: str | os.PathLike[str], *, max_depth: int = MAX_NESTING_DEPTH,
+                 max_pickle_bytes: int = MAX_PICKLE_BYTES,
+                 max_inflated_bytes: int = MAX_INFLATED_BYTES,
+                 max_storage_bytes: int | None = None):
         self.path = Path(path)
+        self.max_depth = max_depth
+        self.max_pickle_bytes = max_pickle_bytes
+        self.max_inflated_bytes = max_inflated_bytes
+        self.max_storage_bytes = max_storage_bytes
+        self._storage_bytes = 0  # declared bytes of the storages met so far
         self._storages: dict[str, StorageRef] = {}
         self._mapped: mmap.mmap | None = None
         self._zip: zipfile.ZipFile | None = None
         self._zip_prefix = ""
         self._big_endian = False
         self._legacy_offsets: dict[str, int] = {}  # storage key -> byte offset of its data
-        self._legacy_main_pickle = 0  # byte offset of the object pickle in a legacy file
+        self._legacy_main_pickle = b""  # the object pickle of a legacy file
         self.format = self._open()
-        self.root = self._unpickle(materialize=False)
+        try:
+            self.root = self._unpickle(materialize=False)
+        except BaseException:
+            self.close()
+            raise
 
     # -- opening
     def _open(self) -> str:
@@ -271,40 +503,71 @@ class TorchArchive:
                                   f" (entries: {', '.join(names[:8])})")
         self._zip_prefix = pickles[0][: -len("data.pkl")]
         if self._zip_prefix + "byteorder" in names:
-            order = self._zip.read(self._zip_prefix + "byteorder")
+            order = self._read_member(self._zip_prefix + "byteorder", 16, "byteorder record")
             if order not in (b"little", b"big"):
                 raise CheckpointError(f"{self.path}: unknown byteorder record {order!r:.20}")
             self._big_endian = order == b"big"
 
+    def _read_member(self, name: str, limit: int, what: str) -> bytes:
+        """A zip entry's bytes, refused when it declares or inflates to more than `limit`."""
+        assert self._zip is not None
+        info = self._zip.getinfo(name)
+        if info.file_size > limit:
+            raise CheckpointError(f"{self.path}: {what} {name!r} declares {info.file_size} bytes "
+                                  f"uncompressed, more than the limit of {limit} ({_limit_hint(what)})")
+        with self._zip.open(info) as entry:
+            data = entry.read(limit + 1)  # a lying header cannot get past the cap
+        if len(data) > limit:
+            raise CheckpointError(f"{self.path}: {what} {name!r} inflates to more than the limit "
+                                  f"of {limit} bytes ({_limit_hint(what)})")
+        return data
+
     def _unpickle(self, *, materialize: bool) -> Any:
         try:
             if self.format == "zip":
-                assert self._zip is not None
-                data = self._zip.read(self._zip_prefix + "data.pkl")
-                return _RestrictedUnpickler(io.BytesIO(data), self, materialize=materialize).load()
-            return self._unpickle_legacy(materialize=materialize)
+                data = self._read_member(self._zip_prefix + "data.pkl", self.max_pickle_bytes,
+                                         "pickle")
+                root = self._load(io.BytesIO(data), materialize=materialize)
+            else:
+                root = self._unpickle_legacy(materialize=materialize)
+            _check_loaded_depth(root, self.max_depth, self.path)
+            return root
         except TiengineError:
             raise
         except Exception as error:  # a truncated or malformed stream; nothing was executed
             raise CheckpointError(f"{self.path}: malformed PyTorch file ({type(error).__name__}:"
                                   f" {error})") from None
 
+    def _load(self, stream: io.BytesIO, *, materialize: bool) -> Any:
+        """One pickle from `stream`: its nesting checked first, then unpickled."""
+        _scan_pickle_depth(stream, self.max_depth, self.path)
+        return _RestrictedUnpickler(stream, self, materialize=materialize).load()
+
     def _unpickle_legacy(self, *, materialize: bool) -> Any:
+        if materialize:  # second pass: storages located by the first
+            return self._load(io.BytesIO(self._legacy_main_pickle), materialize=True)
         with open(self.path, "rb") as file:
-            if materialize:  # second pass: storages located by the first
-                file.seek(self._legacy_main_pickle)
-                return _RestrictedUnpickler(file, self, materialize=True).load()
-            header = _RestrictedUnpickler(file, self, materialize=False)
-            if header.load() != LEGACY_MAGIC_NUMBER:
-                raise CheckpointError(f"{self.path}: not a PyTorch file (pickle without magic)")
-            if header.load() != LEGACY_PROTOCOL_VERSION:
-                raise CheckpointError(f"{self.path}: unsupported legacy protocol version")
-            sys_info = header.load()
-            if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-                raise CheckpointError(f"{self.path}: big-endian legacy files are not supported")
-            self._legacy_main_pickle = file.tell()
-            root = _RestrictedUnpickler(file, self, materialize=False).load()
-            keys = _RestrictedUnpickler(file, self, materialize=False).load()
+            # the pickles come first; storages follow the last one, outside this bounded window
+            window = io.BytesIO(file.read(self.max_pickle_bytes))
+            try:
+                if self._load(window, materialize=False) != LEGACY_MAGIC_NUMBER:
+                    raise CheckpointError(f"{self.path}: not a PyTorch file (pickle without magic)")
+                if self._load(window, materialize=False) != LEGACY_PROTOCOL_VERSION:
+                    raise CheckpointError(f"{self.path}: unsupported legacy protocol version")
+                sys_info = self._load(window, materialize=False)
+                if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+                    raise CheckpointError(f"{self.path}: big-endian legacy files are not supported")
+                main_start = window.tell()
+                root = self._load(window, materialize=False)
+                self._legacy_main_pickle = window.getvalue()[main_start : window.tell()]
+                keys = self._load(window, materialize=False)
+            except CheckpointError as error:
+                if len(window.getvalue()) == self.max_pickle_bytes:
+                    raise CheckpointError(f"{self.path}: the pickles of this legacy file do not end "
+                                          f"within the limit of {self.max_pickle_bytes} bytes "
+                                          f"(max_pickle_bytes) or are malformed ({error})") from None
+                raise
+            file.seek(window.tell())
             self._locate_legacy_storages(file, keys)
             return root
 
@@ -343,6 +606,11 @@ class TorchArchive:
         view = pid[5] if len(pid) == 6 else None
         ref = self._storages.get(key)
         if ref is None:
+            self._storage_bytes += numel * storage_type.dtype.itemsize
+            if self.max_storage_bytes is not None and self._storage_bytes > self.max_storage_bytes:
+                raise CheckpointError(f"{self.path}: its storages declare more than "
+                                      f"{self.max_storage_bytes} bytes of tensor data "
+                                      f"(max_storage_bytes); refused before reading any")
             ref = StorageRef(key, storage_type.dtype, numel)
             self._storages[key] = ref
         elif ref.dtype != storage_type.dtype:
@@ -366,11 +634,7 @@ class TorchArchive:
                     stride: Any) -> TensorRef:
         shape, strides = int_tuple(size, "size"), int_tuple(stride, "stride")
         offset = non_negative_int(storage_offset, "storage offset")
-        if len(shape) != len(strides):
-            raise CheckpointError(f"{self.path}: tensor size {shape} and stride {strides} differ")
-        if offset + _view_extent(shape, strides) > storage.numel:
-            raise CheckpointError(f"{self.path}: a tensor view {shape} lies outside its storage "
-                                  f"{storage.key!r} of {storage.numel} elements")
+        _check_view(self.path, shape, strides, offset, storage.numel, f"{storage.key!r} ")
         return TensorRef(storage, offset + storage.element_offset, shape, strides, self)
 
     def _root_tensor(self, key: str, dtype: torch.dtype, *, copy: bool) -> torch.Tensor:
@@ -411,14 +675,23 @@ class TorchArchive:
             raise CheckpointError(f"{self.path}: storage {name!r} holds {info.file_size} bytes, "
                                   f"the pickle needs {nbytes}")
         if info.compress_type != zipfile.ZIP_STORED:
+            if nbytes > self.max_inflated_bytes:
+                raise CheckpointError(f"{self.path}: compressed storage {name!r} would inflate to "
+                                      f"{nbytes} bytes, more than the limit of "
+                                      f"{self.max_inflated_bytes} (max_inflated_bytes)")
             return 0, False
         with open(self.path, "rb") as file:
             file.seek(info.header_offset)
             local = file.read(30)
+            file_size = os.fstat(file.fileno()).st_size
         if len(local) < 30 or local[:4] != b"PK\x03\x04":
             raise CheckpointError(f"{self.path}: bad local header for {name!r}")
         name_len, extra_len = struct.unpack("<HH", local[26:30])
-        return info.header_offset + 30 + name_len + extra_len, True
+        offset = info.header_offset + 30 + name_len + extra_len
+        if offset + nbytes > file_size:
+            raise CheckpointError(f"{self.path}: storage {name!r} needs {nbytes} bytes at offset "
+                                  f"{offset} but the file has {file_size} (truncated)")
+        return offset, True
 
     def _map(self) -> mmap.mmap:
         if self._mapped is None:
@@ -449,6 +722,10 @@ class TorchArchive:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _limit_hint(what: str) -> str:
+    return "max_pickle_bytes" if what == "pickle" else "not a PyTorch file"
 
 
 def _read_into(file: Any, target: Any, what: str) -> None:
@@ -484,18 +761,20 @@ def _walk_tensors(obj: Any, prefix: str, seen: set[int]) -> Iterator[tuple[str, 
         yield from _walk_tensors(value, name, seen)
 
 
-def open_torch_file(path: str | os.PathLike[str]) -> TorchArchive:
-    """Open a .pt/.bin/.ckpt for reading tensors one at a time (see TorchArchive)."""
-    return TorchArchive(path)
+def open_torch_file(path: str | os.PathLike[str], **limits: Any) -> TorchArchive:
+    """Open a .pt/.bin/.ckpt for reading tensors one at a time (see TorchArchive; `limits` are
+    its keyword options max_depth, max_pickle_bytes, max_inflated_bytes, max_storage_bytes)."""
+    return TorchArchive(path, **limits)
 
 
-def load_pickle(path: str | os.PathLike[str], *, lazy: bool = False) -> Any:
+def load_pickle(path: str | os.PathLike[str], *, lazy: bool = False, **limits: Any) -> Any:
     """Load a PyTorch file without executing code.
 
     lazy=False: tensors are torch tensors in their own memory (the file is closed after).
     lazy=True: tensors are TensorRef placeholders; call `.load()` on each when needed.
+    `limits`: TorchArchive's keyword options (max_depth, max_pickle_bytes, ...).
     """
-    archive = TorchArchive(path)
+    archive = TorchArchive(path, **limits)
     if lazy:
         return archive.root
     try:
@@ -504,13 +783,12 @@ def load_pickle(path: str | os.PathLike[str], *, lazy: bool = False) -> Any:
         archive.close()
 
 
-def iter_tensors(path: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(path: str | os.PathLike[str], **limits: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(dotted key, tensor) pairs read one at a time, e.g. "state_dict.model.x.weight".
 
     Only one tensor is made resident at a time (memory-mapped where possible); a caller
     that drops each tensor after use keeps memory bounded on multi-GB checkpoints.
     """
-    with TorchArchive(path) as archive:
+    with TorchArchive(path, **limits) as archive:
         for key, ref in archive.tensors():
             yield key, ref.load()
-
