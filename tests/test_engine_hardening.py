@@ -1,6 +1,7 @@
 """Engine hardening: non-finite latents and images stop with NonFiniteError, prompt limits reach every prompt the
-engine parses (negative prompt included), infotext with text that is not valid Unicode, loading progress, and
-engines of the demo and the evaluator that never read $TIENGINE_EMBEDDINGS."""
+engine parses (negative prompt included), infotext with text that is not valid Unicode, loading progress,
+engines of the demo and the evaluator that never read $TIENGINE_EMBEDDINGS, and `embedding:sub/cat` reaching a
+file whose name another file took."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from model_builders import build_modules, tiny_model_config, tiny_model_folder, 
 import tiengine
 from tiengine.cli import main
 from tiengine.embeddings.embedding import Embedding, save_embedding
+from tiengine.embeddings.library import EmbeddingLibrary
 from tiengine.engine import Engine
 from tiengine.errors import EngineError, NonFiniteError
 from tiengine.io.metadata import parse_parameters, read_image_parameters, save_png, valid_text
@@ -170,6 +172,36 @@ def test_cli_shows_a_loading_bar_unless_json(sd1_folder, tmp_path, capsys):
     assert "loading model" not in capsys.readouterr().err
     assert main(["generate", "a cat", "--model", str(sd1_folder), "--steps", "1", "--out", str(tmp_path / "c.png")]) == 0
     assert "loading model" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- shadowed embedding files
+
+def test_engine_binds_a_shadowed_file_by_its_path(sd1_folder, tmp_path):
+    (tmp_path / "sub").mkdir()
+    winner, shadowed = torch.randn(1, 48), torch.randn(2, 48)
+    save_embedding(Embedding("cat", {"clip_l": winner}), tmp_path / "cat.pt")
+    save_embedding(Embedding("cat", {"clip_l": shadowed}), tmp_path / "sub" / "cat.pt")
+    engine = Engine.load(sd1_folder, embeddings=tmp_path)
+
+    def applied(prompt):
+        return [(a.name, a.n_vectors) for a in engine.encode(prompt, steps=4).applied]
+
+    assert applied("a cat") == [("cat", 1)]
+    assert applied("a embedding:sub/cat") == [("sub/cat", 2)]
+    assert applied("a embedding:cat") == [("cat", 1)]
+    result = engine.encode("a embedding:other/cat", steps=4)
+    assert result.applied == [] and result.warnings == ["embedding:other/cat names no loaded embedding"]
+    # the shadowed vectors are the ones encoded: the same conditioning as a model with only that file
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    save_embedding(Embedding("cat", {"clip_l": shadowed}), alone / "cat.pt")
+    expected = Engine(engine.config, engine.modules, embeddings=EmbeddingLibrary(alone)).encode("a cat", steps=4)
+    got = engine.encode("a embedding:sub/cat", steps=4)
+    assert torch.equal(got.positive[0][0].entries[0][1], expected.positive[0][0].entries[0][1])
+    # an embedding added in memory keeps the path aliases and the explicit-only entries
+    engine.add_embedding(Embedding("dog", {"clip_l": torch.randn(1, 48)}))
+    assert applied("embedding:sub/cat dog") == [("sub/cat", 2), ("dog", 1)]
+    assert applied("sub cat") == [("cat", 1)]
 
 
 # ------------------------------------------------------------------------------ hermetic engines
