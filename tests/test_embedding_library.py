@@ -13,6 +13,8 @@ from embedding_builders import a1111_pt, safetensors_file, vectors
 import tiengine.embeddings.library as library_module
 from tiengine.embeddings.library import EmbeddingLibrary
 from tiengine.errors import EmbeddingError
+from tiengine.text.tokenizer import ClipTokenizer
+from tiengine.text.vocabulary import EmbeddingVocabulary
 
 
 def make_folder(root):
@@ -89,6 +91,46 @@ def test_collisions_shallowest_then_alphabetical(tmp_path):
     assert library.lookup("bad-artist") is library["bad-artist"]
     assert library.by_path("negatives/EasyNegative") is library["EasyNegative"]  # .pt < .safetensors
     assert library.path_keys("pony") == ["xl/pony"]
+
+
+def shadowed_folder(root):
+    """cat.pt (the winner of the name "cat") and sub/cat.pt (shadowed), with different vectors; sub/cat.safetensors
+    has the same path key as sub/cat.pt and loses it (first by relative path)."""
+    (root / "sub").mkdir()
+    a1111_pt(root / "cat.pt", vectors(1, 768, 1))
+    a1111_pt(root / "sub" / "cat.pt", vectors(2, 768, 2))
+    safetensors_file(root / "sub" / "cat.safetensors", {"emb_params": vectors(3, 768, 3)})
+    return root
+
+
+def test_shadowed_files_are_found_by_path(tmp_path):
+    library = EmbeddingLibrary(shadowed_folder(tmp_path))
+    assert library.names() == ["cat"]
+    assert library.collisions == {"cat": ["cat.pt", "sub/cat.pt", "sub/cat.safetensors"]}
+    assert torch.equal(library["cat"].vectors["clip_l"], vectors(1, 768, 1))
+    assert torch.equal(library.by_path("sub/cat").vectors["clip_l"], vectors(2, 768, 2))
+    assert list(library.shadowed) == ["sub/cat"]  # sub/cat.safetensors: its path key reaches sub/cat.pt
+    assert library.shadowed["sub/cat"] is library.by_path("sub/cat")
+
+
+def test_a_shadowed_file_binds_only_by_its_path(tmp_path):
+    library = EmbeddingLibrary(shadowed_folder(tmp_path))
+    tokenizer = ClipTokenizer.default()
+    vocabulary = EmbeddingVocabulary.from_library(tokenizer, library)
+    assert set(vocabulary.embeddings) == {"cat", "sub/cat"} and vocabulary.explicit_only == {"sub/cat"}
+    rows = vocabulary.extra_rows("clip_l")  # (1 + 2, 768) in id order: cat, then sub/cat
+    assert torch.equal(rows, torch.cat([vectors(1, 768, 1), vectors(2, 768, 2)]))
+
+    def bound(text):
+        return [(span.name, span.explicit) for span in tokenizer.tokenize(text).embeddings]
+
+    assert bound("a cat") == [("cat", False)]  # bare: the winner
+    assert bound("embedding:sub/cat") == [("sub/cat", True)]  # by path: the shadowed file
+    assert bound("embedding:cat") == [("cat", True)]  # by name: the winner
+    assert bound("sub/cat") == [("cat", False)]  # "sub/cat" typed bare is words; only "cat" binds (A1111)
+    missing = tokenizer.tokenize("embedding:other/cat")  # never falls back to the bare "cat"
+    assert missing.embeddings == [] and missing.unresolved == ["other/cat"]
+    assert vocabulary.near_misses("sub_cat2") == []  # an explicit-only path is never suggested
 
 
 def test_reload_rereads_only_changed_files(tmp_path, monkeypatch):

@@ -404,3 +404,16 @@ def test_an_unresolved_explicit_reference_never_binds_its_tail_by_bare_name():
     tokenizer.add_embedding("dog", 1, aliases=("sub/dog",))
     bound = tokenizer.tokenize("embedding:sub/dog cat")
     assert [span.name for span in bound.embeddings] == ["dog", "cat"] and bound.unresolved == []
+
+
+def test_explicit_only_embeddings_never_bind_by_bare_name():
+    tokenizer = ClipTokenizer.default()
+    tokenizer.add_embedding("first", 1)
+    tokenizer.add_embedding("sub/cat", 2, explicit_only=True)
+    tokenizer.add_embedding("cat", 1)
+    assert [span.name for span in tokenizer.tokenize("a sub/cat").embeddings] == ["cat"]
+    assert tokenizer.tokenize("embedding:sub/cat, cat").embeddings[0].name == "sub/cat"
+    tokenizer.remove_embedding("first")  # renumbering keeps the flag
+    assert tokenizer.embedding_ids("sub/cat") == [49408, 49409]
+    assert [span.name for span in tokenizer.tokenize("a sub/cat").embeddings] == ["cat"]
+    assert [span.name for span in tokenizer.copy().tokenize("embedding:sub/cat").embeddings] == ["sub/cat"]

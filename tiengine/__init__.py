@@ -24,6 +24,7 @@ _EXPORTS = {
     "GenerateSettings": "tiengine.settings",
     "EncodeOptions": "tiengine.text.conditioning",
     "TrainEmbeddingSettings": "tiengine.training.textual_inversion",
+    "PromptLimits": "tiengine.text.prompt",
     # results
     "Conditioning": "tiengine.results",
     "ScheduledConditioning": "tiengine.results",
@@ -36,6 +37,7 @@ _EXPORTS = {
     "EmbeddingError": "tiengine.errors",
     "CheckpointError": "tiengine.errors",
     "EngineError": "tiengine.errors",
+    "NonFiniteError": "tiengine.errors",
     "TokenizerError": "tiengine.text.tokenizer",
     "PromptError": "tiengine.text.prompt",
     "ConditioningError": "tiengine.text.conditioning",
@@ -55,7 +57,14 @@ if TYPE_CHECKING:
     from tiengine.embeddings.embedding import Embedding, load_embedding, save_embedding
     from tiengine.embeddings.library import EmbeddingLibrary
     from tiengine.engine import Engine
-    from tiengine.errors import CheckpointError, EmbeddingError, EngineError, TiengineError, UnsafePickleError
+    from tiengine.errors import (
+        CheckpointError,
+        EmbeddingError,
+        EngineError,
+        NonFiniteError,
+        TiengineError,
+        UnsafePickleError,
+    )
     from tiengine.io.atomic import FileExistsRefusal
     from tiengine.io.metadata import MetadataError
     from tiengine.kernels.common import KernelInputError
@@ -63,7 +72,7 @@ if TYPE_CHECKING:
     from tiengine.results import AppliedEmbedding, Conditioning, GenerationResult, ScheduledConditioning
     from tiengine.settings import GenerateSettings
     from tiengine.text.conditioning import ConditioningError, EncodeOptions
-    from tiengine.text.prompt import PromptError
+    from tiengine.text.prompt import PromptError, PromptLimits
     from tiengine.text.tokenizer import ClipTokenizer, TokenizerError
     from tiengine.toyworld.demo import DemoError
     from tiengine.training.data import TrainingError

@@ -3,34 +3,37 @@
 `Engine.load(model_path, embeddings=DIR, device=, dtype=)` accepts a converted tiengine folder, a
 diffusers folder or an original single-file checkpoint (tiengine.weights_conv.convert.load_models); with no
 path it loads the built-in default model (tiengine.default_model); with no embeddings folder it uses
-the folder named by the environment variable TIENGINE_EMBEDDINGS, if set. Then:
+the folder named by the environment variable TIENGINE_EMBEDDINGS, if set (`embeddings=False`: no folder,
+whatever the environment says). `prompt_limits=PromptLimits(...)` bounds every prompt the engine parses
+(tiengine.text.prompt; default PromptLimits()). Then:
 - `encode(prompt, negative_prompt, steps=, options=EncodeOptions(...))`: the per-step conditioning
   schedule of each AND part and of the negative prompt, exactly as A1111 builds it, with a report of the
   embeddings applied (where, with which weight and hash) and of names that looked like embeddings but
   were skipped. Results are cached by text and options, so repeated prompts cost nothing.
 - `generate(prompt, negative, settings=GenerateSettings(...))` / `img2img(...)` / `generate_batch(prompts,
   ...)`: sampling with classifier-free guidance, AND composition and prompt schedules
-  (tiengine.diffusion.samplers), decoded to PIL images that carry A1111-style `parameters` text. Every
+  (tiengine.diffusion.guidance), decoded to PIL images that carry A1111-style `parameters` text. Every
   one of them runs `_sample(settings, prompts, negative_prompt, seeds, init_image)`: image i of a run
-  is prompt i from seed i.
+  is prompt i from seed i. Latents or decoded images that are not finite (NaN or inf, e.g. fp16
+  overflow) raise NonFiniteError naming the stage, never a black image.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from tiengine import __version__
 from tiengine.default_model import A1111_CFG_SCALE, DEFAULT_MODEL_CFG_SCALE, default_model_path
-from tiengine.diffusion.samplers import get_sampler, scheduled_cond, scheduled_guided_denoiser
+from tiengine.diffusion.guidance import scheduled_guided_denoiser, stack_schedules, unet_schedule
+from tiengine.diffusion.samplers import get_sampler
 from tiengine.diffusion.schedules import (
     NoiseSchedule,
     eps_denoiser,
@@ -41,14 +44,13 @@ from tiengine.diffusion.schedules import (
 )
 from tiengine.embeddings.embedding import Embedding
 from tiengine.embeddings.library import EmbeddingLibrary, ReloadReport, default_embeddings_folder
-from tiengine.errors import EngineError
+from tiengine.errors import EngineError, NonFiniteError
 from tiengine.io.images import pil_to_tensor, tensor_to_pil
-from tiengine.io.metadata import format_parameters, format_ti_hashes
 from tiengine.models.config import ModelConfig, size_time_ids
-from tiengine.results import AppliedEmbedding, Conditioning, GenerationResult, ScheduledConditioning
-from tiengine.settings import ENCODE_OPTION_NAMES, MAX_SEED, RANDOM_SEED, GenerateSettings, settings_with
+from tiengine.results import Conditioning, GenerationResult, ScheduledConditioning, image_parameters, stackable
+from tiengine.settings import MAX_SEED, RANDOM_SEED, GenerateSettings, encode_options_with, settings_with
 from tiengine.text.conditioning import EncodeOptions, TextEncoderSlot, encode_texts
-from tiengine.text.prompt import prompt_schedule, split_and
+from tiengine.text.prompt import PromptLimits, prompt_schedule, split_and
 from tiengine.text.tokenizer import ClipTokenizer
 from tiengine.text.vocabulary import EmbeddingVocabulary
 from tiengine.training.run import train_embedding
@@ -58,25 +60,21 @@ from tiengine.training.textual_inversion import (
     TrainResult,
     settings_from_options,
 )
-from tiengine.weights_conv.convert import load_models
+from tiengine.weights_conv.convert import load_models, model_hash
 
 if TYPE_CHECKING:
     from PIL import Image
 
 ENCODE_CACHE_SIZE = 64
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+LoadProgress = Callable[[str, int, int], None]  # (component, components loaded, total components)
 # One prompt's conditioning per denoiser call for the UNet: [(last_step, {"context": (B, T, C)[, "y": (B, P)]})]
 CondSchedule = list[tuple[int, dict[str, torch.Tensor]]]
-
-
-def _encode_options(options: EncodeOptions | None, fields: dict[str, object]) -> EncodeOptions:
-    """`options` (default EncodeOptions()) with the keyword fields replaced."""
-    unknown = sorted(set(fields) - set(ENCODE_OPTION_NAMES))
-    if unknown:
-        raise EngineError(f"unknown encode option(s) {', '.join(unknown)}; expected some of: "
-                          f"{', '.join(ENCODE_OPTION_NAMES)}")
-    options = EncodeOptions() if options is None else options
-    return dataclasses.replace(options, **fields) if fields else options
+# A1111's advice when a tensor of NaNs comes out (its --no-half / --no-half-vae), in tiengine's terms.
+NON_FINITE_ADVICE = {
+    "unet": "try fp32 (--dtype fp32, dtype=torch.float32), a lower CFG scale, or another sampler",
+    "vae": "try fp32 (--dtype fp32, dtype=torch.float32) or a different VAE (Engine.load(vae=...))",
+}
 
 
 class Engine:
@@ -93,8 +91,10 @@ class Engine:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         default_cfg_scale: float = A1111_CFG_SCALE,
+        prompt_limits: PromptLimits | None = None,
     ) -> None:
         self.config = config
+        self.prompt_limits = PromptLimits() if prompt_limits is None else prompt_limits
         self.default_cfg_scale = default_cfg_scale  # generate / img2img without a cfg_scale
         self.modules = modules
         self.device = torch.device(device)
@@ -119,32 +119,37 @@ class Engine:
         cls,
         model_path: str | os.PathLike[str] | None = None,
         *,
-        embeddings: str | os.PathLike[str] | None = None,
+        embeddings: str | os.PathLike[str] | Literal[False] | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         prediction: str | None = None,
         vae: str | os.PathLike[str] | None = None,
+        prompt_limits: PromptLimits | None = None,
+        progress: LoadProgress | None = None,
     ) -> Engine:
         """Load a model (None: the built-in default, run at its own guidance scale) and a folder of
-        embeddings (None: the folder named by $TIENGINE_EMBEDDINGS, if set; else none)."""
+        embeddings (None: the folder named by $TIENGINE_EMBEDDINGS, if set, else none; False: none).
+
+        `prompt_limits`: the bounds on every prompt this engine parses (default PromptLimits()).
+        `progress(component, loaded, total)` is called after each model component is loaded."""
         default_cfg_scale = A1111_CFG_SCALE
         if model_path is None:
             model_path = default_model_path()
             default_cfg_scale = DEFAULT_MODEL_CFG_SCALE
-        config, modules = load_models(model_path, device=device, dtype=dtype, prediction=prediction, vae=vae)
-        library = None
         if embeddings is None:
             embeddings = default_embeddings_folder()
-        if embeddings is not None:
-            library = EmbeddingLibrary(embeddings)
+        library = EmbeddingLibrary(embeddings) if embeddings is not None and embeddings is not False else None
+        config, modules = load_models(model_path, device=device, dtype=dtype, prediction=prediction, vae=vae,
+                                      progress=progress)
         return cls(config, modules, embeddings=library, model_path=Path(model_path), device=device, dtype=dtype,
-                   default_cfg_scale=default_cfg_scale)
+                   default_cfg_scale=default_cfg_scale, prompt_limits=prompt_limits)
 
     def sharing_weights(self) -> Engine:
         """A second engine on the same modules (no copy) with the same tokenizer and no embeddings: the
         training loop's preview engine, whose vocabulary changes while this one's stays."""
         return type(self)(self.config, self.modules, tokenizer=self.tokenizer, model_path=self.model_path,
-                          device=self.device, dtype=self.dtype, default_cfg_scale=self.default_cfg_scale)
+                          device=self.device, dtype=self.dtype, default_cfg_scale=self.default_cfg_scale,
+                          prompt_limits=self.prompt_limits)
 
     # ----------------------------------------------------------------------------------- embeddings
 
@@ -166,35 +171,15 @@ class Engine:
         reason = self._mismatch(embedding)
         if reason is not None:
             raise EngineError(f"{embedding.label}: {reason}")
-        embeddings = dict(self.vocabulary.embeddings)
-        embeddings[embedding.name] = embedding
-        self._set_vocabulary(EmbeddingVocabulary.build(self.tokenizer, embeddings, skipped=self.vocabulary.skipped))
+        self._set_vocabulary(self.vocabulary.with_embedding(embedding))
 
     def _bind_embeddings(self) -> None:
-        """Bind the library's embeddings that fit this model; the others become skipped names."""
-        usable: dict[str, Embedding] = {}
-        aliases: dict[str, list[str]] = {}
-        skipped: dict[str, str] = {}
-        if self.library is not None:
-            for entry in self.library.entries:
-                stem = Path(entry.relative_path).stem
-                if entry.embedding is None:
-                    skipped.setdefault(stem, entry.reason or "unreadable")
-                    continue
-                name = entry.embedding.name
-                if self.library.get(name) is not entry.embedding:
-                    continue  # shadowed by a collision winner
-                reason = self._mismatch(entry.embedding)
-                if reason is not None:
-                    skipped[name] = reason
-                    continue
-                usable[name] = entry.embedding
-                aliases[name] = self.library.path_keys(name)
-        self._set_vocabulary(
-            EmbeddingVocabulary.build(
-                self.tokenizer, usable, aliases=aliases, skipped={k: v for k, v in skipped.items() if k not in usable}
-            )
-        )
+        """Bind the library's embeddings that fit this model (a shadowed file by its path, explicitly); the
+        others become skipped names."""
+        if self.library is None:
+            self._set_vocabulary(EmbeddingVocabulary.build(self.tokenizer, {}))
+        else:
+            self._set_vocabulary(EmbeddingVocabulary.from_library(self.tokenizer, self.library, check=self._mismatch))
 
     def _set_vocabulary(self, vocabulary: EmbeddingVocabulary) -> None:
         """Use `vocabulary`: rebuild the encoders' extra rows and forget cached conditioning."""
@@ -204,16 +189,7 @@ class Engine:
 
     def _mismatch(self, embedding: Embedding) -> str | None:
         """Why `embedding` cannot be used with this model's encoders, or None."""
-        widths = self.encoder_widths
-        if embedding.widths == widths:
-            return None
-        made_for = " + ".join(f"{key} {width}" for key, width in sorted(embedding.widths.items()))
-        model = " + ".join(f"{key} {width}" for key, width in sorted(widths.items()))
-        label = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
-        return (
-            f"made for {label.get(embedding.family, embedding.family)} ({made_for}), "
-            f"this model is {label[self.config.family]} ({model})"
-        )
+        return embedding.width_mismatch(self.encoder_widths, self.config.family)
 
     def _extra_rows(self) -> dict[str, torch.Tensor]:
         rows = {}
@@ -247,7 +223,7 @@ class Engine:
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise EngineError(f"steps must be >= 1 (an integer), got {steps!r}")
-        options = _encode_options(options, option_fields)
+        options = encode_options_with(options, **option_fields)
         result = self._encode(prompt, negative_prompt, steps, second_order, options)
         if device is None and dtype is None:
             return result
@@ -256,21 +232,17 @@ class Engine:
     def _encode(
         self, prompt: str, negative_prompt: str, steps: int, second_order: bool, options: EncodeOptions
     ) -> Conditioning:
-        key = (prompt, negative_prompt, steps, second_order, options)
+        key = (prompt, negative_prompt, steps, second_order, options, self.prompt_limits)
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
         result = Conditioning(positive=[], negative=None)  # type: ignore[arg-type]
-        for part_index, (text, weight) in enumerate(split_and(prompt)):
+        for part_index, (text, weight) in enumerate(split_and(prompt, limits=self.prompt_limits)):
             schedule = self._encode_schedule(text, steps, second_order, options, result, "positive", part_index)
             result.positive.append((schedule, weight))
         result.negative = self._encode_schedule(negative_prompt, steps, second_order, options, result, "negative", 0)
-        seen = set()
-        for mention in self.vocabulary.skipped_mentions(prompt) + self.vocabulary.skipped_mentions(negative_prompt):
-            if mention.name not in seen:
-                seen.add(mention.name)
-                result.skipped.append(mention)
+        result.add_skipped(self.vocabulary.skipped_mentions(prompt) + self.vocabulary.skipped_mentions(negative_prompt))
         self._cache[key] = result
         if len(self._cache) > ENCODE_CACHE_SIZE:
             self._cache.popitem(last=False)
@@ -280,7 +252,7 @@ class Engine:
         self, text: str, steps: int, second_order: bool, options: EncodeOptions, result: Conditioning,
         which: str, part: int,
     ) -> ScheduledConditioning:
-        schedule = prompt_schedule(text, steps, second_order=second_order)
+        schedule = prompt_schedule(text, steps, second_order=second_order, limits=self.prompt_limits)
         texts = [scheduled_text for _, scheduled_text in schedule]
         with torch.no_grad():
             encoded = encode_texts(
@@ -290,23 +262,13 @@ class Engine:
                 self._rows,
                 options,
                 zero_if_empty=which == "negative" and self.config.zero_empty_negative,
+                limits=self.prompt_limits,
             )
         entries = []
         for index, (last_step, _) in enumerate(schedule):
             pooled = None if encoded.pooled is None else encoded.pooled[index : index + 1]
             entries.append((last_step, encoded.context[index : index + 1], pooled))
-        hashes = self.vocabulary.short_hashes(self.vocabulary.embeddings)
-        for entry_index, tokenized in enumerate(encoded.prompts):
-            result.warnings.extend(tokenized.warnings)
-            result.warnings.extend(f"embedding:{name} names no loaded embedding" for name in tokenized.unresolved)
-            for chunk_index, chunk in enumerate(tokenized.chunks):
-                for placed in chunk.embeddings:
-                    result.applied.append(
-                        AppliedEmbedding(
-                            placed.name, hashes.get(placed.name), which, part, entry_index, chunk_index,
-                            placed.slot, placed.n_vectors, chunk.weights[min(placed.slot, len(chunk.weights) - 1)],
-                        )
-                    )
+        result.record(encoded.prompts, self.vocabulary.short_hashes(self.vocabulary.embeddings), which, part)
         return ScheduledConditioning(entries, texts, [p.token_count for p in encoded.prompts])
 
     # ------------------------------------------------------------------------------------- generate
@@ -360,7 +322,7 @@ class Engine:
                          seeds[start : start + settings.batch_size], None, callback)
             for start in range(0, len(prompts), settings.batch_size)
         ]
-        return _concatenate(runs)
+        return GenerationResult.join(runs)
 
     def img2img(
         self,
@@ -451,8 +413,8 @@ class Engine:
         unique = {prompt: self._encode(prompt, negative_prompt, settings.steps, info.second_order, settings.encode)
                   for prompt in dict.fromkeys(prompts)}
         conditionings = [unique[prompt] for prompt in prompts]
-        if len(prompts) > 1 and not _stackable(list(unique.values())):  # run each image on its own
-            return _concatenate([
+        if len(prompts) > 1 and not stackable(list(unique.values())):  # run each image on its own
+            return GenerationResult.join([
                 self._sample(settings, [prompt], negative_prompt, [seed], init_image, callback)
                 for prompt, seed in zip(prompts, seeds)
             ])
@@ -467,10 +429,10 @@ class Engine:
         per_prompt = {prompt: [self._cond_schedule(part, width, height) for part, _ in unique[prompt].positive]
                       for prompt in unique}
         parts = [
-            (_stack_schedules([per_prompt[prompt][index] for prompt in prompts]), weight)
+            (stack_schedules([per_prompt[prompt][index] for prompt in prompts]), weight)
             for index, (_, weight) in enumerate(first.positive)
         ]
-        denoiser = scheduled_guided_denoiser(wrap(unet, schedule), _stack_schedules([uncond] * batch), parts,
+        denoiser = scheduled_guided_denoiser(wrap(unet, schedule), stack_schedules([uncond] * batch), parts,
                                              cfg_scale)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]  # A1111's per-image seeds
         latent_shape = (batch, vae.config.latent_channels, height // factor, width // factor)
@@ -481,9 +443,13 @@ class Engine:
             else:
                 pixels = pil_to_tensor(init_image, width=width, height=height).to(self.device, self.dtype)
                 latent = vae.latents_from_images(pixels.expand(batch, -1, -1, -1), generator=generators[0])
+                _check_finite(latent, "vae", "the VAE encode of the init image (latents)")
                 sigmas, x = img2img_start(latent, noise, sigmas, settings.strength)
             latents = info.sample(denoiser, x, sigmas, generator=generators, callback=callback)
-            images = tensor_to_pil(vae.images_from_latents(latents, tiled=settings.vae_tiling))
+            _check_finite(latents, "unet", "the UNet (the sampled latents)")
+            decoded = vae.images_from_latents(latents, tiled=settings.vae_tiling)  # (B, 3, H, W)
+            _check_finite(decoded, "vae", "the VAE decode (the image)")
+            images = tensor_to_pil(decoded)
         options = settings.encode
         infotext = {
             "Steps": settings.steps,
@@ -500,91 +466,34 @@ class Engine:
             "TI hashes": None,
             "Version": f"tiengine {__version__}",
         }
-        parameters = [
-            format_parameters(prompt, negative_prompt, {
-                **infotext, "Seed": seed, "TI hashes": format_ti_hashes(conditioning.ti_hashes()),
-            })
-            for prompt, seed, conditioning in zip(prompts, seeds, conditionings)
-        ]
+        parameters = image_parameters(prompts, negative_prompt, seeds, conditionings, infotext)
         return GenerationResult(images, list(seeds), parameters, first, conditionings)
 
     def _cond_schedule(
         self, scheduled: ScheduledConditioning, width: int, height: int, *, negative: bool = False
     ) -> CondSchedule:
-        """[(last_step, cond)] with cond {"context": (1, T, C)[, "y": (1, P)]} for the UNet; SDXL's pooled
-        output and size conditioning (tiengine.models.config.size_time_ids) make "y"."""
+        """The UNet's [(last_step, {"context": (1, T, C)[, "y": (1, P)]})] (unet_schedule, SDXL sizes)."""
         unet = self.modules["unet"]
-        entries = []
-        for last_step, context, pooled in scheduled.entries:
-            cond = {"context": context}
-            if unet.config.addition_embed_type == "text_time":
-                size_ids = size_time_ids(self.config, width, height, negative=negative)
-                time_ids = torch.tensor([size_ids], dtype=torch.float32, device=self.device)  # (1, K)
-                y = unet.text_time_conditioning(pooled.to(torch.float32), time_ids)  # (1, 2816)
-                cond["y"] = y.to(self.dtype)
-            entries.append((last_step, cond))
-        return entries
+        sizes = size_time_ids(self.config, width, height, negative=negative) \
+            if unet.config.addition_embed_type == "text_time" else None
+        return unet_schedule(scheduled.entries, unet, sizes, dtype=self.dtype)
 
     def model_hash(self) -> str | None:
         """First 10 hex digits of the sha256 of the model file (of unet weights for folders), as A1111."""
         if self._model_hash is None and self.model_path is not None:
-            path = self.model_path
-            if path.is_dir():
-                candidates = [path / "unet.safetensors", path / "unet" / "diffusion_pytorch_model.safetensors"]
-                path = next((candidate for candidate in candidates if candidate.is_file()), None)
-            if path is not None and path.is_file():
-                digest = hashlib.sha256()
-                with open(path, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(block)
-                self._model_hash = digest.hexdigest()[:10]
+            self._model_hash = model_hash(self.model_path)
         return self._model_hash
 
 
-
-def _stackable(conditionings: list[Conditioning]) -> bool:
-    """Whether different prompts can share one UNet batch: the same AND weights and, per AND part, one
-    context shape across every prompt and schedule entry."""
-    weights = [[weight for _, weight in conditioning.positive] for conditioning in conditionings]
-    if any(w != weights[0] for w in weights):
-        return False
-    for index in range(len(weights[0])):
-        shapes = {(tuple(context.shape), None if pooled is None else tuple(pooled.shape))
-                  for conditioning in conditionings for _, context, pooled in conditioning.positive[index][0].entries}
-        if len(shapes) > 1:
-            return False
-    return True
-
-
-def _stack_schedules(schedules: list[CondSchedule]) -> CondSchedule:
-    """Per-image schedules of (1, ...) conds -> one schedule of (B, ...) conds, image i at row i.
-
-    The entries are the union of the images' step boundaries; the entry for boundary s holds each
-    image's cond for denoiser call s, which is its cond for every call that entry covers (A1111's
-    first-entry-with-call <= last_step rule). One schedule repeated B times is expanded, not copied."""
-    batch = len(schedules)
-    if all(schedule is schedules[0] for schedule in schedules):
-        return [(last_step, {key: value.expand(batch, *value.shape[1:]) for key, value in cond.items()})
-                for last_step, cond in schedules[0]]  # (B, ...) views of (1, ...)
-    boundaries = sorted({last_step for schedule in schedules for last_step, _ in schedule})
-    stacked = []
-    for last_step in boundaries:
-        conds = [scheduled_cond(schedule, last_step) for schedule in schedules]
-        stacked.append((last_step, {key: torch.cat([cond[key] for cond in conds]) for key in conds[0]}))  # (B, ...)
-    return stacked
-
-
-def _concatenate(results: list[GenerationResult]) -> GenerationResult:
-    """Several runs' results as one, in order."""
-    if len(results) == 1:
-        return results[0]
-    return GenerationResult(
-        [image for result in results for image in result.images],
-        [seed for result in results for seed in result.seeds],
-        [text for result in results for text in result.parameters],
-        results[0].conditioning,
-        [conditioning for result in results for conditioning in result.conditionings],
-    )
+def _check_finite(tensor: torch.Tensor, stage: str, produced_by: str) -> None:
+    """Raise NonFiniteError when `tensor` holds NaN or inf (A1111: "A tensor with all NaNs was produced")."""
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    bad = int((~finite).sum())
+    what = "all NaN" if bool(torch.isnan(tensor).all()) else f"{bad} of {tensor.numel()} values NaN or inf"
+    raise NonFiniteError(f"a tensor with non-finite values ({what}) was produced by {produced_by}; "
+                         f"no image was made. This usually means too little precision: {NON_FINITE_ADVICE[stage]}")
 
 
 def _fields(settings: TrainEmbeddingSettings) -> dict[str, object]:

@@ -26,3 +26,8 @@ class CheckpointError(TiengineError):
 
 class EngineError(TiengineError):
     """Bad generation settings, or a request the loaded model cannot serve."""
+
+
+class NonFiniteError(EngineError):
+    """Sampling or decoding produced NaN or inf values (A1111: "A tensor with all NaNs was produced");
+    the message names the stage (UNet or VAE) and what to try instead."""

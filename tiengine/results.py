@@ -2,12 +2,14 @@
 
 `Conditioning` is `Engine.encode`'s result; `GenerationResult` is that of `generate`, `generate_batch` and
 `img2img`, and `save` writes its images as PNG files with their A1111 `parameters` text
-(tiengine.io.metadata).
+(tiengine.io.metadata). `stackable` says whether several prompts' conditioning can share one UNet batch;
+`GenerationResult.join` puts the results of several sampling runs together in order.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from tiengine.errors import EngineError
-from tiengine.io.metadata import save_png
+from tiengine.io.metadata import format_parameters, format_ti_hashes, save_png
+from tiengine.text.chunking import TokenizedPrompt
 from tiengine.text.vocabulary import SkippedMention
 
 if TYPE_CHECKING:
@@ -66,6 +69,27 @@ class Conditioning:
     skipped: list[SkippedMention] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
+    def record(self, prompts: Sequence[TokenizedPrompt], hashes: Mapping[str, str | None], which: str,
+               part: int) -> None:
+        """Add one schedule's report: each entry's warnings, unresolved `embedding:NAME` references and
+        placed embeddings (`which`: "positive" or "negative"; `part`: the AND part)."""
+        for entry_index, tokenized in enumerate(prompts):
+            self.warnings.extend(tokenized.warnings)
+            self.warnings.extend(f"embedding:{name} names no loaded embedding" for name in tokenized.unresolved)
+            for chunk_index, chunk in enumerate(tokenized.chunks):
+                for placed in chunk.embeddings:
+                    weight = chunk.weights[min(placed.slot, len(chunk.weights) - 1)]
+                    self.applied.append(AppliedEmbedding(placed.name, hashes.get(placed.name), which, part, entry_index,
+                                                         chunk_index, placed.slot, placed.n_vectors, weight))
+
+    def add_skipped(self, mentions: Sequence[SkippedMention]) -> None:
+        """Add skipped mentions, one per name (the first)."""
+        seen = {mention.name for mention in self.skipped}
+        for mention in mentions:
+            if mention.name not in seen:
+                seen.add(mention.name)
+                self.skipped.append(mention)
+
     def ti_hashes(self) -> dict[str, str | None]:
         """Name -> short hash of each embedding used, in order of first use."""
         return {applied.name: applied.short_hash for applied in self.applied}
@@ -76,6 +100,30 @@ class Conditioning:
             [(scheduled.to(device, dtype), weight) for scheduled, weight in self.positive],
             self.negative.to(device, dtype), self.applied, self.skipped, self.warnings,
         )
+
+
+def stackable(conditionings: list[Conditioning]) -> bool:
+    """Whether different prompts can share one UNet batch: the same AND weights and, per AND part, one
+    context shape across every prompt and schedule entry."""
+    weights = [[weight for _, weight in conditioning.positive] for conditioning in conditionings]
+    if any(w != weights[0] for w in weights):
+        return False
+    for index in range(len(weights[0])):
+        shapes = {(tuple(context.shape), None if pooled is None else tuple(pooled.shape))
+                  for conditioning in conditionings for _, context, pooled in conditioning.positive[index][0].entries}
+        if len(shapes) > 1:
+            return False
+    return True
+
+
+def image_parameters(prompts: Sequence[str], negative_prompt: str, seeds: Sequence[int],
+                     conditionings: Sequence[Conditioning], settings: Mapping[str, object]) -> list[str]:
+    """Each image's `parameters` text: `settings` (in order, None left out) with its "Seed" and "TI hashes"."""
+    return [
+        format_parameters(prompt, negative_prompt,
+                          {**settings, "Seed": seed, "TI hashes": format_ti_hashes(conditioning.ti_hashes())})
+        for prompt, seed, conditioning in zip(prompts, seeds, conditionings)
+    ]
 
 
 @dataclass
@@ -90,6 +138,19 @@ class GenerationResult:
     parameters: list[str]
     conditioning: Conditioning
     conditionings: list[Conditioning] = field(default_factory=list)
+
+    @classmethod
+    def join(cls, results: list[GenerationResult]) -> GenerationResult:
+        """Several runs' results as one, in order (the first run's `conditioning`)."""
+        if len(results) == 1:
+            return results[0]
+        return cls(
+            [image for result in results for image in result.images],
+            [seed for result in results for seed in result.seeds],
+            [text for result in results for text in result.parameters],
+            results[0].conditioning,
+            [conditioning for result in results for conditioning in result.conditionings],
+        )
 
     def save(self, path_or_dir: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:
         """Write each image as PNG with its `parameters` text; the paths written.

@@ -88,3 +88,13 @@ def settings_with(settings: GenerateSettings | None = None, **fields: object) ->
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def encode_options_with(options: EncodeOptions | None = None, **fields: object) -> EncodeOptions:
+    """`options` (default EncodeOptions()) with the keyword fields replaced; unknown names are refused."""
+    unknown = sorted(set(fields) - set(ENCODE_OPTION_NAMES))
+    if unknown:
+        raise EngineError(f"unknown encode option(s) {', '.join(unknown)}; expected some of: "
+                          f"{', '.join(ENCODE_OPTION_NAMES)}")
+    options = EncodeOptions() if options is None else options
+    return dataclasses.replace(options, **fields) if fields else options

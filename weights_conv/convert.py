@@ -11,6 +11,7 @@ a time, transformed, cast and either yielded (`iter_component`), assigned into a
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -373,3 +374,19 @@ def load_models(
         return model.config, modules
     finally:
         model.close()
+
+
+def model_hash(path: str | os.PathLike[str]) -> str | None:
+    """A1111's model hash: the first 10 hex digits of the sha256 of the checkpoint file (for a converted or
+    diffusers folder, of its UNet weights file); None when there is no such file."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "unet.safetensors", path / "unet" / "diffusion_pytorch_model.safetensors"]
+        path = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if path is None or not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]

@@ -1,6 +1,6 @@
 """`tiengine encode`: prompt and negative prompt -> conditioning tensors in a safetensors file.
 
-Tensor names: `positive.<part>.<entry>.context` (1, 77*k, C) for AND part <part> and schedule entry <entry>
+A "loading model" bar goes to stderr unless `--json`. Tensor names: `positive.<part>.<entry>.context` (1, 77*k, C) for AND part <part> and schedule entry <entry>
 (and `.pooled` (1, P) for SDXL), `negative.<entry>.context` / `.pooled`. The safetensors metadata key
 `tiengine` holds JSON: the prompts, steps, per part its weight and schedule ([last_step, text, token
 count] per entry), the embeddings applied (name, short hash, prompt, chunk, slot, vectors, weight), the
@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tiengine.cli import CliError, add_encode_options, embeddings_folder, encode_options, resolve_device
+from tiengine.cli import CliError, add_encode_options, encode_options
 from tiengine.diffusion.names import SAMPLER_NAMES
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -56,15 +56,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from safetensors.torch import save
 
+    from tiengine.cli.generate import load_engine
     from tiengine.diffusion.samplers import get_sampler
-    from tiengine.engine import Engine
     from tiengine.io.atomic import atomic_write_bytes
+    from tiengine.io.metadata import valid_text
 
     options = encode_options(args)
     second_order = get_sampler(args.sampler).second_order
     dtype = getattr(torch, DTYPES[args.dtype])
-    engine = Engine.load(args.model, embeddings=embeddings_folder(args.embeddings), device=resolve_device(args.device),
-                         dtype=dtype)
+    engine = load_engine(args, dtype)
     conditioning = engine.encode(args.prompt, args.negative, steps=args.steps, second_order=second_order,
                                  options=options, dtype=dtype)
     tensors = {}
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         "skipped_embeddings": [{"name": m.name, "reason": m.reason} for m in conditioning.skipped],
         "warnings": conditioning.warnings,
-        "model": str(engine.model_path) if engine.model_path else None,
+        "model": valid_text(str(engine.model_path)) if engine.model_path else None,
         "model_hash": engine.model_hash(),
     }
     payload = save(tensors, metadata={"tiengine": json.dumps(metadata, ensure_ascii=False)})
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(metadata, ensure_ascii=False))
     else:
         shapes = ", ".join(f"{name} {tuple(t.shape)}" for name, t in tensors.items())
-        print(f"wrote {args.out}: {shapes}")
+        print(valid_text(f"wrote {args.out}: {shapes}"))
         for applied in metadata["applied_embeddings"]:
             print(f"embedding {applied['name']} [{applied['short_hash']}] in the {applied['prompt']} prompt, "
                   f"chunk {applied['chunk']} slot {applied['slot']}, weight {applied['weight']:.4g}")

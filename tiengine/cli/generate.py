@@ -2,7 +2,8 @@
 
 Images are PNG files carrying the A1111-style `parameters` text (prompt, negative prompt, settings,
 `TI hashes` of the embeddings used), which `tiengine info` and other tools read back. Existing files
-are never replaced unless `--overwrite` is given.
+are never replaced unless `--overwrite` is given. Progress bars on stderr ("loading model", then one per
+sampler) are left out with `--json`; `load_engine` is shared with `tiengine encode`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tiengine.cli import CliError, add_encode_options, embeddings_folder, encode_options, resolve_device
@@ -73,7 +76,6 @@ def run_generate(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from tiengine.engine import Engine
     from tiengine.io.metadata import save_png
 
     init_image = None
@@ -90,8 +92,7 @@ def run_generate(args: argparse.Namespace) -> int:
         width=width, height=height, batch_size=args.batch_size, strength=args.strength, vae_tiling=args.vae_tiling,
         encode=encode_options(args),
     )
-    engine = Engine.load(args.model, embeddings=embeddings_folder(args.embeddings), device=resolve_device(args.device),
-                         dtype=getattr(torch, DTYPES[args.dtype]))
+    engine = load_engine(args, getattr(torch, DTYPES[args.dtype]))
     if args.cfg is None:
         args.cfg = engine.default_cfg_scale  # the built-in model's own scale, else A1111's
     settings = dataclasses.replace(settings, cfg_scale=args.cfg)
@@ -127,6 +128,29 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextmanager
+def loading_bar(disable: bool) -> Iterator:
+    """A "loading model" tqdm bar on stderr, one step per model component; yields Engine.load's `progress`."""
+    from tqdm import tqdm
+
+    with tqdm(desc="loading model", unit="part", file=sys.stderr, disable=disable) as bar:
+        def advance(component: str, loaded: int, total: int) -> None:
+            bar.total = total
+            bar.set_postfix_str(component, refresh=False)
+            bar.update(loaded - bar.n)
+
+        yield advance
+
+
+def load_engine(args: argparse.Namespace, dtype):  # -> tiengine.engine.Engine
+    """The Engine of `--model`, `--embeddings`, `--device` and `dtype`, with a loading bar unless `--json`."""
+    from tiengine.engine import Engine
+
+    with loading_bar(args.json) as progress:
+        return Engine.load(args.model, embeddings=embeddings_folder(args.embeddings),
+                           device=resolve_device(args.device), dtype=dtype, progress=progress)
+
+
 def _run_one(engine, args, settings, init_image):
     from tqdm import tqdm
 
@@ -141,11 +165,13 @@ def _run_one(engine, args, settings, init_image):
 
 
 def _report(summary: dict, as_json: bool) -> None:
+    from tiengine.io.metadata import valid_text
+
     if as_json:
-        print(json.dumps(summary, ensure_ascii=False))
+        print(valid_text(json.dumps(summary, ensure_ascii=False)))
         return
     for image in summary["images"]:
-        print(f"wrote {image['path']} (seed {image['seed']})")
+        print(valid_text(f"wrote {image['path']} (seed {image['seed']})"))
     for applied in summary["applied_embeddings"]:
         print(f"embedding {applied['name']} [{applied['hash'] or 'no file'}] in the {applied['prompt']} prompt: "
               f"chunk {applied['chunk']}, slots {applied['slot']}-{applied['slot'] + applied['vectors'] - 1}, "

@@ -1,4 +1,4 @@
-"""Samplers as pure functions over a denoiser ``(x, sigma) -> x0``, their registry, and guidance wrappers.
+"""Samplers as pure functions over a denoiser ``(x, sigma) -> x0`` and their registry.
 
 Each sampler is ``sample_xxx(denoiser, x, sigmas, *, generator=None, callback=None, ...) -> x`` in
 k-diffusion's convention (``x = x0 + sigma * eps``; txt2img starts from ``noise * sigmas[0]``; sigmas
@@ -25,13 +25,8 @@ scipy's quad; both are exact for these polynomials.
 ``callback(step_index, total_steps, x, denoised)`` runs once per step, after the step's first denoiser
 call, with the step's input x and that call's x0 (k-diffusion's order).
 
-Guidance (A1111's CFGDenoiser): ``guided_denoiser`` turns a conditional denoiser into a denoiser,
-``denoised = uncond + sum_j (cond_j - uncond) * w_j * cfg_scale`` with every cond and the uncond in one
-batched call; positive conds of different token counts are padded to the longest by repeating their
-last token vector (A1111's ``stack_conds``); an uncond of another token count is run as its own call
-(A1111's default). ``scheduled_guided_denoiser`` picks, for denoiser call number i (0-based, one per
-call, so second-order samplers advance twice per step), the first (last_step, cond) entry with
-``i <= last_step`` (A1111's ``reconstruct_cond_batch``, including its fallback to the first entry).
+Guidance (classifier-free guidance, AND composition, prompt schedules) wraps a conditional denoiser
+into a denoiser in ``tiengine.diffusion.guidance``; its names are importable from here too.
 """
 
 from __future__ import annotations
@@ -44,11 +39,17 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from tiengine.diffusion.schedules import Cond, CondDenoiser, Denoiser, SamplingError
+# Re-exported: the guidance wrappers lived here first.
+from tiengine.diffusion.guidance import (  # noqa: F401
+    PromptSchedule,
+    guided_denoiser,
+    scheduled_cond,
+    scheduled_guided_denoiser,
+)
+from tiengine.diffusion.schedules import Denoiser, SamplingError
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-PromptSchedule = Sequence[tuple[int, Cond]]  # (last_step, cond) pairs, last_step increasing
 
 
 def _sigma_list(sigmas: torch.Tensor) -> list[float]:
@@ -345,122 +346,3 @@ def get_sampler(name: str) -> SamplerInfo:
     if info is None:
         raise SamplingError(f"sampler: expected one of {sorted(SAMPLERS)}, found {name!r}")
     return info
-
-
-def _cond_items(cond: Cond) -> dict[str, torch.Tensor]:
-    return dict(cond) if isinstance(cond, Mapping) else {"": cond}
-
-
-def _cond_from_items(items: dict[str, torch.Tensor], like: Cond) -> Cond:
-    return items if isinstance(like, Mapping) else items[""]
-
-
-def _check_batch(cond: Cond, batch: int, what: str) -> None:
-    for key, value in _cond_items(cond).items():
-        if value.ndim < 1 or value.shape[0] != batch:
-            name = f"{what}[{key!r}]" if key else what
-            raise SamplingError(f"{name}: expected batch size {batch} (the latent's), found shape {tuple(value.shape)}")
-
-
-def _stack_positive(conds: Sequence[Cond]) -> Cond:
-    """Concatenate along batch: (K*B, ...). Token axes (dim 1 of 3-D tensors) are padded to the longest
-    by repeating each cond's last token vector (A1111's stack_conds)."""
-    keys = list(_cond_items(conds[0]))
-    stacked = {}
-    for key in keys:
-        values = []
-        for cond in conds:
-            items = _cond_items(cond)
-            if list(items) != keys:
-                raise SamplingError(f"conds: every cond needs the keys {keys}, found {list(items)}")
-            values.append(items[key])
-        longest = max(v.shape[1] for v in values) if values[0].ndim == 3 else None
-        if longest is not None:
-            values = [
-                torch.cat([v, v[:, -1:].expand(-1, longest - v.shape[1], -1)], dim=1) if v.ndim == 3 else v
-                for v in values
-            ]  # each (B, longest, C)
-        if any(v.shape[1:] != values[0].shape[1:] for v in values):
-            raise SamplingError(f"conds[{key!r}]: shapes differ: {[tuple(v.shape) for v in values]}")
-        stacked[key] = torch.cat(values)
-    return _cond_from_items(stacked, conds[0])
-
-
-def _same_layout(a: Cond, b: Cond) -> bool:
-    items_a, items_b = _cond_items(a), _cond_items(b)
-    return list(items_a) == list(items_b) and all(items_a[k].shape[1:] == items_b[k].shape[1:] for k in items_a)
-
-
-def _concat(a: Cond, b: Cond) -> Cond:
-    items_a, items_b = _cond_items(a), _cond_items(b)
-    return _cond_from_items({k: torch.cat([items_a[k], items_b[k]]) for k in items_a}, a)
-
-
-def _guide(
-    denoiser: CondDenoiser, x: torch.Tensor, sigma: torch.Tensor, uncond: Cond,
-    conds: Sequence[tuple[Cond, float]], cfg_scale: float,
-) -> torch.Tensor:
-    if not conds:
-        raise SamplingError("guidance: expected at least one positive cond")
-    batch, count = x.shape[0], len(conds)
-    _check_batch(uncond, batch, "uncond")
-    for j, (cond, _) in enumerate(conds):
-        _check_batch(cond, batch, f"conds[{j}]")
-    positive = _stack_positive([cond for cond, _ in conds])  # (K*B, ...)
-    x_pos = x.repeat(count, *([1] * (x.ndim - 1)))  # (K*B, C, H, W)
-    sigma_pos = sigma.repeat(count)  # (K*B,)
-    if _same_layout(positive, uncond):
-        out = denoiser(torch.cat([x_pos, x]), torch.cat([sigma_pos, sigma]), _concat(positive, uncond))
-        out_pos, out_uncond = out[: count * batch], out[count * batch :]
-    else:
-        out_pos, out_uncond = denoiser(x_pos, sigma_pos, positive), denoiser(x, sigma, uncond)
-    denoised = out_uncond.clone()
-    for j, (_, weight) in enumerate(conds):
-        denoised += (out_pos[j * batch : (j + 1) * batch] - out_uncond) * (weight * cfg_scale)
-    return denoised
-
-
-def guided_denoiser(
-    denoiser: CondDenoiser, uncond: Cond, conds: Sequence[tuple[Cond, float]], cfg_scale: float
-) -> Denoiser:
-    """Classifier-free guidance with AND composition: uncond + sum_j (cond_j - uncond) * w_j * cfg_scale.
-
-    ``conds`` are (cond, weight) pairs, one per AND part; every cond and the uncond have the latent's
-    batch size B (image b's conditioning at row b).
-    """
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return _guide(denoiser, x, sigma, uncond, conds, cfg_scale)
-
-    return denoise
-
-
-def scheduled_cond(schedule: PromptSchedule, call_index: int) -> Cond:
-    """The cond for denoiser call `call_index` (0-based): the first entry with call_index <= last_step,
-    else the first entry (A1111's reconstruct_cond_batch)."""
-    if not schedule:
-        raise SamplingError("prompt schedule: expected at least one (last_step, cond) entry")
-    for last_step, cond in schedule:
-        if call_index <= last_step:
-            return cond
-    return schedule[0][1]
-
-
-def scheduled_guided_denoiser(
-    denoiser: CondDenoiser, uncond: PromptSchedule, conds: Sequence[tuple[PromptSchedule, float]],
-    cfg_scale: float,
-) -> Denoiser:
-    """``guided_denoiser`` whose uncond and AND parts follow per-call prompt schedules.
-
-    Each schedule is a list of (last_step, cond) pairs (a constant cond is ``[(steps, cond)]``). The
-    returned denoiser counts its calls, so use one per sampling run.
-    """
-    calls = 0
-
-    def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        nonlocal calls
-        index, calls = calls, calls + 1
-        chosen = [(scheduled_cond(schedule, index), weight) for schedule, weight in conds]
-        return _guide(denoiser, x, sigma, scheduled_cond(uncond, index), chosen, cfg_scale)
-
-    return denoise

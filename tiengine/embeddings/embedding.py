@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -167,6 +168,17 @@ class Embedding:
         if family == self.family:
             return None
         return f"made for {self.family_label}, this model is {FAMILY_LABELS[family]}"
+
+    def width_mismatch(self, widths: Mapping[str, int], family: str) -> str | None:
+        """Why this embedding cannot be used with text encoders of `widths` (embedding key -> width) in a
+        `family` model ("made for SD2 (clip_h 1024), this model is SD1 (clip_l 768)"), or None if it fits."""
+        if self.widths == dict(widths):
+            return None
+        made_for = " + ".join(f"{key} {width}" for key, width in sorted(self.widths.items()))
+        model = " + ".join(f"{key} {width}" for key, width in sorted(widths.items()))
+        label = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+        return (f"made for {label.get(self.family, self.family)} ({made_for}), "
+                f"this model is {label.get(family, family)} ({model})")
 
     def check_family(self, family: str) -> None:
         """Raise EmbeddingError "<file>: made for SD2 (1024), this model is SD1 (768)"."""

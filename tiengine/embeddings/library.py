@@ -6,7 +6,8 @@ each skipped file keeps a reason. With a model family, embeddings made for anoth
 are skipped with the width message ("made for SD2 (1024), this model is SD1 (768)").
 
 Names are case-sensitive. When two files give the same name, the shallowest file wins, then
-the first by relative path (POSIX, code-point order); the others stay reachable by path and
+the first by relative path (POSIX, code-point order); the others stay reachable by path
+(`by_path`, `shadowed`: `embedding:sub/cat` reaches `sub/cat.pt` when `cat.pt` took the name `cat`) and
 are reported in `collisions`. Path references (for the explicit `embedding:sub/name` syntax)
 are relative paths without extension, e.g. "negatives/EasyNegative"; two files differing only
 in extension resolve to the first by relative path. `reload()` re-reads only files whose
@@ -281,6 +282,14 @@ class EmbeddingLibrary:
     def skipped(self) -> dict[str, str]:
         """Relative path -> reason for every file not loaded."""
         return {e.relative_path: e.reason for e in self.entries if e.reason is not None}
+
+    @property
+    def shadowed(self) -> dict[str, Embedding]:
+        """Path key -> embedding for every usable file that lost its name to another file (a collision
+        loser) and that its path key reaches: the key is no embedding's name and no other file's path."""
+        winners = {id(entry) for entry in self._by_name.values()}
+        return {key: entry.embedding for key, entry in sorted(self._by_path.items())
+                if id(entry) not in winners and key not in self._by_name and entry.embedding is not None}
 
     def names(self) -> list[str]:
         return sorted(self._by_name)

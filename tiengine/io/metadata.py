@@ -10,6 +10,12 @@ model sites and other front ends read back:
 The last line is `key: value` pairs joined by ", "; a value containing a comma, a colon or a newline is
 written as a JSON string (`TI hashes: "EasyNegative: 1a2b3c4d5e6f, rick: 0f9e8d7c6b5a"`). The negative
 line is left out when the negative prompt is empty.
+
+Text that is not valid Unicode is written with U+FFFD in its place: a lone surrogate (what Python makes of
+bytes that are not UTF-8 in command-line arguments and file names, `os.fsdecode(b"\xff")`) cannot be
+encoded in a PNG text chunk, so `format_parameters` and `png_info` replace each one with U+FFFD
+(`valid_text`), as a UTF-8 decoder with errors="replace" would. Every other character is kept; the text
+always reads back.
 """
 
 from __future__ import annotations
@@ -31,10 +37,17 @@ PARAMETERS_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
 # One `key: value` pair of the settings line (the value quoted or up to the next comma).
 _PAIR = re.compile(r'\s*(\w[\w \-/+]*):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+REPLACEMENT_CHARACTER = "\ufffd"
 
 
 class MetadataError(TiengineError):
     """An image carries no generation parameters, or they cannot be read."""
+
+
+def valid_text(text: str) -> str:
+    """`text` with each lone surrogate (undecodable bytes from argv or file names) replaced by U+FFFD."""
+    return _LONE_SURROGATE.sub(REPLACEMENT_CHARACTER, text)
 
 
 def quote_value(value: object) -> str:
@@ -48,14 +61,14 @@ def quote_value(value: object) -> str:
 def format_parameters(prompt: str, negative_prompt: str, settings: Mapping[str, object]) -> str:
     """The `parameters` text: prompt, the negative line when non-empty, then the settings line.
 
-    `settings` keeps its order; None values are left out.
+    `settings` keeps its order; None values are left out. Lone surrogates become U+FFFD (`valid_text`).
     """
     line = ", ".join(f"{key}: {quote_value(value)}" for key, value in settings.items() if value is not None)
     lines = [prompt]
     if negative_prompt:
         lines.append(f"{NEGATIVE_PREFIX} {negative_prompt}")
     lines.append(line)
-    return "\n".join(lines)
+    return valid_text("\n".join(lines))
 
 
 def format_ti_hashes(hashes: Mapping[str, str | None]) -> str | None:
@@ -108,9 +121,11 @@ def parse_ti_hashes(value: str) -> dict[str, str]:
 
 
 def png_info(parameters: str):  # -> PIL.PngImagePlugin.PngInfo
-    """A PngInfo holding the `parameters` tEXt chunk (iTXt when the text is not Latin-1)."""
+    """A PngInfo holding the `parameters` tEXt chunk (iTXt when the text is not Latin-1); lone surrogates
+    become U+FFFD (`valid_text`)."""
     from PIL.PngImagePlugin import PngInfo
 
+    parameters = valid_text(parameters)
     info = PngInfo()
     try:
         parameters.encode("latin-1")

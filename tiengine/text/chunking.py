@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tiengine.text.prompt import parse_prompt_attention
+from tiengine.text.prompt import DEFAULT_LIMITS, PromptLimits, parse_prompt_attention
 from tiengine.text.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, ClipTokenizer, TokenizedText
 
 CHUNK_TOKENS = 75
@@ -87,11 +87,13 @@ def tokenize_prompt(
     bare_names: bool = True,
     keep_embeddings_on_backtrack: bool = False,
     parse_attention: Callable[[str], list[tuple[str, float]]] | None = None,
+    limits: PromptLimits = DEFAULT_LIMITS,
 ) -> TokenizedPrompt:
     """Split one prompt into 77-token chunks with weights and embedding slots, as A1111 does.
 
     `bare_names=False` binds embeddings only through `embedding:NAME`;
     `keep_embeddings_on_backtrack=True` fixes A1111's comma-backtrack quirk (module docstring).
+    `limits` bounds the attention parse (tiengine.text.prompt.PromptLimits).
     """
     if emphasis not in EMPHASIS_MODES:
         raise ValueError(f"emphasis must be one of {EMPHASIS_MODES}, got {emphasis!r}")
@@ -100,7 +102,7 @@ def tokenize_prompt(
     if emphasis == "none":
         fragments = [(text, 1.0)]
     else:
-        fragments = (parse_attention or parse_prompt_attention)(text)
+        fragments = parse_attention(text) if parse_attention else parse_prompt_attention(text, limits=limits)
     builder = _ChunkBuilder(tokenizer.comma_token_id, comma_backtrack, keep_embeddings_on_backtrack)
     unresolved: list[str] = []
     for fragment_text, weight in fragments:

@@ -32,6 +32,7 @@ from tiengine.text.chunking import (
     pad_chunk_batch,
     tokenize_prompt,
 )
+from tiengine.text.prompt import DEFAULT_LIMITS, PromptLimits
 from tiengine.text.tokenizer import EOS_TOKEN_ID, ClipTokenizer
 
 if TYPE_CHECKING:
@@ -90,21 +91,26 @@ def encode_texts(
     options: EncodeOptions = EncodeOptions(),
     *,
     zero_if_empty: bool = False,
+    limits: PromptLimits = DEFAULT_LIMITS,
 ) -> EncodedTexts:
     """Encode a batch of prompt texts as one A1111 forward pass.
 
     extra_rows: embedding key -> (added ids, hidden) rows for the tokenizer's added ids, in id order.
     zero_if_empty: SDXL's rule for the negative prompt: when every text is empty the context and the
-    pooled output are zeros.
+    pooled output are zeros. limits: the bounds of the attention parser (tiengine.text.prompt).
     """
     if not texts:
         raise ConditioningError("encode_texts needs at least one text")
     return encode_tokenized(
-        tokenize_texts(texts, tokenizer, options), encoders, extra_rows, options, zero_if_empty=zero_if_empty
+        tokenize_texts(texts, tokenizer, options, limits=limits), encoders, extra_rows, options,
+        zero_if_empty=zero_if_empty,
     )
 
 
-def tokenize_texts(texts: Sequence[str], tokenizer: ClipTokenizer, options: EncodeOptions = EncodeOptions()) -> list[TokenizedPrompt]:
+def tokenize_texts(
+    texts: Sequence[str], tokenizer: ClipTokenizer, options: EncodeOptions = EncodeOptions(), *,
+    limits: PromptLimits = DEFAULT_LIMITS,
+) -> list[TokenizedPrompt]:
     """The chunks of each text under `options` (the token half of `encode_texts`, reusable across calls)."""
     return [
         tokenize_prompt(
@@ -114,6 +120,7 @@ def tokenize_texts(texts: Sequence[str], tokenizer: ClipTokenizer, options: Enco
             comma_backtrack=options.comma_backtrack,
             bare_names=options.bare_names,
             keep_embeddings_on_backtrack=options.keep_embeddings_on_backtrack,
+            limits=limits,
         )
         for text in texts
     ]

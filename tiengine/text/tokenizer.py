@@ -23,6 +23,8 @@ Embeddings bind to prompt text in two ways:
 - Explicit: `embedding:NAME`, where NAME is the longest registered name or alias at that point (names
   may hold spaces or sub-folders, `embedding:negatives/EasyNegative`). It must start and end at a word
   boundary, so it never matches inside a longer word. An unknown name stays text and is reported.
+  An embedding added with `explicit_only=True` (a file whose name another file took, registered under its
+  path) binds only this way, never by bare name.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class _AddedEmbedding:
     name: str
     ids: tuple[int, ...]
     aliases: tuple[str, ...]
+    explicit_only: bool = False  # binds only through `embedding:NAME`, never by bare name
 
 
 # Marks an `embedding:NAME` reference that named nothing: its text is tokenized, never bound.
@@ -332,11 +335,14 @@ class ClipTokenizer:
 
     # -------------------------------------------------------------------------- vocabulary extension
 
-    def add_embedding(self, name: str, n_vectors: int, *, aliases: Iterable[str] = ()) -> list[int]:
+    def add_embedding(
+        self, name: str, n_vectors: int, *, aliases: Iterable[str] = (), explicit_only: bool = False
+    ) -> list[int]:
         """Register an embedding: returns its `n_vectors` new ids (>= 49408, consecutive).
 
         `aliases` are extra names for the explicit syntax only (e.g. the path below the embeddings
-        folder, `negatives/EasyNegative`); bare-name binding uses `name`.
+        folder, `negatives/EasyNegative`); bare-name binding uses `name`, unless `explicit_only` (then the
+        embedding binds only through `embedding:NAME` / `embedding:ALIAS`).
         """
         if not isinstance(name, str) or not name.strip():
             raise TokenizerError(f"embedding name must be a non-empty string, got {name!r}")
@@ -350,7 +356,7 @@ class ClipTokenizer:
             if alias in taken:
                 raise TokenizerError(f"embedding name {alias!r} is already used by another embedding")
         start = self.vocab_size
-        added = _AddedEmbedding(name, tuple(range(start, start + n_vectors)), aliases)
+        added = _AddedEmbedding(name, tuple(range(start, start + n_vectors)), aliases, bool(explicit_only))
         self._embeddings[name] = added
         self._first_id_index = None
         return list(added.ids)
@@ -364,7 +370,7 @@ class ClipTokenizer:
         renumbered: dict[str, _AddedEmbedding] = {}
         for added in self._embeddings.values():
             ids = tuple(range(next_id, next_id + len(added.ids)))
-            renumbered[added.name] = _AddedEmbedding(added.name, ids, added.aliases)
+            renumbered[added.name] = _AddedEmbedding(added.name, ids, added.aliases, added.explicit_only)
             next_id += len(ids)
         self._embeddings = renumbered
         self._first_id_index = None
@@ -524,10 +530,13 @@ class ClipTokenizer:
         return bound, spans
 
     def _bare_name_index(self) -> dict[int, list[tuple[tuple[int, ...], str]]]:
-        """First id -> [(name ids, name)], longest first; names that tokenize to nothing are skipped."""
+        """First id -> [(name ids, name)], longest first; names that tokenize to nothing and explicit-only
+        embeddings are left out."""
         if self._first_id_index is None:
             index: dict[int, list[tuple[tuple[int, ...], str]]] = {}
-            for name in self._embeddings:
+            for name, added in self._embeddings.items():
+                if added.explicit_only:
+                    continue
                 name_ids = self._name_ids_cache.get(name)
                 if name_ids is None:
                     name_ids = tuple(self._encode_plain(name))

@@ -1,7 +1,8 @@
 """Binding a set of embeddings into a tokenizer and the text encoders' extra token rows.
 
 An `EmbeddingVocabulary` registers every embedding name (and its `sub/folder/name` alias) with the
-tokenizer, builds the (added ids, D) row table per encoder key (`clip_l`, `clip_h`, `clip_g`) in id
+tokenizer (a file whose name another file of the folder took is registered under its path, `sub/cat`, for
+`embedding:sub/cat` only: it never binds by bare name), builds the (added ids, D) row table per encoder key (`clip_l`, `clip_h`, `clip_g`) in id
 order, and reports prompts' mentions of embeddings that could not be used (e.g. made for another model
 family), so users can tell what happened to each name they typed. A typed word that names no embedding
 but looks like a misspelt or mis-versioned name of a loaded one (`EasyNegativeV2` when `EasyNegative` is
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -43,11 +44,14 @@ class SkippedMention:
 
 @dataclass
 class EmbeddingVocabulary:
-    """Embeddings bound into one tokenizer. `skipped` maps unusable names to the reason."""
+    """Embeddings bound into one tokenizer. `skipped` maps unusable names to the reason; `aliases` holds the
+    extra names of `embedding:NAME` (paths); `explicit_only` the names that never bind bare."""
 
     tokenizer: ClipTokenizer
     embeddings: dict[str, Embedding] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    explicit_only: frozenset[str] = frozenset()
 
     @classmethod
     def build(
@@ -57,25 +61,59 @@ class EmbeddingVocabulary:
         *,
         aliases: Mapping[str, Sequence[str]] | None = None,
         skipped: Mapping[str, str] | None = None,
+        explicit_only: Iterable[str] = (),
     ) -> EmbeddingVocabulary:
-        """Register `embeddings` (name -> Embedding) with `tokenizer`, which must have none yet."""
+        """Register `embeddings` (name -> Embedding) with `tokenizer`, replacing the ones it has.
+
+        `aliases`: name -> extra names for `embedding:NAME` (paths below the folder); `explicit_only`: names
+        that bind only through `embedding:NAME`."""
         for name in list(tokenizer.embedding_names()):
             tokenizer.remove_embedding(name)
+        aliases = {name: tuple(names) for name, names in (aliases or {}).items() if name in embeddings}
+        explicit_only = frozenset(name for name in explicit_only if name in embeddings)
         for name, embedding in embeddings.items():
-            tokenizer.add_embedding(name, embedding.n_vectors, aliases=(aliases or {}).get(name, ()))
-        return cls(tokenizer, dict(embeddings), dict(skipped or {}))
+            tokenizer.add_embedding(name, embedding.n_vectors, aliases=aliases.get(name, ()),
+                                    explicit_only=name in explicit_only)
+        return cls(tokenizer, dict(embeddings), dict(skipped or {}), aliases, explicit_only)
 
     @classmethod
-    def from_library(cls, tokenizer: ClipTokenizer, library) -> EmbeddingVocabulary:  # EmbeddingLibrary
-        """Bind the usable embeddings of an `EmbeddingLibrary`; its skipped files become skipped names."""
-        loaded = library.loaded
-        aliases = {name: library.path_keys(name) for name in loaded}
-        skipped = {}
+    def from_library(
+        cls,
+        tokenizer: ClipTokenizer,
+        library,  # EmbeddingLibrary
+        *,
+        check: Callable[[Embedding], str | None] | None = None,
+    ) -> EmbeddingVocabulary:
+        """Bind the usable embeddings of an `EmbeddingLibrary`; its skipped files become skipped names.
+
+        Each name's winning file binds by name (and by its path, `embedding:sub/name`); each file whose name
+        another file took (`library.shadowed`) binds under its path only, explicitly. `check(embedding)`
+        returns why an embedding cannot be used with the model (a skipped name), or None."""
+        usable: dict[str, Embedding] = {}
+        aliases: dict[str, list[str]] = {}
+        skipped: dict[str, str] = {}
         for relative_path, reason in library.skipped.items():
-            stem = PurePosixPath(relative_path).stem
-            if stem not in loaded:
-                skipped[stem] = reason
-        return cls.build(tokenizer, loaded, aliases=aliases, skipped=skipped)
+            skipped.setdefault(PurePosixPath(relative_path).stem, reason)
+        shadowed = library.shadowed
+        for name, embedding in [*library.loaded.items(), *shadowed.items()]:
+            reason = check(embedding) if check is not None else None
+            if reason is not None:
+                skipped[name] = reason
+                continue
+            usable[name] = embedding
+            if name not in shadowed:
+                aliases[name] = library.path_keys(name)
+        skipped = {name: reason for name, reason in skipped.items() if name not in usable}
+        return cls.build(tokenizer, usable, aliases=aliases, skipped=skipped, explicit_only=shadowed)
+
+    def with_embedding(self, embedding: Embedding) -> EmbeddingVocabulary:
+        """This vocabulary plus (or with a new version of) one in-memory embedding, bound by its name;
+        the other names keep their aliases and explicit-only flags."""
+        embeddings = {**self.embeddings, embedding.name: embedding}
+        explicit_only = self.explicit_only - {embedding.name}
+        aliases = {name: names for name, names in self.aliases.items() if name != embedding.name}
+        return EmbeddingVocabulary.build(self.tokenizer, embeddings, aliases=aliases, skipped=self.skipped,
+                                         explicit_only=explicit_only)
 
     def extra_rows(self, encoder_key: str, *, device: torch.device | str = "cpu",
                    dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
@@ -107,7 +145,7 @@ class EmbeddingVocabulary:
         if not self.embeddings:
             return []
         known = {name.lower() for name in [*self.embeddings, *self.skipped, *self.tokenizer.embedding_names()]}
-        keys = {name: _name_key(name) for name in sorted(self.embeddings)}
+        keys = {name: _name_key(name) for name in sorted(self.embeddings) if name not in self.explicit_only}
         found: dict[str, SkippedMention] = {}
         for word in _WORD.findall(text):
             word = word.removeprefix("embedding:").strip(".!?;'\"")

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING
 
 from tiengine.default_model import DEFAULT_MODEL_CFG_SCALE
 from tiengine.embeddings.embedding import file_sha256
-from tiengine.engine import Engine
 from tiengine.errors import TiengineError
 from tiengine.io.atomic import atomic_write, atomic_write_bytes
 from tiengine.io.images import labelled_grid
@@ -55,7 +54,7 @@ from tiengine.toyworld.demo_recipe import (
     TRAIN_STEPS,
 )
 from tiengine.toyworld.detector import adherence_report
-from tiengine.toyworld.evaluation import DEFAULT_SAMPLER, DEFAULT_STEPS, held_out_prompts
+from tiengine.toyworld.evaluation import DEFAULT_SAMPLER, DEFAULT_STEPS, held_out_prompts, load_engine
 from tiengine.toyworld.world import concept_examples
 from tiengine.training.data import NAME_PLACEHOLDER
 from tiengine.training.textual_inversion import TrainEmbeddingSettings
@@ -200,7 +199,7 @@ def run_demo(
     template_path = atomic_write_bytes(out / "template.txt", (TEMPLATE + "\n").encode("utf-8"), overwrite=overwrite)
     embedding_path = out / f"{CONCEPT_NAME}.safetensors"
 
-    engine = Engine.load(model)
+    engine = load_engine(model)  # no embeddings folder: the demo never reads $TIENGINE_EMBEDDINGS
     settings = TrainEmbeddingSettings(
         vectors=1, init_text=INIT_TEXT, steps=train_steps, batch_size=TRAIN_BATCH, learning_rate=LEARNING_RATE,
         template=str(template_path), seed=seed, save_every=0,

@@ -44,8 +44,9 @@ GUIDANCE_SWEEP = (2.0, 3.0, 5.0, 7.0)  # CFG scales whose held-out adherence the
 
 
 def load_engine(path: str | os.PathLike[str] | None = None, *, dtype: torch.dtype = torch.float32) -> Engine:
-    """An Engine on the CPU in `dtype` for a converted model folder (default: the packaged default model)."""
-    return Engine.load(path, device="cpu", dtype=dtype)
+    """An Engine on the CPU in `dtype` for a converted model folder (default: the packaged default model),
+    with no embeddings folder whatever $TIENGINE_EMBEDDINGS says: scores never depend on a user's files."""
+    return Engine.load(path, embeddings=False, device="cpu", dtype=dtype)
 
 
 def generate(
