@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tiengine.errors import EngineError
+from tiengine.io.atomic import ensure_folder
 from tiengine.io.metadata import save_png
 from tiengine.text.vocabulary import SkippedMention
 
@@ -107,6 +108,6 @@ class GenerationResult:
         existing = [str(path) for path in paths if path.exists()]
         if existing and not overwrite:
             raise EngineError(f"{', '.join(existing)} already exist(s); pass overwrite=True to replace")
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        ensure_folder(paths[0].parent)
         return [save_png(image, path, parameters, overwrite=overwrite)
                 for image, path, parameters in zip(self.images, paths, self.parameters)]
