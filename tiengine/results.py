@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tiengine.errors import EngineError
-from tiengine.io.atomic import ensure_folder
+from tiengine.io.atomic import WriteError, ensure_folder
 from tiengine.io.metadata import save_png
 from tiengine.text.vocabulary import SkippedMention
 
@@ -105,6 +105,9 @@ class GenerationResult:
             ]
         else:
             paths = [target / f"{index:05d}-{seed}.png" for index, seed in enumerate(self.seeds)]
+        for path in paths:
+            if path.is_dir():
+                raise WriteError(f"{path}: cannot write (is a directory)")
         existing = [str(path) for path in paths if path.exists()]
         if existing and not overwrite:
             raise EngineError(f"{', '.join(existing)} already exist(s); pass overwrite=True to replace")

@@ -68,6 +68,17 @@ def os_error_line(error: OSError) -> str:
     return f"{names}: {describe_os_error(error.filename, error)}"
 
 
+def check_file_path(path: str | os.PathLike[str]) -> None:
+    """WriteError when `path` is a directory or a file stands where one of its folders should be (a check
+    before long work, so a command fails at once instead of after computing what it would write)."""
+    path = Path(path)
+    if path.is_dir():
+        raise WriteError(f"{path}: cannot write (is a directory)")
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        raise WriteError(f"{path}: cannot write (parent {blocker} is a file)")
+
+
 def check_folder_path(folder: str | os.PathLike[str]) -> None:
     """WriteError when a file stands where `folder` or one of its parents should be (a check before long work)."""
     folder = Path(folder)
@@ -102,11 +113,7 @@ def ensure_folder(folder: str | os.PathLike[str]) -> Path:
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
     """Call `write(temporary_path)`, then move the finished file onto `path` in one step."""
     path = Path(path)
-    if path.is_dir():
-        raise WriteError(f"{path}: cannot write (is a directory)")
-    blocker = _file_in_the_way(path.parent)
-    if blocker is not None:
-        raise WriteError(f"{path}: cannot write (parent {blocker} is a file)")
+    check_file_path(path)
     if path.exists() and not overwrite:
         raise FileExistsRefusal(f"{path}: already exists ({OVERWRITE_HINT})")
     ensure_folder(path.parent)

@@ -31,7 +31,7 @@ import torch
 from tiengine.diffusion.schedules import NoiseSchedule
 from tiengine.embeddings.embedding import SAVE_FORMATS, Embedding, file_sha256, load_embedding, save_embedding
 from tiengine.errors import EmbeddingError, TiengineError
-from tiengine.io.atomic import OVERWRITE_HINT, ensure_folder
+from tiengine.io.atomic import OVERWRITE_HINT, check_file_path, ensure_folder
 from tiengine.io.lock import FileLock, acquire_lock
 from tiengine.io.metadata import save_png
 from tiengine.models.config import size_time_ids
@@ -131,6 +131,7 @@ class EmbeddingTrainer:
         main_format = SAVE_FORMATS.get(self.out.suffix.lower())
         if main_format is None:
             raise TrainingError(f"{self.out}: the output must end in {', '.join(SAVE_FORMATS)}")
+        check_file_path(self.out)
         self.work_dir = Path(work_dir) if work_dir is not None else self.out.parent / f".{self.out.stem}.training"
         self.lock, warning = acquire_lock(self.work_dir / LOCK_FILE)
         if warning is not None:
@@ -158,6 +159,7 @@ class EmbeddingTrainer:
             if fmt != main_format:
                 self.extra_outputs.append((self.out.with_suffix(f".{fmt}"), fmt))
         for path, _ in [(self.out, main_format), *self.extra_outputs]:
+            check_file_path(path)
             if path.exists() and not overwrite:
                 written = self.previous.outputs.get(str(path)) if self.previous is not None else None
                 own = written is not None and path.is_file() and file_sha256(path) == written
