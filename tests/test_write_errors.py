@@ -16,11 +16,11 @@ import pytest
 import torch
 from model_builders import tiny_model_folder
 from PIL import Image
+from tiengine.weights_conv.cli import main as weights_conv_main
 
 from tiengine.cli import main as tiengine_main
 from tiengine.embeddings.embedding import Embedding, save_embedding
 from tiengine.io.atomic import FileExistsRefusal, WriteError, atomic_write_bytes, ensure_folder, os_error_line
-from tiengine.weights_conv.cli import main as weights_conv_main
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ def _check_header(header: dict[str, Any], damaged) -> None:
         return isinstance(value, int) and not isinstance(value, bool)
 
     def is_number(value: Any) -> bool:
-        return (is_int(value) or isinstance(value, float)) and value == value and abs(value) != float("inf")
+        return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
     required = {
         "step": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
