@@ -46,6 +46,9 @@ _EXPORTS = {
     "TokenIdError": "tiengine.models.text_encoder",
     "MetadataError": "tiengine.io.metadata",
     "FileExistsRefusal": "tiengine.io.atomic",
+    "WriteError": "tiengine.io.atomic",
+    "LockHeldError": "tiengine.io.lock",
+    "TrainingInterrupted": "tiengine.training.textual_inversion",
     "KernelInputError": "tiengine.kernels.common",
     "DemoError": "tiengine.toyworld.demo",
 }
@@ -65,7 +68,8 @@ if TYPE_CHECKING:
         TiengineError,
         UnsafePickleError,
     )
-    from tiengine.io.atomic import FileExistsRefusal
+    from tiengine.io.atomic import FileExistsRefusal, WriteError
+    from tiengine.io.lock import LockHeldError
     from tiengine.io.metadata import MetadataError
     from tiengine.kernels.common import KernelInputError
     from tiengine.models.text_encoder import TokenIdError
@@ -76,7 +80,7 @@ if TYPE_CHECKING:
     from tiengine.text.tokenizer import ClipTokenizer, TokenizerError
     from tiengine.toyworld.demo import DemoError
     from tiengine.training.data import TrainingError
-    from tiengine.training.textual_inversion import TrainEmbeddingSettings, TrainResult
+    from tiengine.training.textual_inversion import TrainEmbeddingSettings, TrainingInterrupted, TrainResult
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tiengine.errors import EngineError
+from tiengine.io.atomic import WriteError, ensure_folder
 from tiengine.io.metadata import format_parameters, format_ti_hashes, save_png
 from tiengine.text.chunking import TokenizedPrompt
 from tiengine.text.vocabulary import SkippedMention
@@ -165,9 +166,12 @@ class GenerationResult:
             ]
         else:
             paths = [target / f"{index:05d}-{seed}.png" for index, seed in enumerate(self.seeds)]
+        for path in paths:
+            if path.is_dir():
+                raise WriteError(f"{path}: cannot write (is a directory)")
         existing = [str(path) for path in paths if path.exists()]
         if existing and not overwrite:
             raise EngineError(f"{', '.join(existing)} already exist(s); pass overwrite=True to replace")
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        ensure_folder(paths[0].parent)
         return [save_png(image, path, parameters, overwrite=overwrite)
                 for image, path, parameters in zip(self.images, paths, self.parameters)]

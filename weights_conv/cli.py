@@ -58,8 +58,9 @@ def convert_checkpoint(
 
 def refuse_existing_output(outdir: str | os.PathLike[str], overwrite: bool) -> None:
     """FileExistsRefusal if `outdir` holds any file a converted folder can hold and `overwrite` is False."""
-    from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal
+    from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal, check_folder_path
 
+    check_folder_path(outdir)
     existing = [str(Path(outdir) / name) for name in FOLDER_FILES if (Path(outdir) / name).exists()]
     if existing and not overwrite:
         raise FileExistsRefusal(f"{outdir}: would replace {', '.join(existing)} ({OVERWRITE_HINT})")
@@ -115,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except TiengineError as error:
         print(f"weights-conv {args.command}: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file error no stage turned into a named one: still one line, naming the file
+        from tiengine.io.atomic import os_error_line
+
+        print(f"weights-conv {args.command}: {os_error_line(error)}", file=sys.stderr)
         return 2
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from tiengine.errors import CheckpointError
-from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal, atomic_write_bytes
+from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal, atomic_write_bytes, ensure_folder
 from tiengine.models.config import FORMAT_NAME, ModelConfig
 from tiengine.models.text_encoder import ClipTextEncoder
 from tiengine.models.unet import UNet2DConditionModel
@@ -247,7 +247,7 @@ class OpenModel:
                 if progress is not None:
                     progress(name, written, total)
 
-        outdir.mkdir(parents=True, exist_ok=True)
+        ensure_folder(outdir)
         for name, plan in plans.items():
             entries = []  # in the order _iterate produces them
             for conversion in plan.conversions:

@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     except TiengineError as error:
         print(f"tiengine {args.command}: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a file error no stage turned into a named one: still one line, naming the file
+        from tiengine.io.atomic import os_error_line
+
+        print(f"tiengine {args.command}: {os_error_line(error)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

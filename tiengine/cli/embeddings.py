@@ -124,8 +124,9 @@ def run_convert(args: argparse.Namespace) -> int:
 
     from tiengine.embeddings.embedding import SAVE_FORMATS, embedding_card, save_embedding
     from tiengine.errors import EmbeddingError
-    from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal
+    from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal, check_file_path
 
+    check_file_path(args.target)
     if Path(args.target).exists() and not args.overwrite:  # before reading IN, which may be large
         raise FileExistsRefusal(f"{args.target}: already exists ({OVERWRITE_HINT})")
     if args.preview is not None and (args.format or SAVE_FORMATS.get(Path(args.target).suffix.lower())) != "png":

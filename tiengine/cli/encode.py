@@ -51,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.out.suffix != ".safetensors":
         raise CliError(f"--out must end in .safetensors, got {args.out}")
+    from tiengine.io.atomic import check_file_path
+
+    check_file_path(args.out)
     if args.out.exists() and not args.overwrite:
         raise CliError(f"{args.out} already exists; pass --overwrite to replace it")
     import torch

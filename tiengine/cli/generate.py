@@ -212,6 +212,10 @@ def _output_paths(args: argparse.Namespace, samplers: list[str]) -> list[Path]:
         paths = [out]
     else:
         paths = [out.with_name(f"{out.stem}-{index}{out.suffix}") for index in range(args.batch_size)]
+    from tiengine.io.atomic import check_file_path
+
+    for path in paths:
+        check_file_path(path)
     existing = [str(path) for path in paths if path.exists()]
     if existing and not args.overwrite:
         raise CliError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")

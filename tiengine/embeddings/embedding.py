@@ -52,7 +52,7 @@ from tiengine.embeddings.layouts import (
     parse_embedding_data,
 )
 from tiengine.errors import CheckpointError, EmbeddingError
-from tiengine.io.atomic import OVERWRITE_HINT, atomic_write_bytes
+from tiengine.io.atomic import OVERWRITE_HINT, atomic_write_bytes, check_file_path
 from tiengine.io.limits import MAX_NESTING_DEPTH
 from tiengine.io.safe_pickle import load_pickle
 
@@ -464,6 +464,7 @@ def save_embedding(embedding: Embedding, path: str | os.PathLike[str], *,
     if fmt not in SAVE_FORMATS.values():
         raise EmbeddingError(f"{path}: unknown output format {format or path.suffix!r} (expected "
                              f"{', '.join(SAVE_FORMATS.values())})")
+    check_file_path(path)
     if path.exists() and not overwrite:
         raise EmbeddingError(f"{path}: already exists ({OVERWRITE_HINT})")
     if fmt == "safetensors":

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 from tiengine.default_model import DEFAULT_MODEL_CFG_SCALE
 from tiengine.embeddings.embedding import file_sha256
 from tiengine.errors import TiengineError
-from tiengine.io.atomic import atomic_write, atomic_write_bytes
+from tiengine.io.atomic import atomic_write, atomic_write_bytes, ensure_folder
 from tiengine.io.images import labelled_grid
 from tiengine.io.metadata import format_parameters, format_ti_hashes, save_png
 from tiengine.toyworld.demo_recipe import (
@@ -125,7 +125,7 @@ def write_concept_images(folder: Path, seed: int, *, overwrite: bool) -> list[Pa
     from PIL import Image
 
     images, captions = concept_examples(seed, CONCEPT_IMAGES, colour_word=NAME_PLACEHOLDER)  # (n, 64, 64, 3) uint8
-    folder.mkdir(parents=True, exist_ok=True)
+    ensure_folder(folder)
     written = []
     for index, (pixels, caption) in enumerate(zip(images, captions), start=1):
         image = Image.fromarray(pixels)

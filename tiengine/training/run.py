@@ -4,25 +4,35 @@ latent cache, optimizer steps, checkpoints, previews and the final outputs.
 
 The engine is an argument, never imported: training sits below the engine in the stage order, and
 `Engine.train_embedding` calls this module.
+
+Concurrency and interruption: a run with an output holds the lock file `lock` of its work folder
+(tiengine.io.lock: pid, host, start time) from before it reads the checkpoint until it returns, so a second
+run on the same output refuses before touching anything. Ctrl-C between or during steps saves the last
+completed step's state atomically (the optimizer update and its bookkeeping are never cut in half) and
+raises TrainingInterrupted, a KeyboardInterrupt that names the step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tiengine.diffusion.schedules import NoiseSchedule
-from tiengine.embeddings.embedding import SAVE_FORMATS, Embedding, file_sha256, save_embedding
-from tiengine.errors import EmbeddingError
-from tiengine.io.atomic import OVERWRITE_HINT
+from tiengine.embeddings.embedding import SAVE_FORMATS, Embedding, file_sha256, load_embedding, save_embedding
+from tiengine.errors import EmbeddingError, TiengineError
+from tiengine.io.atomic import OVERWRITE_HINT, check_file_path, ensure_folder
+from tiengine.io.lock import FileLock, acquire_lock
 from tiengine.io.metadata import save_png
 from tiengine.models.config import size_time_ids
 from tiengine.text.conditioning import EncodeOptions, encode_tokenized, tokenize_texts
@@ -44,6 +54,7 @@ from tiengine.training.state import (
     fingerprint_differences,
     load_state,
     read_loss_log,
+    recovery_hint,
     save_state,
     write_loss_log,
 )
@@ -58,13 +69,18 @@ from tiengine.training.textual_inversion import (
     VAE_BATCH,
     ProgressCallback,
     TrainEmbeddingSettings,
+    TrainingInterrupted,
     TrainProgress,
     TrainResult,
     alpha_loss_weights,
     denoising_loss,
     initial_vectors,
+    recorded_settings,
+    resume_settings,
     seeded_generator,
 )
+
+LOCK_FILE = "lock"
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -87,7 +103,9 @@ class EmbeddingTrainer:
         self.warnings: list[str] = []
         self.out: Path | None = None
         self.extra_outputs: list[tuple[Path, str]] = []
+        self.also_save: list[str] = []
         self.work_dir: Path | None = None
+        self.lock: FileLock | None = None
         self.overwrite = self.resume = False
         self.previous: TrainingState | None = None
         self.replaceable: set[Path] = set()  # outputs of this run's earlier session, verified by hash
@@ -100,41 +118,85 @@ class EmbeddingTrainer:
     # ------------------------------------------------------------------------------------ checks
 
     def plan_files(self, out: str | os.PathLike[str] | None, also_save: Sequence[str],
-                   work_dir: str | os.PathLike[str] | None, overwrite: bool, resume: bool) -> None:
-        """Decide every output path and refuse, before anything is written, to replace files or runs."""
-        settings = self.settings
+                   work_dir: str | os.PathLike[str] | None, overwrite: bool, resume: bool,
+                   explicit: Collection[str] | None = None) -> None:
+        """Decide every output path, lock the work folder and refuse, before anything is written, to replace
+        files or runs. A resumed run takes the checkpoint's settings except the `explicit` ones."""
         self.overwrite, self.resume = overwrite, resume
         if out is None:
-            if work_dir is not None or also_save or resume or settings.preview_every:
+            if work_dir is not None or also_save or resume or self.settings.preview_every:
                 raise TrainingError("work_dir, also_save, resume and previews need an output file (out=...)")
             return
         self.out = Path(out)
         main_format = SAVE_FORMATS.get(self.out.suffix.lower())
         if main_format is None:
             raise TrainingError(f"{self.out}: the output must end in {', '.join(SAVE_FORMATS)}")
-        for fmt in dict.fromkeys(also_save):
-            if fmt not in SAVE_FORMATS.values():
-                expected = ", ".join(SAVE_FORMATS.values())
-                raise TrainingError(f"also_save: unknown format {fmt!r} (expected {expected})")
-            if fmt != main_format:
-                self.extra_outputs.append((self.out.with_suffix(f".{fmt}"), fmt))
+        check_file_path(self.out)
         self.work_dir = Path(work_dir) if work_dir is not None else self.out.parent / f".{self.out.stem}.training"
+        self.lock, warning = acquire_lock(self.work_dir / LOCK_FILE)
+        if warning is not None:
+            self.warnings.append(warning)
         state_path = self.work_dir / STATE_FILE
         if resume and state_path.is_file():
             self.previous = load_state(state_path)
-            if settings.seed == -1:
-                self.seed = int(self.previous.fingerprint.get("seed", self.seed))
+            recorded = recorded_settings(self.previous.settings, self.previous.fingerprint)
+            settings, notes = resume_settings(recorded, self.settings, explicit, completed_step=self.previous.step,
+                                              source=state_path)
+            self._adopt(settings, self.previous.fingerprint.get("seed"))
+            self.warnings.extend(notes)
+            if not also_save:
+                also_save = self.previous.also_save
         elif resume:
             self.warnings.append(f"nothing to resume in {self.work_dir} (no {STATE_FILE}); starting at step 0")
         elif state_path.exists() and not overwrite:
             raise TrainingError(f"{self.work_dir} holds an earlier training run; pass resume=True (--resume) to "
                                 "continue it or --overwrite (overwrite=True) to start over")
+        for fmt in dict.fromkeys(also_save):
+            if fmt not in SAVE_FORMATS.values():
+                expected = ", ".join(SAVE_FORMATS.values())
+                raise TrainingError(f"also_save: unknown format {fmt!r} (expected {expected})")
+            self.also_save.append(fmt)
+            if fmt != main_format:
+                self.extra_outputs.append((self.out.with_suffix(f".{fmt}"), fmt))
         for path, _ in [(self.out, main_format), *self.extra_outputs]:
+            check_file_path(path)
             if path.exists() and not overwrite:
                 written = self.previous.outputs.get(str(path)) if self.previous is not None else None
-                if written is None or file_sha256(path) != written:
+                own = written is not None and path.is_file() and file_sha256(path) == written
+                if not (own or self._holds_checkpoint_vectors(path)):
                     raise TrainingError(f"{path}: already exists ({OVERWRITE_HINT})")
                 self.replaceable.add(path)
+
+    def _adopt(self, settings: TrainEmbeddingSettings, recorded_seed: Any) -> None:
+        """Train with `settings` from now on (a resumed run's, merged with the checkpoint's)."""
+        self.settings = settings
+        self.schedule = LearningRateSchedule.parse(settings.learning_rate)
+        if settings.seed != -1:
+            self.seed = settings.seed
+        elif isinstance(recorded_seed, int):
+            self.seed = recorded_seed
+
+    def _holds_checkpoint_vectors(self, path: Path) -> bool:
+        """True when `path` is this run's own output, written from the checkpoint before its hash was recorded
+        (a kill between the two): an embedding of this name and step whose vectors equal the checkpoint's."""
+        previous = self.previous
+        if previous is None or not path.is_file():
+            return False
+        try:
+            written = load_embedding(path)
+        except (TiengineError, OSError):
+            return False
+        if self.name not in (written.name, written.stored_name) or (written.step is not None and written.step != previous.step):
+            return False
+        if set(written.vectors) != set(previous.vectors):
+            return False
+        return all(torch.equal(written.vectors[key].float(), previous.vectors[key].float())
+                   for key in previous.vectors)
+
+    def release(self) -> None:
+        """Remove the work folder's lock (and the folders it created, when nothing was written in them)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def check_name(self) -> None:
         """Refuse names that cannot be typed, saved or told apart from ordinary words; load the tokenizer."""
@@ -232,9 +294,11 @@ class EmbeddingTrainer:
         self.other_embeddings = {n: e.short_hash or "memory" for n, e in others.items()}
         # The init text is read with the plain vocabulary, before any embedding name can bind in it.
         self.initial = initial_vectors(self.tokenizer, engine.slots, settings.init_text, settings.vectors)
-        library = engine.library
-        aliases = {n: library.path_keys(n) for n in others} if library is not None else None
-        vocabulary = EmbeddingVocabulary.build(self.tokenizer, others, aliases=aliases)
+        # the other embeddings bind in captions exactly as in the engine's prompts: their paths, and the
+        # files another file's name shadows only through `embedding:path`
+        bound = engine.vocabulary
+        vocabulary = EmbeddingVocabulary.build(self.tokenizer, others, aliases=bound.aliases,
+                                               explicit_only=bound.explicit_only)
         self.other_rows = {slot.embedding_key: vocabulary.extra_rows(slot.embedding_key, device=device,
                                                                      dtype=torch.float32) for slot in engine.slots}
         self.tokenizer.add_embedding(self.name, settings.vectors)
@@ -257,14 +321,34 @@ class EmbeddingTrainer:
         return self.engine.device.type == "cuda" and (self.precision == "fp16" or half_weights)
 
     def _restore(self, state: TrainingState) -> None:
+        path = self.work_dir / STATE_FILE
+
+        def damaged(what: str) -> TrainingError:
+            return TrainingError(f"{path}: damaged training checkpoint ({what}); {recovery_hint(path)}")
+
+        for index, (key, param) in enumerate(self.params.items()):
+            vectors = state.vectors.get(key)
+            if vectors is None or vectors.shape != param.shape:
+                found = "none" if vectors is None else list(vectors.shape)
+                raise damaged(f"vectors of {key!r} are {found}, expected {list(param.shape)}")
+            entries = state.optimizer_state.get(index, {})
+            if state.step > 0 and not entries:
+                raise damaged(f"no optimizer state for {key!r} after {state.step} steps")
+            for name, value in entries.items():
+                if name in ("exp_avg", "exp_avg_sq") and (not isinstance(value, torch.Tensor)
+                                                          or value.shape != param.shape):
+                    raise damaged(f"optimizer {name} of {key!r} does not match the vectors {list(param.shape)}")
         with torch.no_grad():
             for key, param in self.params.items():
                 param.copy_(state.vectors[key])
         saved = self.optimizer.state_dict()
         saved["state"] = {index: dict(entries) for index, entries in state.optimizer_state.items()}
-        self.optimizer.load_state_dict(saved)
-        if self.scaler is not None and state.scaler_state:
-            self.scaler.load_state_dict(state.scaler_state)
+        try:
+            self.optimizer.load_state_dict(saved)
+            if self.scaler is not None and state.scaler_state:
+                self.scaler.load_state_dict(state.scaler_state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise damaged(f"optimizer state: {error}") from None
         self.step, self.seconds, self.samples = state.step, state.seconds, state.samples
         self.losses = read_loss_log(self.work_dir / LOG_FILE, state.step)
 
@@ -296,20 +380,34 @@ class EmbeddingTrainer:
     # ------------------------------------------------------------------------------------ training
 
     def train(self) -> TrainResult:
-        """Run the remaining steps (checkpoints, previews, callback), then write the outputs."""
+        """Run the remaining steps (checkpoints, previews, callback), then write the outputs.
+
+        Ctrl-C saves the last completed step's state (when there is a work folder) and raises
+        TrainingInterrupted; `resume=True` continues from there exactly."""
+        try:
+            return self._train()
+        except KeyboardInterrupt:
+            if self.work_dir is None or not hasattr(self, "params"):
+                raise
+            self._checkpoint(snapshot=False)
+            raise TrainingInterrupted(self.step, self.work_dir / STATE_FILE) from None
+
+    def _train(self) -> TrainResult:
         settings = self.settings
         start_step = self.step
         session_started = time.perf_counter()
         started = session_started - self.seconds
         stopped = False
         if self.work_dir is not None:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
+            ensure_folder(self.work_dir)
         while self.step < self.last_step and not stopped:
-            loss, rate = self.optimizer_step(self.step)
-            self.step += 1
-            self.samples += settings.batch_size * settings.grad_accum
-            self.seconds = time.perf_counter() - started
-            self.losses.append(LossRow(self.step, loss, rate, self.samples, self.seconds))
+            loss, rate = self._accumulate(self.step)
+            with _interrupts_deferred():  # the update and its bookkeeping: all or nothing
+                self._update()
+                self.step += 1
+                self.samples += settings.batch_size * settings.grad_accum
+                self.seconds = time.perf_counter() - started
+                self.losses.append(LossRow(self.step, loss, rate, self.samples, self.seconds))
             checkpoint = preview = None
             if self.work_dir is not None and settings.save_every and self.step % settings.save_every == 0:
                 checkpoint = self._checkpoint(snapshot=True)
@@ -327,10 +425,17 @@ class EmbeddingTrainer:
         """Train 0-based step `step` (its micro-batches, clipping, AdamW update); returns (loss, rate).
 
         `train` calls it in order; benchmarks call it alone (the draws depend only on seed and step)."""
+        loss, rate = self._accumulate(step)
+        self._update()
+        return loss, rate
+
+    def _accumulate(self, step: int) -> tuple[float, float]:
+        """Set step `step`'s learning rate and accumulate its micro-batches' gradients; (mean loss, rate)."""
         settings = self.settings
         rate = self.schedule.rate_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = rate
+        self.optimizer.zero_grad(set_to_none=True)  # an interrupted step may have left gradients behind
         total = 0.0
         for micro in range(settings.grad_accum):
             loss = self._micro_batch_loss(step, micro)
@@ -341,6 +446,11 @@ class EmbeddingTrainer:
         if not math.isfinite(loss_value) and self.scaler is None:
             raise TrainingError(f"the loss became {loss_value} at step {step + 1} (learning rate {rate:g}); lower the "
                                 "learning rate or resume from the last checkpoint")
+        return loss_value, rate
+
+    def _update(self) -> None:
+        """Clip the accumulated gradients and apply the AdamW (and gradient-scaler) update."""
+        settings = self.settings
         params = list(self.params.values())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
@@ -355,7 +465,6 @@ class EmbeddingTrainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, rate
 
     def _image_at(self, sample: int) -> int:
         """The image shown as sample `sample` of the stream (a fresh permutation per epoch)."""
@@ -419,9 +528,10 @@ class EmbeddingTrainer:
 
     def _state(self, outputs: dict[str, str] | None = None) -> TrainingState:
         optimizer_state = self.optimizer.state_dict()["state"]
+        settings = dataclasses.asdict(dataclasses.replace(self.settings, seed=self.seed))
         return TrainingState(self.step, self.fingerprint(), self._vectors(), optimizer_state,
                              self.scaler.state_dict() if self.scaler is not None else None,
-                             self.seconds, self.samples, outputs or {})
+                             self.seconds, self.samples, outputs or {}, settings, list(self.also_save))
 
     def _checkpoint(self, *, snapshot: bool) -> Path | None:
         """Write the resumable state and the loss log; with `snapshot`, also `checkpoints/<name>-<step>`."""
@@ -467,6 +577,29 @@ class EmbeddingTrainer:
         )
 
 
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C (SIGINT) until the block ends, so the block runs whole; a no-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    except ValueError:  # signals unavailable here (an embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if previous is signal.default_int_handler:
+                raise KeyboardInterrupt
+            if callable(previous):
+                previous(signal.SIGINT, None)
+
+
 def _resolve_precision(requested: str, device: torch.device) -> str:
     if requested == "auto":
         if device.type != "cuda":
@@ -489,18 +622,28 @@ def train_embedding(
     overwrite: bool = False,
     resume: bool = False,
     callback: ProgressCallback | None = None,
+    explicit: Collection[str] | None = None,
 ) -> TrainResult:
     """Learn embedding `name` from `images` (a folder or a list of files) on `engine`'s frozen model.
 
     out: the embedding file to write (None: nothing is written; no checkpoints, previews or resume).
     also_save: further formats written beside `out` ("safetensors", "pt", "png").
     work_dir: checkpoints, log and previews (default `.<out stem>.training` beside `out`).
-    resume: continue from the work folder's checkpoint (a fresh start, with a warning, when there is none).
+    resume: continue from the work folder's checkpoint (a fresh start, with a warning, when there is none),
+    with the checkpoint's settings and also_save formats except those given on purpose: `explicit` names
+    the settings the caller chose (None: the fields of `settings` that differ from the defaults). Changing
+    one that shapes the run (batch size, learning rate, vectors, seed, ...) is refused naming it; `steps`
+    may be raised to train longer (noted in the result's warnings); checkpoint and preview options apply.
+    A second run on the same work folder is refused while the first holds its lock. Ctrl-C saves the
+    state of the last completed step and raises TrainingInterrupted (a KeyboardInterrupt).
     The engine is not modified; register the result with `engine.add_embedding(result.embedding)`.
     """
     trainer = EmbeddingTrainer(engine, name, settings, callback)
-    trainer.plan_files(out, also_save, work_dir, overwrite, resume)
-    trainer.load_inputs(images)
-    trainer.check_name()
-    trainer.prepare()
-    return trainer.train()
+    try:
+        trainer.plan_files(out, also_save, work_dir, overwrite, resume, explicit)
+        trainer.load_inputs(images)
+        trainer.check_name()
+        trainer.prepare()
+        return trainer.train()
+    finally:
+        trainer.release()

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,8 +62,8 @@ if TYPE_CHECKING:
     from tiengine.text.conditioning import TextEncoderSlot
     from tiengine.text.tokenizer import ClipTokenizer
 
-__all__ = ["TrainEmbeddingSettings", "TrainProgress", "TrainResult", "TrainingError", "alpha_loss_weights",
-           "denoising_loss", "initial_vectors", "settings_from_options"]
+__all__ = ["TrainEmbeddingSettings", "TrainProgress", "TrainResult", "TrainingError", "TrainingInterrupted",
+           "alpha_loss_weights", "denoising_loss", "initial_vectors", "resume_settings", "settings_from_options"]
 
 # Generator streams: (seed, stream, ...) seeds every random draw (module docstring).
 STREAM_ORDER, STREAM_STEP, STREAM_LATENT = 1, 2, 3
@@ -72,6 +72,12 @@ MIXED_PRECISION = ("auto", "fp32", "bf16", "fp16")
 GRAD_CLIP_MODES = ("norm", "value")
 MAX_SEED = 2**63 - 1
 VAE_BATCH = 8  # images per VAE encoder call while caching latents
+# Settings a resumed run may change: they shape no step of the trajectory (steps only says where it ends).
+SESSION_SETTINGS = ("steps", "save_every", "preview_every", "preview_prompt", "preview_seed", "preview_steps",
+                    "allow_word_name")
+# Settings of checkpoints written before the settings were recorded, as their fingerprint holds them.
+FINGERPRINT_SETTINGS = ("vectors", "init_text", "seed", "batch_size", "grad_accum", "learning_rate", "resolution",
+                        "flip", "alpha_weight", "grad_clip", "grad_clip_mode", "weight_decay", "clip_skip", "emphasis")
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,72 @@ class TrainResult:
     resumed_from: int | None = None
     stopped_early: bool = False
     warnings: list[str] = field(default_factory=list)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C) between steps; the state of `step` was saved to `state_path`."""
+
+    def __init__(self, step: int, state_path: Path) -> None:
+        super().__init__(f"interrupted at step {step}; the state is saved in {state_path}")
+        self.step, self.state_path = step, state_path
+
+
+def resume_settings(
+    recorded: dict[str, Any],
+    given: TrainEmbeddingSettings,
+    explicit: Collection[str] | None,
+    *,
+    completed_step: int,
+    source: Path,
+) -> tuple[TrainEmbeddingSettings, list[str]]:
+    """The settings of a resumed run: the checkpoint's `recorded` ones, except those the caller set on purpose.
+
+    explicit: the fields the caller chose (None: those of `given` that differ from the defaults). An
+    explicit field that would change the run's trajectory is refused, naming it; `steps` may move the end
+    (not before `completed_step`) and the other SESSION_SETTINGS apply as given. Returns the settings and
+    notes about the changes applied.
+    """
+    defaults = TrainEmbeddingSettings()
+    names = [f.name for f in dataclasses.fields(TrainEmbeddingSettings)]
+    if explicit is None:
+        explicit = {name for name in names if getattr(given, name) != getattr(defaults, name)}
+    merged: dict[str, Any] = {}
+    refused, notes = [], []
+    for name in names:
+        mine = getattr(given, name)
+        if name not in recorded:
+            merged[name] = mine
+            continue
+        theirs = recorded[name]
+        merged[name] = theirs
+        if name not in explicit or mine == theirs or (name == "seed" and mine == -1):
+            continue
+        if name == "steps":
+            if mine < completed_step:
+                refused.append(f"steps {mine} (the checkpoint has trained {completed_step} steps already)")
+                continue
+            notes.append(f"steps changed from the run's {theirs} to {mine}")
+        elif name not in SESSION_SETTINGS:
+            refused.append(f"{name} {mine!r} (the run's is {theirs!r})")
+            continue
+        merged[name] = mine
+    if refused:
+        raise TrainingError(f"{source}: resuming continues the checkpoint's run, and these settings would change "
+                            f"it: {'; '.join(refused)}. Leave them out to keep the run's values, or pass --overwrite "
+                            "(overwrite=True) to start a new run")
+    try:
+        return TrainEmbeddingSettings(**merged), notes
+    except (TrainingError, TypeError, ValueError) as error:
+        raise TrainingError(f"{source}: damaged training checkpoint (its recorded settings: {error}); delete the "
+                            f"work folder {source.parent} or pass --overwrite (overwrite=True) to start over") from None
+
+
+def recorded_settings(settings: dict[str, Any] | None, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's recorded settings (known fields only); older checkpoints: those in the fingerprint."""
+    names = {f.name for f in dataclasses.fields(TrainEmbeddingSettings)}
+    if settings is None:
+        return {name: fingerprint[name] for name in FINGERPRINT_SETTINGS if name in fingerprint}
+    return {name: value for name, value in settings.items() if name in names}
 
 
 def initial_vectors(tokenizer: ClipTokenizer, slots: Sequence[TextEncoderSlot], init_text: str,
