@@ -437,6 +437,20 @@ def test_cli_trains_resumes_and_refuses(sd1_folder, images, tmp_path, capsys):
     assert "pass resume=True (--resume)" in capsys.readouterr().err
 
 
+def test_cli_prints_a_header_before_each_stage(sd1_folder, images, tmp_path, capsys):
+    from tiengine.cli import main
+
+    out = tmp_path / "staged.safetensors"
+    args = ["train-embedding", str(images), "--name", "zorbly", "--model", str(sd1_folder), "--vectors", "1",
+            "--steps", "1", "--out", str(out)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    # the headers, then the training bar's last update ("1/1" steps)
+    assert err.index("[1/2] loading model") < err.index("[2/2] training zorbly") < err.rindex("1/1")
+    assert main([*args[:-1], str(tmp_path / "quiet.safetensors"), "--json"]) == 0
+    assert "[1/2]" not in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_mixed_precision_trains_only_the_vectors(sd1_folder, images):

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from tiengine.cli import apply_threads, embeddings_folder, resolve_device
+from tiengine.cli import apply_threads
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # argparse destination -> TrainEmbeddingSettings field, for every option that is a training setting.
@@ -87,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_train_embedding(args: argparse.Namespace) -> int:
     import torch
 
-    from tiengine.engine import Engine
+    from tiengine.cli.generate import load_engine
     from tiengine.training.run import train_embedding
     from tiengine.training.textual_inversion import TrainingInterrupted, settings_from_options
 
@@ -96,8 +96,10 @@ def run_train_embedding(args: argparse.Namespace) -> int:
     given = {field: getattr(args, dest) for dest, field in SETTING_OPTIONS.items() if getattr(args, dest) is not None}
     settings = settings_from_options(**given)
     out = args.out or Path(f"{args.name}.safetensors")
-    engine = Engine.load(args.model, embeddings=embeddings_folder(args.embeddings), device=resolve_device(args.device),
-                         dtype=getattr(torch, DTYPES[args.dtype]))
+    stage = _stage_printer(args.json)
+    stage("loading model")
+    engine = load_engine(args, getattr(torch, DTYPES[args.dtype]))
+    stage(f"training {args.name}: reading the images and caching their latents, then the steps")
     from tqdm import tqdm
 
     try:
@@ -138,3 +140,15 @@ def run_train_embedding(args: argparse.Namespace) -> int:
         print(f"wrote {path} ({result.steps_done} steps, seed {result.seed})")
     print(f"checkpoints, loss.csv and previews: {result.work_dir}")
     return 0
+
+
+def _stage_printer(quiet: bool):
+    """A header on stderr before each stage's progress bar: "[n/2] what"; nothing with --json."""
+    stages = iter(range(1, 3))
+
+    def stage(what: str) -> None:
+        number = next(stages)
+        if not quiet:
+            print(f"[{number}/2] {what}", file=sys.stderr, flush=True)
+
+    return stage
