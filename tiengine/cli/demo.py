@@ -1,4 +1,4 @@
-"""`tiengine demo`: textual inversion end to end on the built-in model, in about two minutes on a CPU.
+"""`tiengine demo`: textual inversion end to end on the built-in model, in a few minutes on a CPU.
 
 Renders 5 images of objects in a colour the model has no word for (purple), learns an embedding from
 them, generates held-out prompts with and without it, and prints how often the colour appears (see
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "demo",
-        help="learn a new concept from 5 images and show it in generated images (about two minutes on a CPU)",
+        help="learn a new concept from 5 images and show it in generated images (a few minutes on a CPU)",
         description="Textual inversion end to end on the built-in model: render 5 images of objects in a "
                     "colour the model has no word for, train the embedding "
                     f"'{CONCEPT_NAME}' on them, generate held-out prompts with and without it, print how often "
