@@ -21,6 +21,9 @@ encode / decode (an override for one call), as they take `attention_backend`.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -37,19 +40,25 @@ def _check(backend: str) -> None:
         raise ValueError(f"fused backend must be one of {FUSED_BACKENDS}, got {backend!r}")
 
 
-def resolve_group_norm_backend(norm: nn.GroupNorm, x: torch.Tensor, backend: FusedBackend = "auto") -> str:
-    """The concrete backend `group_norm` runs for `norm` on x: `backend` itself unless it is "auto"."""
+def _resolve(backend: FusedBackend, x: torch.Tensor, kernel: str, supported: Callable[[ModuleType], bool]) -> str:
+    """`backend` unless "auto"; for "auto", "triton" when x is on CUDA, tiengine.kernels.<kernel> imports
+    (triton installed) and `supported(module)` says the kernel takes these inputs, else "torch"."""
     _check(backend)
     if backend != "auto":
         return backend
     if not x.is_cuda:
         return "torch"
     try:
-        from tiengine.kernels import groupnorm as triton_groupnorm
+        module = importlib.import_module(f"tiengine.kernels.{kernel}")
     except ImportError:  # triton not installed (e.g. a platform without wheels)
         return "torch"
-    supported = triton_groupnorm.supports(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    return "triton" if supported else "torch"
+    return "triton" if supported(module) else "torch"
+
+
+def resolve_group_norm_backend(norm: nn.GroupNorm, x: torch.Tensor, backend: FusedBackend = "auto") -> str:
+    """The concrete backend `group_norm` runs for `norm` on x: `backend` itself unless it is "auto"."""
+    return _resolve(backend, x, "groupnorm",
+                    lambda kernel: kernel.supports(x, norm.num_groups, norm.weight, norm.bias, norm.eps))
 
 
 def group_norm(
@@ -69,16 +78,7 @@ def group_norm(
 
 def resolve_geglu_backend(proj: nn.Linear, x: torch.Tensor, backend: FusedBackend = "auto") -> str:
     """The concrete backend `geglu` runs for projection `proj` on x: `backend` itself unless it is "auto"."""
-    _check(backend)
-    if backend != "auto":
-        return backend
-    if not x.is_cuda:
-        return "torch"
-    try:
-        from tiengine.kernels import geglu as triton_geglu
-    except ImportError:
-        return "torch"
-    return "triton" if triton_geglu.supports(x, proj.weight, proj.bias) else "torch"
+    return _resolve(backend, x, "geglu", lambda kernel: kernel.supports(x, proj.weight, proj.bias))
 
 
 def geglu(proj: nn.Linear, x: torch.Tensor, *, backend: FusedBackend = "auto") -> torch.Tensor:
