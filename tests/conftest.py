@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from model_builders import tiny_model_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,3 +32,10 @@ def wild_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"real-world files not present at {path} (set TIENGINE_WILD to use them)")
     return path
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory) -> Path:
+    """A converted tiny SD1 model folder (tests.model_builders.tiny_model_folder), shared read-only: tests
+    that change a model copy it first."""
+    return tiny_model_folder(tmp_path_factory.mktemp("sd1") / "model", "sd1")

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from model_builders import tiny_model_folder
 
 import tiengine
 from tiengine.cli import main, resolve_device
@@ -30,11 +29,6 @@ from tiengine.text.conditioning import ConditioningError, EncodeOptions
 from tiengine.training.textual_inversion import TrainEmbeddingSettings
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def sd1_folder(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("sd1") / "model", "sd1")
 
 
 @pytest.fixture(scope="module")

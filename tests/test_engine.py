@@ -18,11 +18,6 @@ from tiengine.io.metadata import parse_parameters, parse_ti_hashes, read_image_p
 
 
 @pytest.fixture(scope="module")
-def sd1_folder(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("sd1") / "model", "sd1")
-
-
-@pytest.fixture(scope="module")
 def embeddings_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("embeddings")
     generator = torch.Generator().manual_seed(5)

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from model_builders import build_modules, tiny_model_config, tiny_model_folder, write_model_folder
+from model_builders import build_modules, tiny_model_config, write_model_folder
 
 import tiengine
 from tiengine.cli import main
@@ -24,11 +24,6 @@ from tiengine.text.prompt import PromptError, PromptLimits
 from tiengine.toyworld import demo, evaluation
 
 BAD_BYTE = os.fsdecode(b"\xff")  # how Python hands over a command-line byte that is not UTF-8: "\udcff"
-
-
-@pytest.fixture(scope="module")
-def sd1_folder(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("hardening") / "model", "sd1")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from model_builders import build_modules, tiny_model_config, tiny_model_folder
+from model_builders import build_modules, tiny_model_config
 from PIL import Image
 
 from tiengine.diffusion.schedules import NoiseSchedule, eps_denoiser, v_denoiser
@@ -43,11 +43,6 @@ def write_images(folder, count=4, size=(40, 48), seed=0, alpha=False):
         pixels = rng.integers(0, 256, (*size, channels), dtype=np.uint8)
         Image.fromarray(pixels, mode="RGBA" if alpha else "RGB").save(folder / f"{index:02d}-pattern.png")
     return folder
-
-
-@pytest.fixture(scope="module")
-def sd1_folder(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("sd1") / "model", "sd1")
 
 
 @pytest.fixture(scope="module")
