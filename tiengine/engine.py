@@ -367,16 +367,19 @@ class Engine:
         `settings`: a `tiengine.training.textual_inversion.TrainEmbeddingSettings` (default: its
         defaults); keyword fields of it (vectors, init_text, steps, batch_size, grad_accum, learning_rate,
         template, seed, save_every, ...) replace its fields. `callback` gets a TrainProgress after each
-        step and may return False to stop. The engine is not changed; use
+        step and may return False to stop. With `resume=True`, settings not given (keywords) or left at
+        their defaults (a settings object) come from the checkpoint. The engine is not changed; use
         `engine.add_embedding(result.embedding)` to prompt with the result. See tiengine.training.textual_inversion.
         """
+        explicit = None  # with a settings object, its fields that differ from the defaults count as given
         if settings is None:
             settings = settings_from_options(**setting_fields)
+            explicit = set(setting_fields)  # keywords: exactly the fields given (a resume takes the rest)
         elif setting_fields:
             settings = settings_from_options(**{**_fields(settings), **setting_fields})
         return train_embedding(
             self, images, name, settings, out=out, also_save=also_save,
-            work_dir=work_dir, overwrite=overwrite, resume=resume, callback=callback,
+            work_dir=work_dir, overwrite=overwrite, resume=resume, callback=callback, explicit=explicit,
         )
 
     # ------------------------------------------------------------------------------------ internals

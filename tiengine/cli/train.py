@@ -88,7 +88,6 @@ def run_train_embedding(args: argparse.Namespace) -> int:
     import torch
 
     from tiengine.cli.generate import load_engine
-    from tiengine.training.run import train_embedding
     from tiengine.training.textual_inversion import TrainingInterrupted, settings_from_options
 
     apply_threads(args.threads)
@@ -113,10 +112,10 @@ def run_train_embedding(args: argparse.Namespace) -> int:
                 bar.set_postfix(loss=f"{progress.loss:.4f}", lr=f"{progress.learning_rate:.3g}", refresh=False)
                 bar.update(progress.step - bar.n)
 
-            # The engine's training entry point, told which settings were typed (the rest may come from --resume).
-            result = train_embedding(engine, args.images, args.name, settings, out=out, also_save=also,
-                                     work_dir=args.work_dir, overwrite=args.overwrite, resume=args.resume,
-                                     callback=advance, explicit=set(given))
+            # only the typed settings are given: with --resume the others come from the checkpoint
+            result = engine.train_embedding(args.images, args.name, out=out, also_save=tuple(also),
+                                            work_dir=args.work_dir, overwrite=args.overwrite, resume=args.resume,
+                                            callback=advance, **given)
     except TrainingInterrupted as interrupted:
         print(f"tiengine train-embedding: interrupted at step {interrupted.step}; resume with --resume "
               f"(state saved in {interrupted.state_path})", file=sys.stderr)
