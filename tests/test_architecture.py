@@ -30,6 +30,7 @@ STAGES = (
     ("tiengine.models",),
     ("tiengine.diffusion",),
     ("tiengine.weights_conv",),
+    ("tiengine.networks",),
     ("tiengine.training",),
     ("tiengine.default_model", "tiengine.settings", "tiengine.results", "tiengine.engine"),
     ("tiengine.toyworld",),

@@ -31,3 +31,8 @@ class EngineError(TiengineError):
 class NonFiniteError(EngineError):
     """Sampling or decoding produced NaN or inf values (A1111: "A tensor with all NaNs was produced");
     the message names the stage (UNet or VAE) and what to try instead."""
+
+
+class NetworkError(TiengineError):
+    """An extra-network file (LoRA, LyCORIS, hypernetwork) is unreadable, malformed, or does not fit the
+    model; or an extra-network tag in a prompt has arguments that cannot be read."""
