@@ -17,7 +17,8 @@ from PIL import Image
 
 from tiengine.cli import main
 from tiengine.embeddings.embedding import Embedding, save_embedding
-from tiengine.embeddings.library import LINK_OUTSIDE, EmbeddingLibrary
+from tiengine.embeddings.library import EmbeddingLibrary
+from tiengine.io.folders import LINK_OUTSIDE
 from tiengine.text.tokenizer import ClipTokenizer
 from tiengine.text.vocabulary import EmbeddingVocabulary
 

@@ -34,15 +34,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tiengine.embeddings.embedding import FAMILY_LABELS, PAIR_SECOND_STEM, Embedding, load_embedding, pair_partner
-from tiengine.errors import EmbeddingError, TiengineError
+from tiengine.embeddings.embedding import (
+    FAMILY_LABELS,
+    PAIR_SECOND_STEM,
+    Embedding,
+    load_embedding,
+    pair_partner,
+)
+from tiengine.errors import EmbeddingError
+from tiengine.io.folders import (
+    MAX_SCAN_DEPTH,
+    MAX_SCAN_FILES,
+    bounded_walk,
+    describe_read_error,
+)
 
 EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors", ".png", ".webp")
 EMBEDDINGS_ENV = "TIENGINE_EMBEDDINGS"  # the default embeddings folder
-# Bounds on a folder scan: real embeddings folders are a few levels deep and hold hundreds of files.
-MAX_SCAN_DEPTH = 16
-MAX_SCAN_FILES = 10_000
-LINK_OUTSIDE = "link points outside the folder"
 
 # (st_mtime_ns, st_size) of a file, plus its pair partner's for diffusers SDXL pairs
 Signature = tuple[tuple[int, int], tuple[int, int] | None]
@@ -116,7 +124,8 @@ class EmbeddingLibrary:
         """Re-scan the folder, re-reading only new or changed files."""
         report = ReloadReport()
         seen: dict[str, tuple[Path, Signature | None, str | None]] = {}
-        for path, relative, reason in self._walk():
+        for path, relative, reason in bounded_walk(self.folder, max_depth=self.max_depth, max_files=self.max_files,
+                                                  follow_links=self.follow_links):
             signature = None if reason is not None else _signature(path)
             if reason is None and signature is None:
                 continue  # vanished during the scan
@@ -140,68 +149,11 @@ class EmbeddingLibrary:
         self._index()
         return report
 
-    def _walk(self) -> Iterator[tuple[Path, str, str | None]]:
-        """(path, relative path, reason it is not read or None) for every file below the folder, sorted.
-
-        Hidden folders are skipped; links are followed only inside the folder (anywhere with
-        `follow_links`), each real folder once; depth and file count are bounded (module docstring).
-        """
-        root_real = os.path.realpath(self.folder)
-        visited: set[str] = set()
-        files_seen = 0
-        pending: list[tuple[Path, int]] = [(self.folder, 0)]
-        while pending:
-            folder, depth = pending.pop()
-            relative_folder = folder.relative_to(self.folder).as_posix()
-            real = os.path.realpath(folder)
-            if real in visited:
-                continue
-            visited.add(real)
-            try:
-                with os.scandir(folder) as scan:
-                    items = sorted(scan, key=lambda item: item.name)
-            except OSError as error:
-                yield folder, relative_folder + "/", f"folder could not be read ({error.strerror or error})"
-                continue
-            subfolders: list[Path] = []
-            for item in items:
-                path = folder / item.name
-                relative = path.relative_to(self.folder).as_posix()
-                try:
-                    is_link = item.is_symlink()
-                    is_dir = item.is_dir()  # follows links
-                except OSError:
-                    is_link, is_dir = True, False
-                if is_link and not self.follow_links:
-                    target = os.path.realpath(path)
-                    if target != root_real and not target.startswith(root_real + os.sep):
-                        yield path, relative, LINK_OUTSIDE
-                        continue
-                if is_dir:
-                    if item.name.startswith("."):
-                        continue
-                    if depth + 1 > self.max_depth:
-                        yield path, relative + "/", (f"folder not scanned: deeper than {self.max_depth} "
-                                                     "levels (max_depth)")
-                        continue
-                    subfolders.append(path)
-                    continue
-                if is_link and not os.path.exists(path):
-                    yield path, relative, "broken link"
-                    continue
-                files_seen += 1
-                if files_seen > self.max_files:
-                    yield path, relative, (f"not read: the scan stops after {self.max_files} files "
-                                           "(max_files); later files in this folder and others were not read")
-                    return
-                yield path, relative, None
-            pending.extend((subfolder, depth + 1) for subfolder in reversed(subfolders))
-
     def _read(self, path: Path, relative: str) -> LibraryEntry:
         try:
             return self._read_file(path, relative)
         except Exception as error:  # one bad file must not spoil the folder  # noqa: BLE001
-            return LibraryEntry(relative, reason=_describe(error, str(path)))
+            return LibraryEntry(relative, reason=describe_read_error(error, str(path)))
 
     def _read_file(self, path: Path, relative: str) -> LibraryEntry:
         entry = LibraryEntry(relative)
@@ -345,25 +297,3 @@ def _signature(path: Path) -> Signature | None:
     except OSError:  # vanished or a broken link
         return None
     return (stat.st_mtime_ns, stat.st_size), partner_stat
-
-
-def _describe(error: Exception, label: str) -> str:
-    """A skip reason for any error: tiengine's own message as is, anything else with its type."""
-    if isinstance(error, TiengineError):
-        return _strip_label(str(error), label)
-    if isinstance(error, RecursionError):
-        return "could not be read (structure nested too deeply)"
-    if isinstance(error, MemoryError):
-        return "could not be read (out of memory)"
-    if isinstance(error, OSError):
-        return f"could not be read ({error.strerror or type(error).__name__})"
-    message = _strip_label(str(error), label).replace(label, "<file>")
-    if len(message) > 200:
-        message = message[:197] + "..."
-    return f"could not be read ({type(error).__name__}: {message})" if message else \
-        f"could not be read ({type(error).__name__})"
-
-
-def _strip_label(message: str, label: str) -> str:
-    """An error message without its leading "<file>: " (the listing names the file)."""
-    return message[len(label) + 2 :] if message.startswith(label + ": ") else message
