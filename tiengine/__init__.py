@@ -20,6 +20,7 @@ _EXPORTS = {
     "load_embedding": "tiengine.embeddings.embedding",
     "save_embedding": "tiengine.embeddings.embedding",
     "Engine": "tiengine.engine",
+    "NetworkLibrary": "tiengine.networks.library",
     # settings
     "GenerateSettings": "tiengine.settings",
     "EncodeOptions": "tiengine.text.conditioning",
@@ -30,6 +31,7 @@ _EXPORTS = {
     "ScheduledConditioning": "tiengine.results",
     "GenerationResult": "tiengine.results",
     "AppliedEmbedding": "tiengine.results",
+    "NetworkReport": "tiengine.networks.active",
     "TrainResult": "tiengine.training.textual_inversion",
     # errors: every one is a TiengineError
     "TiengineError": "tiengine.errors",
@@ -38,6 +40,7 @@ _EXPORTS = {
     "CheckpointError": "tiengine.errors",
     "EngineError": "tiengine.errors",
     "NonFiniteError": "tiengine.errors",
+    "NetworkError": "tiengine.errors",
     "TokenizerError": "tiengine.text.tokenizer",
     "PromptError": "tiengine.text.prompt",
     "ConditioningError": "tiengine.text.conditioning",
@@ -64,6 +67,7 @@ if TYPE_CHECKING:
         CheckpointError,
         EmbeddingError,
         EngineError,
+        NetworkError,
         NonFiniteError,
         TiengineError,
         UnsafePickleError,
@@ -73,6 +77,8 @@ if TYPE_CHECKING:
     from tiengine.io.metadata import MetadataError
     from tiengine.kernels.common import KernelInputError
     from tiengine.models.text_encoder import TokenIdError
+    from tiengine.networks.active import NetworkReport
+    from tiengine.networks.library import NetworkLibrary
     from tiengine.results import AppliedEmbedding, Conditioning, GenerationResult, ScheduledConditioning
     from tiengine.settings import GenerateSettings
     from tiengine.text.conditioning import ConditioningError, EncodeOptions

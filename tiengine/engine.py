@@ -46,10 +46,14 @@ from tiengine.embeddings.embedding import Embedding
 from tiengine.embeddings.library import EmbeddingLibrary, ReloadReport, default_embeddings_folder
 from tiengine.errors import EngineError, NonFiniteError
 from tiengine.io.images import pil_to_tensor, tensor_to_pil
+from tiengine.io.metadata import format_name_hashes
 from tiengine.models.config import ModelConfig, size_time_ids
+from tiengine.networks.active import ActiveNetworks, NetworkPatcher, NetworkReport, NetworkResolver
+from tiengine.networks.library import NetworkLibrary
 from tiengine.results import Conditioning, GenerationResult, ScheduledConditioning, image_parameters, stackable
 from tiengine.settings import MAX_SEED, RANDOM_SEED, GenerateSettings, encode_options_with, settings_with
 from tiengine.text.conditioning import EncodeOptions, TextEncoderSlot, encode_texts
+from tiengine.text.extra_networks import strip_extra_networks
 from tiengine.text.prompt import PromptLimits, prompt_schedule, split_and
 from tiengine.text.tokenizer import ClipTokenizer
 from tiengine.text.vocabulary import EmbeddingVocabulary
@@ -92,6 +96,9 @@ class Engine:
         dtype: torch.dtype = torch.float32,
         default_cfg_scale: float = A1111_CFG_SCALE,
         prompt_limits: PromptLimits | None = None,
+        loras: NetworkLibrary | None = None,
+        hypernetworks: NetworkLibrary | None = None,
+        patcher: NetworkPatcher | None = None,
     ) -> None:
         self.config = config
         self.prompt_limits = PromptLimits() if prompt_limits is None else prompt_limits
@@ -110,6 +117,9 @@ class Engine:
             module.eval().requires_grad_(False)
         self._cache: OrderedDict[tuple, Conditioning] = OrderedDict()
         self._model_hash: str | None = None
+        self.networks = NetworkResolver(modules, config.family, loras, hypernetworks)
+        self.patcher = NetworkPatcher(modules) if patcher is None else patcher  # shared by engines on these modules
+        self._bundled: tuple[tuple[str, int], ...] = ()  # (name, id) of the bundled embeddings in the vocabulary
         self._bind_embeddings()
 
     # ------------------------------------------------------------------------------------- loading
@@ -126,12 +136,16 @@ class Engine:
         vae: str | os.PathLike[str] | None = None,
         prompt_limits: PromptLimits | None = None,
         progress: LoadProgress | None = None,
+        loras: str | os.PathLike[str] | None = None,
+        hypernetworks: str | os.PathLike[str] | None = None,
     ) -> Engine:
         """Load a model (None: the built-in default, run at its own guidance scale) and a folder of
         embeddings (None: the folder named by $TIENGINE_EMBEDDINGS, if set, else none; False: none).
 
         `prompt_limits`: the bounds on every prompt this engine parses (default PromptLimits()).
-        `progress(component, loaded, total)` is called after each model component is loaded."""
+        `progress(component, loaded, total)` is called after each model component is loaded.
+        `loras` / `hypernetworks`: the folders that `<lora:NAME:...>` (and `<lyco:...>`) and
+        `<hypernet:NAME:...>` tags in prompts name files in (A1111's models/Lora, models/hypernetworks)."""
         default_cfg_scale = A1111_CFG_SCALE
         if model_path is None:
             model_path = default_model_path()
@@ -139,17 +153,21 @@ class Engine:
         if embeddings is None:
             embeddings = default_embeddings_folder()
         library = EmbeddingLibrary(embeddings) if embeddings is not None and embeddings is not False else None
+        lora_library = NetworkLibrary(loras, "lora") if loras is not None else None
+        hypernetwork_library = NetworkLibrary(hypernetworks, "hypernetwork") if hypernetworks is not None else None
         config, modules = load_models(model_path, device=device, dtype=dtype, prediction=prediction, vae=vae,
                                       progress=progress)
         return cls(config, modules, embeddings=library, model_path=Path(model_path), device=device, dtype=dtype,
-                   default_cfg_scale=default_cfg_scale, prompt_limits=prompt_limits)
+                   default_cfg_scale=default_cfg_scale, prompt_limits=prompt_limits, loras=lora_library,
+                   hypernetworks=hypernetwork_library)
 
     def sharing_weights(self) -> Engine:
-        """A second engine on the same modules (no copy) with the same tokenizer and no embeddings: the
-        training loop's preview engine, whose vocabulary changes while this one's stays."""
+        """A second engine on the same modules (no copy) with the same tokenizer and no embeddings or networks:
+        the training loop's preview engine, whose vocabulary changes while this one's stays. Both share one
+        NetworkPatcher, since the weights it changes are shared."""
         return type(self)(self.config, self.modules, tokenizer=self.tokenizer, model_path=self.model_path,
                           device=self.device, dtype=self.dtype, default_cfg_scale=self.default_cfg_scale,
-                          prompt_limits=self.prompt_limits)
+                          prompt_limits=self.prompt_limits, patcher=self.patcher)
 
     # ----------------------------------------------------------------------------------- embeddings
 
@@ -171,7 +189,7 @@ class Engine:
         reason = self._mismatch(embedding)
         if reason is not None:
             raise EngineError(f"{embedding.label}: {reason}")
-        self._set_vocabulary(self.vocabulary.with_embedding(embedding))
+        self._set_vocabulary(self.base_vocabulary.with_embedding(embedding))
 
     def _bind_embeddings(self) -> None:
         """Bind the library's embeddings that fit this model (a shadowed file by its path, explicitly); the
@@ -182,10 +200,32 @@ class Engine:
             self._set_vocabulary(EmbeddingVocabulary.from_library(self.tokenizer, self.library, check=self._mismatch))
 
     def _set_vocabulary(self, vocabulary: EmbeddingVocabulary) -> None:
-        """Use `vocabulary`: rebuild the encoders' extra rows and forget cached conditioning."""
+        """Use `vocabulary` (plus the active LoRAs' bundled embeddings): rebuild the encoders' extra rows and
+        forget cached conditioning."""
+        self.base_vocabulary = vocabulary
+        self._use_bundled(self.patcher.active, rebuild=True)
+
+    def _use_bundled(self, active: ActiveNetworks, *, rebuild: bool = False) -> None:
+        """The vocabulary is the base one plus the embeddings bundled in the active LoRA files, as A1111 registers
+        them when the LoRA loads; a name the base vocabulary has keeps the folder's embedding (A1111 skips the
+        bundled one), and one that does not fit this model is left out."""
+        bundled = {name: embedding for name, embedding in active.bundled_embeddings.items()
+                   if name not in self.base_vocabulary.embeddings and self._mismatch(embedding) is None}
+        identity = tuple(sorted((name, id(embedding)) for name, embedding in bundled.items()))
+        if identity == self._bundled and not rebuild:
+            return
+        vocabulary = self.base_vocabulary
+        for embedding in bundled.values():
+            vocabulary = vocabulary.with_embedding(embedding)
         self.vocabulary = vocabulary
+        self._bundled = identity
         self._rows = self._extra_rows()
         self._cache.clear()
+
+    def _activate(self, active: ActiveNetworks) -> None:
+        """Make the model carry exactly these networks (and their bundled embeddings)."""
+        self.patcher.activate(active)
+        self._use_bundled(active)
 
     def _mismatch(self, embedding: Embedding) -> str | None:
         """Why `embedding` cannot be used with this model's encoders, or None."""
@@ -232,21 +272,31 @@ class Engine:
     def _encode(
         self, prompt: str, negative_prompt: str, steps: int, second_order: bool, options: EncodeOptions
     ) -> Conditioning:
-        key = (prompt, negative_prompt, steps, second_order, options, self.prompt_limits)
+        active, reports, text, negative_text = self._networks_of(prompt, negative_prompt)
+        self._activate(active)
+        key = (prompt, negative_prompt, steps, second_order, options, self.prompt_limits, active.key)
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
-        result = Conditioning(positive=[], negative=None)  # type: ignore[arg-type]
-        for part_index, (text, weight) in enumerate(split_and(prompt, limits=self.prompt_limits)):
-            schedule = self._encode_schedule(text, steps, second_order, options, result, "positive", part_index)
+        result = Conditioning(positive=[], negative=None, networks=reports, active_networks=active)  # type: ignore[arg-type]
+        for part_index, (part, weight) in enumerate(split_and(text, limits=self.prompt_limits)):
+            schedule = self._encode_schedule(part, steps, second_order, options, result, "positive", part_index)
             result.positive.append((schedule, weight))
-        result.negative = self._encode_schedule(negative_prompt, steps, second_order, options, result, "negative", 0)
-        result.add_skipped(self.vocabulary.skipped_mentions(prompt) + self.vocabulary.skipped_mentions(negative_prompt))
+        result.negative = self._encode_schedule(negative_text, steps, second_order, options, result, "negative", 0)
+        result.add_skipped(self.vocabulary.skipped_mentions(text) + self.vocabulary.skipped_mentions(negative_text))
         self._cache[key] = result
         if len(self._cache) > ENCODE_CACHE_SIZE:
             self._cache.popitem(last=False)
         return result
+
+    def _networks_of(self, prompt: str, negative_prompt: str) -> tuple[ActiveNetworks, list[NetworkReport], str, str]:
+        """The networks a prompt pair names (A1111: the positive prompt's tags), a report per tag, and both
+        texts with every `<kind:...>` tag removed (tiengine.text.extra_networks)."""
+        positive = strip_extra_networks(prompt, "positive")
+        negative = strip_extra_networks(negative_prompt, "negative")
+        active, reports = self.networks.resolve(positive.tags + negative.tags)
+        return active, reports, positive.text, negative.text
 
     def _encode_schedule(
         self, text: str, steps: int, second_order: bool, options: EncodeOptions, result: Conditioning,
@@ -369,8 +419,10 @@ class Engine:
         template, seed, save_every, ...) replace its fields. `callback` gets a TrainProgress after each
         step and may return False to stop. With `resume=True`, settings not given (keywords) or left at
         their defaults (a settings object) come from the checkpoint. The engine is not changed; use
-        `engine.add_embedding(result.embedding)` to prompt with the result. See tiengine.training.textual_inversion.
+        `engine.add_embedding(result.embedding)` to prompt with the result. Extra networks applied by an earlier
+        prompt are removed first. See tiengine.training.textual_inversion.
         """
+        self._activate(ActiveNetworks())  # train against the base weights, whatever the last prompt applied
         explicit = None  # with a settings object, its fields that differ from the defaults count as given
         if settings is None:
             settings = settings_from_options(**setting_fields)
@@ -413,9 +465,16 @@ class Engine:
         factor = self._latent_factor()
         if width % factor or height % factor:
             raise EngineError(f"size {width}x{height}: width and height must be positive multiples of {factor}")
+        network_sets = {self._networks_of(prompt, negative_prompt)[0].key for prompt in dict.fromkeys(prompts)}
+        if len(network_sets) > 1:  # the weights differ between these prompts: one run per prompt
+            return GenerationResult.join([
+                self._sample(settings, [prompt], negative_prompt, [seed], init_image, callback)
+                for prompt, seed in zip(prompts, seeds)
+            ])
         unique = {prompt: self._encode(prompt, negative_prompt, settings.steps, info.second_order, settings.encode)
                   for prompt in dict.fromkeys(prompts)}
         conditionings = [unique[prompt] for prompt in prompts]
+        self._activate(conditionings[0].active_networks)  # encoding left the last prompt's set active: the same one
         if len(prompts) > 1 and not stackable(list(unique.values())):  # run each image on its own
             return GenerationResult.join([
                 self._sample(settings, [prompt], negative_prompt, [seed], init_image, callback)
@@ -466,6 +525,7 @@ class Engine:
             "Denoising strength": f"{settings.strength:g}" if init_image is not None else None,
             "Clip skip": options.clip_skip if options.clip_skip != 1 else None,
             "Emphasis": options.emphasis if options.emphasis != "original" else None,
+            "Lora hashes": format_name_hashes(first.active_networks.lora_hashes()),
             "TI hashes": None,
             "Version": f"tiengine {__version__}",
         }

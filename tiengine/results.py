@@ -18,7 +18,8 @@ import torch
 
 from tiengine.errors import EngineError
 from tiengine.io.atomic import WriteError, ensure_folder
-from tiengine.io.metadata import format_parameters, format_ti_hashes, save_png
+from tiengine.io.metadata import format_name_hashes, format_parameters, save_png
+from tiengine.networks.active import ActiveNetworks, NetworkReport
 from tiengine.text.chunking import TokenizedPrompt
 from tiengine.text.vocabulary import SkippedMention
 
@@ -62,13 +63,17 @@ class ScheduledConditioning:
 
 @dataclass
 class Conditioning:
-    """`Engine.encode`'s result: AND parts with weights, the negative prompt, and what happened to embeddings."""
+    """`Engine.encode`'s result: AND parts with weights, the negative prompt, what happened to embeddings, and
+    the extra-network tags of both prompts (`networks`: one report per tag; `active_networks`: those applied,
+    whose text-encoder part this conditioning was computed with)."""
 
     positive: list[tuple[ScheduledConditioning, float]]
     negative: ScheduledConditioning
     applied: list[AppliedEmbedding] = field(default_factory=list)
     skipped: list[SkippedMention] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    networks: list[NetworkReport] = field(default_factory=list)
+    active_networks: ActiveNetworks = field(default_factory=ActiveNetworks)
 
     def record(self, prompts: Sequence[TokenizedPrompt], hashes: Mapping[str, str | None], which: str,
                part: int) -> None:
@@ -99,7 +104,8 @@ class Conditioning:
         """The same conditioning with every tensor on `device` / in `dtype` (None: unchanged)."""
         return Conditioning(
             [(scheduled.to(device, dtype), weight) for scheduled, weight in self.positive],
-            self.negative.to(device, dtype), self.applied, self.skipped, self.warnings,
+            self.negative.to(device, dtype), self.applied, self.skipped, self.warnings, self.networks,
+            self.active_networks,
         )
 
 
@@ -122,7 +128,7 @@ def image_parameters(prompts: Sequence[str], negative_prompt: str, seeds: Sequen
     """Each image's `parameters` text: `settings` (in order, None left out) with its "Seed" and "TI hashes"."""
     return [
         format_parameters(prompt, negative_prompt,
-                          {**settings, "Seed": seed, "TI hashes": format_ti_hashes(conditioning.ti_hashes())})
+                          {**settings, "Seed": seed, "TI hashes": format_name_hashes(conditioning.ti_hashes())})
         for prompt, seed, conditioning in zip(prompts, seeds, conditionings)
     ]
 

@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "tiengine.cli.tokenize",
     "tiengine.cli.parse",
     "tiengine.cli.embeddings",
+    "tiengine.cli.networks",
     "tiengine.cli.encode",
     "tiengine.cli.generate",
     "tiengine.cli.train",
@@ -63,6 +64,35 @@ def add_encode_options(parser: argparse.ArgumentParser) -> None:
                         help="bind embeddings only through embedding:NAME, never by bare name")
     parser.add_argument("--keep-embeddings-on-backtrack", action="store_true",
                         help="move an embedding with its slots when comma backtracking moves it (A1111 loses it)")
+
+
+def add_network_options(parser: argparse.ArgumentParser) -> None:
+    """--loras / --hypernetworks: the folders `<lora:NAME:...>` and `<hypernet:NAME:...>` tags name files in."""
+    parser.add_argument("--loras", type=Path, metavar="DIR",
+                        help="folder of LoRA / LyCORIS files (A1111's models/Lora) that <lora:NAME:WEIGHT> and "
+                             "<lyco:NAME:WEIGHT> tags in the prompt name (by file stem; sub-folders allowed)")
+    parser.add_argument("--hypernetworks", type=Path, metavar="DIR",
+                        help="folder of A1111 hypernetworks (.pt, A1111's models/hypernetworks) that "
+                             "<hypernet:NAME:STRENGTH> tags name")
+
+
+def network_report_lines(reports: list) -> list[str]:
+    """One line per extra-network tag: applied (with multipliers and hash) or skipped with the reason."""
+    lines = []
+    for report in reports:
+        if report.multiplier is not None:
+            strength = f"strength {report.multiplier:g}"
+        elif report.te_multiplier is not None:
+            strength = f"te {report.te_multiplier:g}, unet {report.unet_multiplier:g}" + \
+                (f", dyn {report.dyn_dim}" if report.dyn_dim is not None else "")
+        else:
+            strength = ""
+        if report.applied:
+            lines.append(f"{report.kind} {report.name} [{report.short_hash}] applied ({strength}; "
+                         f"{report.layers} layers, from {report.file})")
+        else:
+            lines.append(f"{report.kind} {report.name or report.tag} skipped: {report.reason}")
+    return lines
 
 
 def encode_options(args: argparse.Namespace):  # -> tiengine.text.conditioning.EncodeOptions

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tiengine.cli import CliError, add_encode_options, encode_options
+from tiengine.cli import CliError, add_encode_options, add_network_options, encode_options, network_report_lines
 from tiengine.diffusion.names import SAMPLER_NAMES
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"{', '.join(SAMPLER_NAMES)}")
     parser.add_argument("--clip-skip", type=int, default=1)
     add_encode_options(parser)
+    add_network_options(parser)
     parser.add_argument("--device", default="auto",
                         help="torch device of the model and the tensors, e.g. cpu or cuda (default auto: cuda if "
                              "available, else cpu); the file holds CPU tensors")
@@ -97,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
             for a in conditioning.applied
         ],
         "skipped_embeddings": [{"name": m.name, "reason": m.reason} for m in conditioning.skipped],
+        "extra_networks": [report.as_dict() for report in conditioning.networks],
+        "lora_hashes": conditioning.active_networks.lora_hashes(),
         "warnings": conditioning.warnings,
         "model": valid_text(str(engine.model_path)) if engine.model_path else None,
         "model_hash": engine.model_hash(),
@@ -113,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
                   f"chunk {applied['chunk']} slot {applied['slot']}, weight {applied['weight']:.4g}")
         for skipped in metadata["skipped_embeddings"]:
             print(f"embedding {skipped['name']} skipped: {skipped['reason']}")
+        for line in network_report_lines(conditioning.networks):
+            print(valid_text(line))
     return 0
 
 

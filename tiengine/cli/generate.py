@@ -16,7 +16,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tiengine.cli import CliError, add_encode_options, embeddings_folder, encode_options, resolve_device
+from tiengine.cli import (
+    CliError,
+    add_encode_options,
+    add_network_options,
+    embeddings_folder,
+    encode_options,
+    network_report_lines,
+    resolve_device,
+)
 from tiengine.diffusion.names import SAMPLER_NAMES, SCHEDULERS
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -48,6 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="images per run (default 1)")
     parser.add_argument("--clip-skip", type=int, default=1, help="CLIP layers to skip (SD1; default 1 = none)")
     add_encode_options(parser)
+    add_network_options(parser)
     parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture")
     parser.add_argument("--strength", type=float, default=0.75, help="image-to-image denoising strength (0..1)")
     parser.add_argument("--compare-samplers", metavar="A,B,C",
@@ -97,7 +106,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.cfg = engine.default_cfg_scale  # the built-in model's own scale, else A1111's
     settings = dataclasses.replace(settings, cfg_scale=args.cfg)
     columns = []
-    summary = {"images": [], "applied_embeddings": [], "skipped_embeddings": [], "warnings": []}
+    summary = {"images": [], "applied_embeddings": [], "skipped_embeddings": [], "extra_networks": [], "warnings": []}
     for sampler in samplers:
         settings = dataclasses.replace(settings, sampler=sampler)
         result = _run_one(engine, args, settings, init_image)
@@ -123,8 +132,9 @@ def run_generate(args: argparse.Namespace) -> int:
          "vectors": a.n_vectors, "weight": a.weight} for a in conditioning.applied
     ]
     summary["skipped_embeddings"] = [{"name": m.name, "reason": m.reason} for m in conditioning.skipped]
+    summary["extra_networks"] = [report.as_dict() for report in conditioning.networks]
     summary["warnings"] = conditioning.warnings
-    _report(summary, args.json)
+    _report(summary, args.json, network_report_lines(conditioning.networks))
     return 0
 
 
@@ -148,7 +158,8 @@ def load_engine(args: argparse.Namespace, dtype):  # -> tiengine.engine.Engine
 
     with loading_bar(args.json) as progress:
         return Engine.load(args.model, embeddings=embeddings_folder(args.embeddings),
-                           device=resolve_device(args.device), dtype=dtype, progress=progress)
+                           device=resolve_device(args.device), dtype=dtype, progress=progress,
+                           loras=getattr(args, "loras", None), hypernetworks=getattr(args, "hypernetworks", None))
 
 
 def _run_one(engine, args, settings, init_image):
@@ -164,7 +175,7 @@ def _run_one(engine, args, settings, init_image):
         return engine.generate(args.prompt, args.negative, settings=settings, callback=advance)
 
 
-def _report(summary: dict, as_json: bool) -> None:
+def _report(summary: dict, as_json: bool, network_lines: list[str]) -> None:
     from tiengine.io.metadata import valid_text
 
     if as_json:
@@ -178,6 +189,8 @@ def _report(summary: dict, as_json: bool) -> None:
               f"weight {applied['weight']:.4g}")
     for skipped in summary["skipped_embeddings"]:
         print(f"embedding {skipped['name']} skipped: {skipped['reason']}")
+    for line in network_lines:
+        print(valid_text(line))
     for warning in summary["warnings"]:
         print(f"warning: {warning}")
 

@@ -71,8 +71,8 @@ def format_parameters(prompt: str, negative_prompt: str, settings: Mapping[str, 
     return valid_text("\n".join(lines))
 
 
-def format_ti_hashes(hashes: Mapping[str, str | None]) -> str | None:
-    """`name: shorthash, ...` for the embeddings used (names without ':' or ','), or None if none."""
+def format_name_hashes(hashes: Mapping[str, str | None]) -> str | None:
+    """`name: shorthash, ...` (A1111's `TI hashes` and `Lora hashes`; names without ':' or ','), or None if none."""
     parts = [
         f"{name.replace(':', '').replace(',', '')}: {short}" for name, short in hashes.items() if short
     ]

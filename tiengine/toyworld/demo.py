@@ -40,7 +40,7 @@ from tiengine.embeddings.embedding import file_sha256
 from tiengine.errors import TiengineError
 from tiengine.io.atomic import atomic_write, atomic_write_bytes, ensure_folder
 from tiengine.io.images import labelled_grid
-from tiengine.io.metadata import format_parameters, format_ti_hashes, save_png
+from tiengine.io.metadata import format_parameters, format_name_hashes, save_png
 from tiengine.toyworld.demo_recipe import (
     CONCEPT_IMAGES,
     CONCEPT_NAME,
@@ -161,7 +161,7 @@ def grid_parameters(
     settings = {
         "Steps": DEFAULT_STEPS, "Sampler": DEFAULT_SAMPLER, "CFG scale": f"{DEFAULT_MODEL_CFG_SCALE:g}",
         "Seed": seed, "Size": f"{size[0]}x{size[1]}", "Model": "tiengine default model",
-        "TI hashes": format_ti_hashes({CONCEPT_NAME: embedding_hash}),
+        "TI hashes": format_name_hashes({CONCEPT_NAME: embedding_hash}),
     }
     return format_parameters(description, "", settings)
 
