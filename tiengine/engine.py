@@ -290,6 +290,13 @@ class Engine:
             self._cache.popitem(last=False)
         return result
 
+    def apply_networks(self, prompt: str) -> list[NetworkReport]:
+        """Apply the extra networks that `prompt`'s tags name, now (no tag: the base model back), as `encode` and
+        `generate` do before they run; one report per tag. For callers that run the modules themselves."""
+        active, reports, _, _ = self._networks_of(prompt, "")
+        self._activate(active)
+        return reports
+
     def _networks_of(self, prompt: str, negative_prompt: str) -> tuple[ActiveNetworks, list[NetworkReport], str, str]:
         """The networks a prompt pair names (A1111: the positive prompt's tags), a report per tag, and both
         texts with every `<kind:...>` tag removed (tiengine.text.extra_networks)."""
