@@ -30,6 +30,8 @@ def test_json_for_one_prompt(capsys) -> None:
     # " BREAK " splits into "", BREAK, ""; "[c|d]" alternates per step; ":0.5" is the second part's weight
     assert report == {
         "prompt": "a (b:1.2) BREAK [c|d] AND e:0.5",
+        "text": "a (b:1.2) BREAK [c|d] AND e:0.5",  # no extra-network tags to remove
+        "extra_networks": [],
         "parts": [
             {
                 "text": "a (b:1.2) BREAK [c|d]",
@@ -95,6 +97,8 @@ def test_file_gives_one_json_line_per_prompt(tmp_path: Path, capsys) -> None:
     assert _schedule(reports[0]) == [[3, "first a"], [4, "first b"]]
     assert reports[1] == {
         "prompt": "",
+        "text": "",
+        "extra_networks": [],
         "parts": [{"text": "", "weight": 1.0, "schedule": [_entry(4, "", [["", 1.0]])]}],
     }
     assert reports[2]["parts"][0]["schedule"][0]["fragments"] == [["caf\u00e9", 1.5]]

@@ -1,12 +1,21 @@
 """`tiengine parse`: show how the A1111 prompt language reads a prompt (tiengine.text.prompt).
 
-Shows what the encoder sees, in the order `Engine.encode` works: the prompt is split on AND into parts
+Shows what the encoder sees, in the order `Engine.encode` works: extra-network tags (`<lora:name:0.8>`,
+tiengine.text.extra_networks) are removed first and listed; the rest (`text`) is split on AND into parts
 (text, weight); each part's text has a schedule over the sampling steps (until step, text); each scheduled
 text is read into attention fragments (text, weight; BREAK as ("BREAK", -1)). `--json` writes one object
 per prompt (JSON lines with `--file`, which reads one prompt per line):
 
-    {"prompt": str, "parts": [{"text": str, "weight": float,
-                               "schedule": [{"until_step": int, "text": str, "fragments": [[str, float], ...]}]}]}
+    {"prompt": str, "text": str, "extra_networks": [tag, ...],
+     "parts": [{"text": str, "weight": float,
+                "schedule": [{"until_step": int, "text": str, "fragments": [[str, float], ...]}]}]}
+
+Each tag (`extra_network_report`, shared with `tiengine tokenize`) is {"kind", "name", "where" ("positive"),
+"text" (as written), "start", "end" (its character offsets in the prompt)} plus, for lora/lyco,
+"te_multiplier", "unet_multiplier", "dyn_dim" (null: the file's rank); for hypernet, "multiplier"; for other
+kinds, "items" (the ":"-split arguments). A "note" says why a tag will not be applied (unknown kind, no
+name). No network file is read: whether the name exists is for `tiengine encode` / `generate` to say.
+A tag argument that is not a number is an error (exit status 2), as the engine would refuse it.
 """
 
 from __future__ import annotations
@@ -17,6 +26,14 @@ import sys
 from pathlib import Path
 
 from tiengine.cli import CliError
+from tiengine.text.extra_networks import (
+    HYPERNET_KINDS,
+    LORA_KINDS,
+    ExtraNetworkTag,
+    hypernet_arguments,
+    lora_arguments,
+    strip_extra_networks,
+)
 from tiengine.text.prompt import parse_prompt_attention, prompt_schedule, split_and
 
 
@@ -25,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "parse",
         help="show attention weights, step schedule and AND parts of a prompt",
         description="Parse prompts with the AUTOMATIC1111 prompt language: attention weights, BREAK, "
-        "[from:to:N] schedules, [a|b] alternation and AND composition.",
+        "[from:to:N] schedules, [a|b] alternation and AND composition. Extra-network tags such as "
+        "<lora:name:0.8> or <hypernet:name> are removed first, as A1111 does, and listed with their "
+        "multipliers (no network file is read).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("text", nargs="?", metavar="TEXT", help="the prompt")
@@ -56,9 +75,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_report(prompt: str, steps: int, *, second_order: bool = False) -> dict:
-    """AND parts -> per-part schedule -> per-entry attention fragments, as `Engine.encode` reads `prompt`."""
+    """Tags removed -> AND parts -> per-part schedule -> per-entry attention fragments, as the encoder reads
+    `prompt`."""
+    stripped = strip_extra_networks(prompt)
     parts = []
-    for text, weight in split_and(prompt):
+    for text, weight in split_and(stripped.text):
         schedule = [
             {
                 "until_step": until_step,
@@ -68,7 +89,47 @@ def parse_report(prompt: str, steps: int, *, second_order: bool = False) -> dict
             for until_step, scheduled_text in prompt_schedule(text, steps, second_order=second_order)
         ]
         parts.append({"text": text, "weight": weight, "schedule": schedule})
-    return {"prompt": prompt, "parts": parts}
+    return {
+        "prompt": prompt,
+        "text": stripped.text,
+        "extra_networks": [extra_network_report(tag) for tag in stripped.tags],
+        "parts": parts,
+    }
+
+
+def extra_network_report(tag: ExtraNetworkTag) -> dict:
+    """One tag as the JSON object described in the module docstring (raises NetworkError on a bad value)."""
+    record: dict = {"kind": tag.kind, "name": tag.name, "where": tag.where, "text": tag.text,
+                    "start": tag.start, "end": tag.end}
+    if tag.kind in LORA_KINDS:
+        arguments = lora_arguments(tag)
+        record.update(te_multiplier=arguments.te_multiplier, unet_multiplier=arguments.unet_multiplier,
+                      dyn_dim=arguments.dyn_dim)
+    elif tag.kind in HYPERNET_KINDS:
+        name, multiplier = hypernet_arguments(tag)
+        record.update(name=name, multiplier=multiplier)  # A1111's hypernet name is items[0], "=" or not
+    else:
+        record["items"] = list(tag.items)
+        known = ", ".join(LORA_KINDS + HYPERNET_KINDS)
+        record["note"] = f"unknown extra network kind {tag.kind!r} (known: {known}): removed, not applied"
+    if not record["name"] and "note" not in record:
+        record["note"] = "names no network (the first argument that is not key=value is the name): not applied"
+    return record
+
+
+def extra_network_line(record: dict) -> str:
+    """The human-readable line of one `extra_network_report` record."""
+    if "te_multiplier" in record:
+        strengths = f"te {record['te_multiplier']!r}, unet {record['unet_multiplier']!r}"
+        if record["dyn_dim"] is not None:
+            strengths += f", dyn {record['dyn_dim']}"
+    elif "multiplier" in record:
+        strengths = f"multiplier {record['multiplier']!r}"
+    else:
+        strengths = f"arguments {record['items']!r}"
+    network = record["kind"] if "items" in record else f"{record['kind']} {record['name']!r}"
+    line = f"extra network ({record['where']}): {network}, {strengths}, from {record['text']!r}"
+    return line + (f"; {record['note']}" if "note" in record else "")
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -85,12 +146,16 @@ def _read_prompts(path: Path) -> list[str]:
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _print_table(report: dict) -> None:
     write = sys.stdout.write
     write(f"prompt: {report['prompt']!r}\n")
+    for record in report["extra_networks"]:
+        write(extra_network_line(record) + "\n")
+    if report["extra_networks"]:
+        write(f"without tags: {report['text']!r}\n")
     parts = report["parts"]
     for number, part in enumerate(parts, start=1):
         write(f"AND part {number}/{len(parts)}: weight {part['weight']!r}, text {part['text']!r}\n")

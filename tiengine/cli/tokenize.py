@@ -1,6 +1,11 @@
 """`tiengine tokenize`: prompts -> 77-token chunks with per-token weights and embedding slots.
 
-JSON output (`--json`): one object per prompt (JSON lines with `--file`): `prompt`, `token_count`,
+Extra-network tags (`<lora:name:0.8>`, tiengine.text.extra_networks) are removed first, as A1111 does, and
+never tokenized: `text` is the prompt without them and `extra_networks` lists them (the objects of
+`tiengine parse`, tiengine.cli.parse.extra_network_report; no network file is read).
+
+JSON output (`--json`): one object per prompt (JSON lines with `--file`): `prompt`, `text`, `extra_networks`,
+`token_count`,
 `chunks` = [{"tokens": [77 ids], "weights": [77 floats], "embeddings": [[slot, name, n_vectors], ...]}],
 slots counted from the chunk start (BOS is 0), embedding slots holding their pseudo-token ids (>= 49408).
 Token ids are those of the family's first encoder; SDXL adds `tokens_2` for its second encoder (ids after
@@ -16,6 +21,7 @@ import sys
 from pathlib import Path
 
 from tiengine.cli import CliError, add_encode_options, embeddings_folder
+from tiengine.cli.parse import extra_network_line, extra_network_report
 
 FAMILY_PAD_IDS = {"sd1": (49407,), "sd2": (0,), "sdxl": (49407, 0)}
 
@@ -25,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tokenize",
         help="show a prompt's 77-token chunks, weights and embedding slots",
         description="Tokenize prompts the way A1111 conditions them: weighted fragments, BREAK, "
-        "75-token chunks with comma backtracking, embeddings bound by name or embedding:NAME.",
+        "75-token chunks with comma backtracking, embeddings bound by name or embedding:NAME. Extra-network "
+        "tags such as <lora:name:0.8> are removed first and listed, never tokenized (no network file is read).",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("text", nargs="?", help="the prompt")
@@ -42,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tiengine.text.chunking import tokenize_prompt
     from tiengine.text.conditioning import encoder_token_ids
+    from tiengine.text.extra_networks import strip_extra_networks
     from tiengine.text.tokenizer import ClipTokenizer
     from tiengine.text.vocabulary import EmbeddingVocabulary
 
@@ -59,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     for prompt in prompts:
+        stripped = strip_extra_networks(prompt)
         result = tokenize_prompt(
-            prompt,
+            stripped.text,
             tokenizer,
             emphasis=args.emphasis,
             comma_backtrack=args.comma_backtrack,
@@ -76,12 +85,18 @@ def run(args: argparse.Namespace) -> int:
             record["weights"] = [round(weight, 6) for weight in chunk.weights]
             record["embeddings"] = [[e.slot, e.name, e.n_vectors] for e in chunk.embeddings]
             chunks.append(record)
+        extra_networks = [extra_network_report(tag) for tag in stripped.tags]
+        for record in extra_networks:
+            if "items" in record and record["kind"] in vocabulary.embeddings:
+                record["note"] += f"; {record['kind']} is an embedding: write it without <...> to use it"
         report = {
             "prompt": prompt,
+            "text": stripped.text,
+            "extra_networks": extra_networks,
             "token_count": result.token_count,
             "chunks": chunks,
             "unresolved": result.unresolved,
-            "skipped": [[m.name, m.reason] for m in vocabulary.skipped_mentions(prompt)],
+            "skipped": [[m.name, m.reason] for m in vocabulary.skipped_mentions(stripped.text)],
             "warnings": result.warnings,
         }
         if args.json:
@@ -104,6 +119,10 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 def _print_readable(report: dict, tokenizer) -> None:
     out = sys.stdout
     out.write(f"prompt: {report['prompt']}\n")
+    for record in report["extra_networks"]:
+        out.write(extra_network_line(record) + "\n")
+    if report["extra_networks"]:
+        out.write(f"without tags: {report['text']}\n")
     out.write(f"tokens: {report['token_count']} in {len(report['chunks'])} chunk(s) of 75\n")
     for number, chunk in enumerate(report["chunks"]):
         out.write(f"chunk {number}:\n")
