@@ -298,12 +298,16 @@ class Engine:
         return reports
 
     def _networks_of(self, prompt: str, negative_prompt: str) -> tuple[ActiveNetworks, list[NetworkReport], str, str]:
-        """The networks a prompt pair names (A1111: the positive prompt's tags), a report per tag, and both
-        texts with every `<kind:...>` tag removed (tiengine.text.extra_networks)."""
-        positive = strip_extra_networks(prompt, "positive")
-        negative = strip_extra_networks(negative_prompt, "negative")
-        active, reports = self.networks.resolve(positive.tags + negative.tags)
-        return active, reports, positive.text, negative.text
+        """The networks a prompt pair names, a report per tag, and the texts the encoder reads.
+
+        As in A1111 (processing.py strips `p.prompts`, never the negative prompts), every `<kind:...>` tag is
+        removed from the positive prompt and its networks applied; the negative prompt keeps its text as
+        written (a tag there is read as words, so `<EasyNegative:0.8>` still binds that embedding) and its
+        tags are reported as not applied."""
+        positive = strip_extra_networks(prompt, "positive", limits=self.prompt_limits)
+        negative_tags = strip_extra_networks(negative_prompt, "negative", limits=self.prompt_limits).tags
+        active, reports = self.networks.resolve(positive.tags + negative_tags)
+        return active, reports, positive.text, negative_prompt
 
     def _encode_schedule(
         self, text: str, steps: int, second_order: bool, options: EncodeOptions, result: Conditioning,

@@ -4,8 +4,9 @@
 into an `ActiveNetworks` set and one `NetworkReport` per tag. AUTOMATIC1111's rules:
 - kinds `lora` and `lyco` (an alias A1111 registers for LyCORIS files) name LoRA / LyCORIS files;
   `hypernet` names a hypernetwork; other kinds are removed from the text and reported as unknown;
-- only the positive prompt activates networks (A1111 parses the prompts, not the negative prompts, for
-  them); tags in the negative prompt are removed and reported as not applied;
+- only the positive prompt's tags are removed and activate networks (A1111 parses the prompts, not the
+  negative prompts, for them); a tag in the negative prompt stays text there and is reported as not
+  applied;
 - `<lora:name:te:unet:dyn>` multipliers (te default 1, unet default te), `<hypernet:name:strength>`;
 - the same network named twice is applied twice (A1111 keeps every mention);
 - a name found in no folder, a file that fails to load or does not fit the model: the tag is skipped with
@@ -161,6 +162,9 @@ class NetworkResolver:
 
     def _resolve_one(self, tag: ExtraNetworkTag) -> tuple[NetworkReport, ActiveLora | ActiveHypernetwork | None]:
         base = NetworkReport(tag.text, tag.kind, tag.name, tag.where, False)
+        if tag.where != "positive":
+            return _replace(base, reason="in the negative prompt: not applied and read as words, as A1111 does "
+                                         "(it takes extra networks from the positive prompt only)"), None
         if tag.kind in LORA_KINDS:
             arguments = lora_arguments(tag)
             base = _replace(base, name=arguments.name, te_multiplier=arguments.te_multiplier,
@@ -173,9 +177,6 @@ class NetworkResolver:
         else:
             return _replace(base, reason=f"unknown extra network kind {tag.kind!r} (tiengine applies "
                                          f"{', '.join(LORA_KINDS + HYPERNET_KINDS)}); removed from the text"), None
-        if tag.where != "positive":
-            return _replace(base, reason="extra networks in the negative prompt are removed from the text and not "
-                                         "applied (A1111 activates them from the positive prompt only)"), None
         if not base.name:
             return _replace(base, reason="the tag names no network"), None
         if library is None:
