@@ -20,6 +20,7 @@ makes the (B, C, H, W) <-> (B, H*W, C) moves of Transformer2DModel free views.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -227,6 +228,10 @@ class Attention(nn.Module):
     """diffusers Attention (to_q, to_k, to_v, to_out.0) over token sequences (B, N, C).
 
     context=None is self-attention; otherwise keys/values come from context (B, M, context_dim).
+    `key_value_context` (a plain attribute, default None) is an optional callable that maps that key/value
+    source (B, M, C_src) to two tensors of the same shape, the inputs of to_k and to_v; extra networks
+    that change the attention context (A1111 hypernetworks) set it. It must not be an nn.Module (that
+    would register it as a submodule and change the state dict).
     """
 
     def __init__(
@@ -252,6 +257,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, query_dim, bias=qkv_bias, **factory)
         # index 1 of diffusers' to_out is a parameterless Dropout; inference has none
         self.to_out = nn.ModuleList([nn.Linear(query_dim, query_dim, **factory)])
+        self.key_value_context: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(
         self,
@@ -263,12 +269,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (B, N, C) -> (B, N, C). chunk_size splits the queries to bound the score memory."""
         batch, tokens, width = x.shape
-        source = x if context is None else context
+        source = x if context is None else context  # (B, M, C_src)
+        if self.key_value_context is None:
+            key_source = value_source = source
+        else:
+            key_source, value_source = self.key_value_context(source)  # each (B, M, C_src)
         head_dim = width // self.heads
         # (B, N, C) -> (B, N, heads, d) -> (B, heads, N, d)
         q = self.to_q(x).view(batch, tokens, self.heads, head_dim).transpose(1, 2)
-        k = self.to_k(source).view(batch, -1, self.heads, head_dim).transpose(1, 2)  # (B, heads, M, d)
-        v = self.to_v(source).view(batch, -1, self.heads, head_dim).transpose(1, 2)  # (B, heads, M, d)
+        k = self.to_k(key_source).view(batch, -1, self.heads, head_dim).transpose(1, 2)  # (B, heads, M, d)
+        v = self.to_v(value_source).view(batch, -1, self.heads, head_dim).transpose(1, 2)  # (B, heads, M, d)
         dtype = q.dtype
         if self.upcast_attention and dtype in HALF_DTYPES:
             q, k, v = q.float(), k.float(), v.float()

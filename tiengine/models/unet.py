@@ -15,6 +15,7 @@ channels/64 heads (head dim 64). `UNetConfig.num_attention_heads` holds the head
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from tiengine.errors import TiengineError
 from tiengine.models.attention import ATTENTION_BACKENDS, AttentionBackend
 from tiengine.models.fusions import FUSED_BACKENDS, FusedBackend, group_norm
 from tiengine.models.layers import (
+    Attention,
     Conv2d,
     Downsample2D,
     ResnetBlock2D,
@@ -495,6 +497,18 @@ class UNet2DConditionModel(nn.Module):
             flip_sin_to_cos=self.config.flip_sin_to_cos,
             freq_shift=self.config.freq_shift,
         )
+
+    def set_key_value_context(
+        self, transform: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+    ) -> None:
+        """Set (None: remove) `Attention.key_value_context` on every attention of this UNet, self- and
+        cross-attention alike: transform(source (B, M, C_src)) -> (to_k input, to_v input)."""
+        if isinstance(transform, nn.Module):
+            raise TypeError("key_value_context must be a plain callable, not an nn.Module (it would become "
+                            "a submodule of every attention and change the UNet's state dict)")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.key_value_context = transform
 
     def forward(
         self,
