@@ -31,8 +31,16 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from tiengine import __version__
-from tiengine.default_model import A1111_CFG_SCALE, DEFAULT_MODEL_CFG_SCALE, default_model_path
-from tiengine.diffusion.guidance import scheduled_guided_denoiser, stack_schedules, unet_schedule
+from tiengine.default_model import (
+    A1111_CFG_SCALE,
+    DEFAULT_MODEL_CFG_SCALE,
+    default_model_path,
+)
+from tiengine.diffusion.guidance import (
+    scheduled_guided_denoiser,
+    stack_schedules,
+    unet_schedule,
+)
 from tiengine.diffusion.samplers import get_sampler
 from tiengine.diffusion.schedules import (
     NoiseSchedule,
@@ -43,15 +51,36 @@ from tiengine.diffusion.schedules import (
     v_denoiser,
 )
 from tiengine.embeddings.embedding import Embedding
-from tiengine.embeddings.library import EmbeddingLibrary, ReloadReport, default_embeddings_folder
+from tiengine.embeddings.library import (
+    EmbeddingLibrary,
+    ReloadReport,
+    default_embeddings_folder,
+)
 from tiengine.errors import EngineError, NonFiniteError
 from tiengine.io.images import pil_to_tensor, tensor_to_pil
 from tiengine.io.metadata import format_name_hashes
 from tiengine.models.config import ModelConfig, size_time_ids
-from tiengine.networks.active import ActiveNetworks, NetworkPatcher, NetworkReport, NetworkResolver
+from tiengine.networks.active import (
+    ActiveNetworks,
+    NetworkPatcher,
+    NetworkReport,
+    NetworkResolver,
+)
 from tiengine.networks.library import NetworkLibrary
-from tiengine.results import Conditioning, GenerationResult, ScheduledConditioning, image_parameters, stackable
-from tiengine.settings import MAX_SEED, RANDOM_SEED, GenerateSettings, encode_options_with, settings_with
+from tiengine.results import (
+    Conditioning,
+    GenerationResult,
+    ScheduledConditioning,
+    image_parameters,
+    stackable,
+)
+from tiengine.settings import (
+    MAX_SEED,
+    RANDOM_SEED,
+    GenerateSettings,
+    encode_options_with,
+    settings_with,
+)
 from tiengine.text.conditioning import EncodeOptions, TextEncoderSlot, encode_texts
 from tiengine.text.extra_networks import strip_extra_networks
 from tiengine.text.prompt import PromptLimits, prompt_schedule, split_and

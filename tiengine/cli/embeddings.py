@@ -122,7 +122,11 @@ def run_inspect(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tiengine.embeddings.embedding import SAVE_FORMATS, embedding_card, save_embedding
+    from tiengine.embeddings.embedding import (
+        SAVE_FORMATS,
+        embedding_card,
+        save_embedding,
+    )
     from tiengine.errors import EmbeddingError
     from tiengine.io.atomic import OVERWRITE_HINT, FileExistsRefusal, check_file_path
 

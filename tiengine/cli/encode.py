@@ -13,7 +13,13 @@ import argparse
 import json
 from pathlib import Path
 
-from tiengine.cli import CliError, add_encode_options, add_network_options, encode_options, network_report_lines
+from tiengine.cli import (
+    CliError,
+    add_encode_options,
+    add_network_options,
+    encode_options,
+    network_report_lines,
+)
 from tiengine.diffusion.names import SAMPLER_NAMES
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}

@@ -88,7 +88,10 @@ def run_train_embedding(args: argparse.Namespace) -> int:
     import torch
 
     from tiengine.cli.generate import load_engine
-    from tiengine.training.textual_inversion import TrainingInterrupted, settings_from_options
+    from tiengine.training.textual_inversion import (
+        TrainingInterrupted,
+        settings_from_options,
+    )
 
     apply_threads(args.threads)
     also = [fmt.strip() for fmt in (args.also or "").split(",") if fmt.strip()]

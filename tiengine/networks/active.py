@@ -34,10 +34,13 @@ from torch import nn
 from tiengine.embeddings.embedding import Embedding
 from tiengine.errors import NetworkError, TiengineError
 from tiengine.networks.hashes import lora_file_hash
-from tiengine.networks.hypernetwork import Hypernetwork, hypernetwork_context, hypernetwork_file_hash, load_hypernetwork
+from tiengine.networks.hypernetwork import (
+    Hypernetwork,
+    apply_hypernetworks,
+    load_hypernetwork,
+)
 from tiengine.networks.library import FileSignature, NetworkFile, NetworkLibrary
 from tiengine.networks.lora import LoraNetwork, load_lora
-from tiengine.models.unet import set_key_value_context
 from tiengine.text.extra_networks import (
     HYPERNET_KINDS,
     LORA_KINDS,
@@ -210,8 +213,9 @@ class NetworkResolver:
                 network: LoraNetwork | Hypernetwork = load_lora(found.path, self.modules, family=self.family)
                 short_hash = lora_file_hash(found.path)[:SHORT_HASH_DIGITS]
             else:
-                network = load_hypernetwork(found.path)
-                short_hash = hypernetwork_file_hash(found.path)[:SHORT_HASH_DIGITS]
+                weight = next(self.modules["unet"].parameters())  # the hypernetwork runs where the UNet runs
+                network = load_hypernetwork(found.path, device=weight.device, dtype=weight.dtype)
+                short_hash = network.short_hash
             loaded = _Loaded(found.signature, network, short_hash, None)
         except (TiengineError, OSError) as error:
             loaded = _Loaded(found.signature, None, None, _without_path(str(error), found.path))
@@ -252,12 +256,7 @@ class NetworkPatcher:
                         raise NetworkError(f"{lora.network.path}: the update of {update.key} is not finite at "
                                            f"multiplier {multiplier:g}")
                     weight.add_(delta.to(weight.dtype))
-        unet = self.modules["unet"]
-        set_key_value_context(
-            unet,
-            hypernetwork_context([(hyper.network, hyper.multiplier) for hyper in active.hypernetworks])
-            if active.hypernetworks else None,
-        )
+        apply_hypernetworks(self.modules["unet"], [(hyper.network, hyper.multiplier) for hyper in active.hypernetworks])
         self._active_key = active.key
         self.active = active
 
@@ -267,7 +266,7 @@ class NetworkPatcher:
             for (component, module), backup in self._backups.items():
                 self.modules[component].get_submodule(module).weight.copy_(backup)
         self._backups.clear()
-        set_key_value_context(self.modules["unet"], None)
+        apply_hypernetworks(self.modules["unet"], [])
         self._active_key = ActiveNetworks().key
         self.active = ActiveNetworks()
 
@@ -286,4 +285,4 @@ def _replace(report: NetworkReport, **fields: object) -> NetworkReport:
 def _without_path(message: str, path: Path) -> str:
     """A load error as a skip reason: the report names the file already."""
     prefix = f"{path}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
+    return message.removeprefix(prefix)

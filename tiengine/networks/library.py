@@ -23,7 +23,12 @@ from typing import Literal
 
 from tiengine.embeddings.library import ReloadReport
 from tiengine.errors import NetworkError
-from tiengine.io.folders import MAX_SCAN_DEPTH, MAX_SCAN_FILES, bounded_walk, describe_read_error
+from tiengine.io.folders import (
+    MAX_SCAN_DEPTH,
+    MAX_SCAN_FILES,
+    bounded_walk,
+    describe_read_error,
+)
 from tiengine.weights_conv.readers import SafetensorsFile
 
 NetworkKind = Literal["lora", "hypernetwork"]
