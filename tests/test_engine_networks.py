@@ -205,7 +205,8 @@ def test_generate_batch_runs_each_network_set_as_its_own_run(setup):
 def test_bundled_embedding_is_usable_while_its_lora_is_in_the_prompt(setup):
     engine, _, tensors, _, loras = setup
     vectors = torch.randn(2, 48, generator=torch.Generator().manual_seed(3))
-    save_file({**tensors, "bundle_emb.inkchar.clip_l": vectors}, str(loras / "withchar.safetensors"))
+    # A1111's bundled layout: bundle_emb.NAME.string_to_param.* (an SD1 .pt embedding's dict, flattened)
+    save_file({**tensors, "bundle_emb.inkchar.string_to_param.*": vectors}, str(loras / "withchar.safetensors"))
     engine.networks.loras.reload()
     without = engine.encode("a portrait of inkchar")
     assert [mention.name for mention in without.applied] == []
@@ -264,7 +265,8 @@ def test_cli_lists_inspects_and_generates_with_loras(setup, sd1_folder, tmp_path
 
 def test_embedding_in_vocabulary_is_not_replaced_by_a_bundled_one(setup, tmp_path):
     engine, _, tensors, _, loras = setup
-    save_file({**tensors, "bundle_emb.inkchar.clip_l": torch.zeros(2, 48)}, str(loras / "withchar.safetensors"))
+    save_file({**tensors, "bundle_emb.inkchar.string_to_param.*": torch.zeros(2, 48)},
+              str(loras / "withchar.safetensors"))
     engine.networks.loras.reload()
     own = Embedding("inkchar", {"clip_l": torch.ones(1, 48)})
     other = engine.sharing_weights()

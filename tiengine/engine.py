@@ -243,10 +243,13 @@ class Engine:
         identity = tuple(sorted((name, id(embedding)) for name, embedding in bundled.items()))
         if identity == self._bundled and not rebuild:
             return
-        vocabulary = self.base_vocabulary
-        for embedding in bundled.values():
-            vocabulary = vocabulary.with_embedding(embedding)
-        self.vocabulary = vocabulary
+        base = self.base_vocabulary
+        if rebuild and not bundled:  # just built by the caller: the tokenizer holds exactly its names
+            self.vocabulary = base
+        else:  # built anew (not base.with_embedding) so the shared tokenizer holds exactly these names again
+            self.vocabulary = EmbeddingVocabulary.build(self.tokenizer, {**base.embeddings, **bundled},
+                                                        aliases=base.aliases, skipped=base.skipped,
+                                                        explicit_only=base.explicit_only)
         self._bundled = identity
         self._rows = self._extra_rows()
         self._cache.clear()

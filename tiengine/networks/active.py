@@ -284,5 +284,4 @@ def _replace(report: NetworkReport, **fields: object) -> NetworkReport:
 
 def _without_path(message: str, path: Path) -> str:
     """A load error as a skip reason: the report names the file already."""
-    prefix = f"{path}: "
-    return message.removeprefix(prefix)
+    return message[len(str(path)):].lstrip(": ") if message.startswith(str(path)) else message

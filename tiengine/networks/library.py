@@ -148,7 +148,7 @@ class NetworkLibrary:
         if self.kind != "lora" or path.suffix.lower() != ".safetensors":
             return None
         with SafetensorsFile(path) as source:  # header only: validated, no tensor data read
-            alias = source.metadata().get(ALIAS_METADATA_KEY)
+            alias = source.metadata.get(ALIAS_METADATA_KEY)
         return alias.strip() if isinstance(alias, str) and alias.strip() else None
 
     def _index(self) -> None:
