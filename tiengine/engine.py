@@ -148,7 +148,7 @@ class Engine:
         self._model_hash: str | None = None
         self.networks = NetworkResolver(modules, config.family, loras, hypernetworks)
         self.patcher = NetworkPatcher(modules) if patcher is None else patcher  # shared by engines on these modules
-        self._bundled: tuple[tuple[str, int], ...] = ()  # (name, id) of the bundled embeddings in the vocabulary
+        self._bundled: tuple = ()  # the bundled embeddings in the vocabulary: (names, their LoRA files' states)
         self._bind_embeddings()
 
     # ------------------------------------------------------------------------------------- loading
@@ -240,7 +240,7 @@ class Engine:
         bundled one), and one that does not fit this model is left out."""
         bundled = {name: embedding for name, embedding in active.bundled_embeddings.items()
                    if name not in self.base_vocabulary.embeddings and self._mismatch(embedding) is None}
-        identity = tuple(sorted((name, id(embedding)) for name, embedding in bundled.items()))
+        identity = (tuple(sorted(bundled)), tuple(lora.file_state for lora in active.loras)) if bundled else ()
         if identity == self._bundled and not rebuild:
             return
         base = self.base_vocabulary

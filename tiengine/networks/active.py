@@ -56,6 +56,7 @@ TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2")
 @dataclass(frozen=True)
 class ActiveLora:
     network: LoraNetwork
+    file_state: tuple[str, FileSignature]  # (path, (mtime_ns, size)) of the file the network was read from
     name: str  # as written in the prompt (A1111's mentioned_name, used in `Lora hashes`)
     short_hash: str
     te_multiplier: float
@@ -66,6 +67,7 @@ class ActiveLora:
 @dataclass(frozen=True)
 class ActiveHypernetwork:
     network: Hypernetwork
+    file_state: tuple[str, FileSignature]
     name: str
     multiplier: float
 
@@ -79,10 +81,10 @@ class ActiveNetworks:
 
     @property
     def key(self) -> tuple:
-        """Identity of the set (file objects are cached per file state, so `id` names a file version)."""
+        """Identity of the set: which file versions, with which multipliers, in which order."""
         return (
-            tuple((id(lora.network), lora.te_multiplier, lora.unet_multiplier, lora.dyn_dim) for lora in self.loras),
-            tuple((id(hyper.network), hyper.multiplier) for hyper in self.hypernetworks),
+            tuple((lora.file_state, lora.te_multiplier, lora.unet_multiplier, lora.dyn_dim) for lora in self.loras),
+            tuple((hyper.file_state, hyper.multiplier) for hyper in self.hypernetworks),
         )
 
     @property
@@ -195,12 +197,12 @@ class NetworkResolver:
             assert base.multiplier is not None
             widths = len(loaded.network.sizes)
             return _replace(base, applied=True, layers=widths), \
-                ActiveHypernetwork(loaded.network, base.name, base.multiplier)
+                ActiveHypernetwork(loaded.network, (str(found.path), found.signature), base.name, base.multiplier)
         assert base.te_multiplier is not None and base.unet_multiplier is not None
         network = loaded.network
         return (
             _replace(base, applied=True, layers=len(network.updates), unmatched_keys=len(network.unmatched)),
-            ActiveLora(network, base.name, loaded.short_hash or "", base.te_multiplier, base.unet_multiplier,
+            ActiveLora(network, (str(found.path), found.signature), base.name, loaded.short_hash or "", base.te_multiplier, base.unet_multiplier,
                        base.dyn_dim),
         )
 
