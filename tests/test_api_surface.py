@@ -279,7 +279,8 @@ def test_cli_tokenize_keeps_embeddings_on_backtrack(capsys, sd1_embeddings):
 
 ERROR_CLASSES = ("TiengineError", "EngineError", "EmbeddingError", "CheckpointError", "TrainingError",
                  "ConditioningError", "SamplingError", "PromptError", "TokenizerError", "UnsafePickleError",
-                 "MetadataError", "FileExistsRefusal", "TokenIdError", "KernelInputError", "DemoError")
+                 "MetadataError", "FileExistsRefusal", "TokenIdError", "KernelInputError", "DemoError",
+                 "NetworkError")
 
 
 @pytest.mark.parametrize("name", [
