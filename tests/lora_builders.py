@@ -232,14 +232,16 @@ def write_peft_lora(path: Path, modules: Mapping[str, nn.Module], *, rank: int =
 
 
 def old_diffusers_name(component: str, path: str) -> tuple[str, str]:
-    """(prefix, down/up infix) of a layer in diffusers' pre-PEFT LoRA files (module docstring)."""
+    """(layer name, tensor stem) of a layer in diffusers' pre-PEFT LoRA files: keys are
+    `<layer><stem>.down.weight` / `.up.weight` (module docstring)."""
     parent, _, leaf = path.rpartition(".")
     if component == "unet" and parent.endswith(("attn1", "attn2")) and leaf in ("to_q", "to_k", "to_v"):
-        return f"unet.{parent}.processor.{leaf}_lora", ""
+        return f"unet.{parent}.processor.{leaf}", "_lora"
     if component == "unet" and path.endswith(("attn1.to_out.0", "attn2.to_out.0")):
-        return f"unet.{path.removesuffix('.to_out.0')}.processor.to_out_lora", ""
+        return f"unet.{path.removesuffix('.to_out.0')}.processor.to_out", "_lora"
     if component != "unet" and parent.endswith("self_attn"):
-        return f"{component}.{parent}.{ {'q_proj': 'to_q', 'k_proj': 'to_k', 'v_proj': 'to_v', 'out_proj': 'to_out'}[leaf]}_lora", ""
+        processor = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}[leaf]
+        return f"{component}.{parent}.{processor}", "_lora"
     if component != "unet":
         return f"{component}.{path}", ".lora_linear_layer"
     return f"unet.{path}", ".lora"
@@ -251,10 +253,10 @@ def write_old_diffusers_lora(path: Path, modules: Mapping[str, nn.Module], *, ra
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for component, module_path, layer in lora_layers(modules):
-        name, infix = old_diffusers_name(component, module_path)
+        name, stem = old_diffusers_name(component, module_path)
         pair = _lora_pair(generator, layer.weight, rank, tucker=False)
-        tensors[f"{name}{infix}.down.weight"] = pair["lora_down.weight"]
-        tensors[f"{name}{infix}.up.weight"] = pair["lora_up.weight"]
+        tensors[f"{name}{stem}.down.weight"] = pair["lora_down.weight"]
+        tensors[f"{name}{stem}.up.weight"] = pair["lora_up.weight"]
     save(path, tensors, fmt)
     return tensors
 

@@ -340,8 +340,7 @@ def _count_block(blocks: dict[str, dict[str, Any]], prefix: str, algorithm: str,
     tokens = body.replace(".", "_").split("_")  # kohya and dotted names read alike
     part = blocks.setdefault(component, {"layers": 0, "conv_layers": 0})
     part["layers"] += 1
-    produced = _produced_or_none(algorithm, shapes)
-    if produced is not None and len(produced) == 4 and produced[2:] != (1, 1):
+    if any(len(shape) == 4 and shape[2:] != (1, 1) for shape in shapes.values()):  # a kernel wider than 1x1
         part["conv_layers"] += 1
     if component != UNET:
         numbers = [int(tokens[i + 1]) for i, token in enumerate(tokens[:-1]) if token == "layers" and tokens[i + 1].isdigit()]
@@ -357,13 +356,6 @@ def _count_block(blocks: dict[str, dict[str, Any]], prefix: str, algorithm: str,
         label = body
     found = part.setdefault(region, {})
     found[label] = found.get(label, 0) + 1
-
-
-def _produced_or_none(algorithm: str, shapes: Mapping[str, tuple]) -> tuple[int, ...] | None:
-    try:
-        return produced_shape(algorithm, {name: shape for name, shape in shapes.items() if name != "alpha"})
-    except LayerFormatError:
-        return None
 
 
 def _describe_bundles(source: TensorSource, keys: list[str]) -> list[dict[str, Any]]:

@@ -235,7 +235,7 @@ def compute_delta(algorithm: str, tensors: Mapping[str, torch.Tensor], weight_sh
             w2 = matrix("lokr_w2_a") @ matrix("lokr_w2_b")  # (c, d)
         if w2.ndim == 4:
             w1 = w1[:, :, None, None]  # (a, b, 1, 1)
-        update = torch.kron(w1, w2)  # (a * c, b * d[, kh, kw])
+        update = torch.kron(w1.contiguous(), w2.contiguous())  # (a * c, b * d[, kh, kw])
     padding = _inpaint_padding(tuple(update.shape), tuple(weight_shape))
     if padding:
         update = update.reshape(weight_shape[0], LATENT_CHANNELS, *weight_shape[2:])  # (out, 4, kh, kw)
