@@ -151,7 +151,8 @@ def bundle_keys(embeddings: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[st
 
 
 def write_loha(path: Path, modules: Mapping[str, nn.Module], *, family: str, rank: int = 4, alpha: float = 2.0,
-               conv: bool = False, tucker: bool = False, seed: int = 0, fmt: str = "safetensors") -> dict[str, torch.Tensor]:
+               conv: bool = False, tucker: bool = False, seed: int = 0,
+               fmt: str = "safetensors") -> dict[str, torch.Tensor]:
     """LyCORIS LoHa: hada_w1_a (out, r), hada_w1_b (r, in*kh*kw), w2 alike; tucker: hada_t1/t2 (r, r, kh, kw)
     with w_a (r, out), w_b (r, in) for kxk convolutions."""
     generator = torch.Generator().manual_seed(seed)

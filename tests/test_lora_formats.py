@@ -23,6 +23,7 @@ import pytest
 import torch
 from hostile_builders import write_zip
 from lora_builders import (
+    bundle_keys,
     bundled_embedding,
     kohya_name,
     lora_layers,
@@ -43,6 +44,8 @@ from tiengine.networks.lora import describe_lora, load_lora, lora_file_hash
 
 EPS = torch.finfo(torch.float32).eps
 MULTIPLIER = 0.7
+LAYER = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # a tiny SD1 layer (32 x 32)
+CONV = "lora_unet_down_blocks_0_resnets_0_conv1"  # (32, 32, 3, 3)
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +263,13 @@ def test_bundled_embeddings_in_both_layouts(tmp_path, models):
         assert sorted(network.bundled_embeddings) == ["heroine", "style"]
         for name, embedding in network.bundled_embeddings.items():
             assert embedding.name == name and embedding.path == tmp_path / f"b.{fmt}" and embedding.sha256 is None
+            assert embedding.container == {"pt": "torch_zip", "safetensors": "safetensors"}[fmt]
             for part, tensor in parts[name].items():
                 assert torch.equal(embedding.vectors["clip_l" if part == "string_to_param.*" else part], tensor)
         assert not any(key.startswith("bundle_emb") for key in network.unmatched)
+    only = save(tmp_path / "only.safetensors", bundle_keys({"solo": bundled_embedding(models["sd1"], 2)}))
+    network = load_lora(only, models["sd1"], family="sd1")  # A1111 loads such a file for its embeddings
+    assert network.updates == () and list(network.bundled_embeddings) == ["solo"]
 
 
 def test_unmatched_keys_are_reported_not_fatal(tmp_path, models):
@@ -274,6 +281,30 @@ def test_unmatched_keys_are_reported_not_fatal(tmp_path, models):
     network = load_lora(tmp_path / "u.safetensors", modules, family="sd1")
     assert sorted(network.unmatched) == sorted(extra)
     assert len(network.updates) == len(expected_targets(modules, "diffusers"))
+
+
+def test_a1111_te1_alias_and_unprefixed_peft_names(tmp_path, models):
+    """lora_te1_ names the only text encoder of SD1 (A1111); unprefixed PEFT text names are the one encoder's
+    on SD1 and ambiguous (unmatched) on SDXL, whose two encoders share them."""
+    sd1 = write_kohya_lora(tmp_path / "k.safetensors", models["sd1"], family="sd1", unet=False)
+    save(tmp_path / "te1.safetensors", {key.replace("lora_te_", "lora_te1_"): value for key, value in sd1.items()})
+    network = load_lora(tmp_path / "te1.safetensors", models["sd1"], family="sd1")
+    assert {u.module for u in network.updates} == {p for _, p, _ in lora_layers(models["sd1"], unet=False)}
+    for family in ("sd1", "sdxl"):
+        tensors = write_peft_lora(tmp_path / "p.safetensors", models[family], conv=False)
+        bare = {key.split(".", 1)[1]: value for key, value in tensors.items()}  # no component prefix
+        network = load_lora(save(tmp_path / "bare.safetensors", bare), models[family], family=family)
+        text_keys = {key for key in bare if key.startswith("text_model.")}
+        assert set(network.unmatched) == (text_keys if family == "sdxl" else set())
+        assert {u.component for u in network.updates} == ({"unet"} if family == "sdxl" else {"unet", "text_encoder"})
+
+
+def test_describe_reports_unsupported_layers_without_failing(tmp_path, models):
+    tensors = write_kohya_lora(tmp_path / "k.safetensors", models["sd1"], family="sd1")
+    tensors[f"{LAYER}.dora_scale"] = torch.ones(32, 1)
+    info = describe_lora(save(tmp_path / "dora.safetensors", tensors))
+    assert info["unsupported_count"] == 1 and "dora_scale" in info["unsupported_layers"][LAYER]
+    assert info["layers"] == len(expected_targets(models["sd1"], "diffusers")) - 1
 
 
 def addnet_hash_reference(path: Path) -> str:
@@ -367,10 +398,6 @@ def corrupt(tmp_path, models, change) -> Path:
     return save(tmp_path / "bad.safetensors", tensors)
 
 
-LAYER = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
-
-
 @pytest.mark.parametrize(("change", "fragments"), [
     (lambda t: t.update({f"{LAYER}.lora_up.weight": torch.ones(32, 3)}),
      ["rank mismatch", "lora_up.weight [32, 3] has rank 3", "lora_down.weight [4, 32] has rank 4", LAYER]),
@@ -385,7 +412,8 @@ CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
     (lambda t: t.update({f"{LAYER}.alpha": torch.ones(2)}), ["expected a scalar alpha"]),
     (lambda t: [t.pop(k) for k in list(t) if k.startswith(LAYER)] and t.update(
         {f"{LAYER}.oft_blocks": torch.ones(4, 8, 8)}), ["'oft_blocks' (LyCORIS OFT)"]),
-    (lambda t: t.update({LAYER.replace("down_blocks_0_attentions_0", "input_blocks_1_1") + ".alpha": torch.tensor(1.0)}),
+    (lambda t: t.update({LAYER.replace("down_blocks_0_attentions_0", "input_blocks_1_1") + ".alpha":
+                         torch.tensor(1.0)}),
      ["both name unet.down_blocks.0.attentions.0", "lora_unet_input_blocks_1_1_transformer"]),
 ])
 def test_bad_layers_are_refused_by_name(tmp_path, models, change, fragments):

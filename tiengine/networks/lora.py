@@ -31,6 +31,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,12 @@ from tiengine.networks.lora_keys import (
     metadata_family,
     split_key,
 )
-from tiengine.weights_conv.readers import TensorSource, open_tensor_file
+from tiengine.weights_conv.readers import (
+    ZIP_MAGIC,
+    SafetensorsFile,
+    TensorSource,
+    open_tensor_file,
+)
 
 __all__ = ["LayerUpdate", "LoraNetwork", "describe_lora", "load_lora", "lora_file_hash"]
 
@@ -162,9 +168,12 @@ def _read_checked(source: TensorSource, key: str) -> torch.Tensor:
         raise NetworkError(str(error)) from None
     if not tensor.dtype.is_floating_point:
         raise NetworkError(f"{source.path}: tensor {key!r} is {tensor.dtype}, expected floating point")
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+    # Fast path: a float32 sum is finite when every element is (NaN and inf propagate); only a non-finite
+    # sum (a bad value, or an overflow of huge finite ones) pays for the elementwise check.
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return tensor
+    bad = int((~torch.isfinite(tensor.float())).sum())  # .float(): isfinite has no float8 kernel
+    if bad:
         raise NetworkError(f"{source.path}: tensor {key!r} {list(tensor.shape)} holds {bad} NaN or infinite "
                            "value(s); expected finite numbers")
     return tensor
@@ -178,7 +187,8 @@ def _alpha(source: TensorSource, key: str) -> float:
 
 
 def _layer_update(source: TensorSource, prefix: str, names: Mapping[str, str], target: Target) -> LayerUpdate:
-    where = f"{source.path}: layer {prefix!r} ({target.component}.{target.module}, weight {list(target.weight_shape)})"
+    where = (f"{source.path}: layer {prefix!r} ({target.component}.{target.module}, "
+             f"weight {list(target.weight_shape)})")
     try:
         algorithm = identify(set(names))
         shapes = _shapes(source, {name: key for name, key in names.items() if name != "alpha"})
@@ -205,12 +215,21 @@ def _bundled_embeddings(source: TensorSource, keys: list[str]) -> dict[str, Embe
     try:
         tensors = {key: source.read(key) for key in keys}
         parsed = parse_bundles(tensors, str(source.path))
+        container = _container(source)
         return {name: Embedding(name=name, vectors=entry.vectors, step=entry.step, sd_checkpoint=entry.sd_checkpoint,
                                 sd_checkpoint_name=entry.sd_checkpoint_name, format=entry.layout, path=source.path,
-                                stored_name=name, container="lora_bundle")
+                                stored_name=name, container=container)
                 for name, entry in sorted(parsed.items())}
     except (EmbeddingError, CheckpointError) as error:
         raise NetworkError(str(error)) from None
+
+
+def _container(source: TensorSource) -> str:
+    """The container names Embedding uses: "safetensors", "torch_zip" or "torch_legacy"."""
+    if isinstance(source, SafetensorsFile):
+        return "safetensors"
+    with open(source.path, "rb") as file:
+        return "torch_zip" if file.read(len(ZIP_MAGIC)) == ZIP_MAGIC else "torch_legacy"
 
 
 def load_lora(path: str | os.PathLike[str], modules: Mapping[str, nn.Module], *, family: str) -> LoraNetwork:
@@ -240,7 +259,7 @@ def load_lora(path: str | os.PathLike[str], modules: Mapping[str, nn.Module], *,
                 raise NetworkError(f"{path}: keys {owner[0]!r} and {prefix!r} both name {target.component}."
                                    f"{target.module}; expected one layer per module")
             matched[f"{target.component}.{target.module}"] = (prefix, target)
-        if not matched:
+        if not matched and not bundled_keys:
             raise NetworkError(
                 f"{path}: no key names a layer of this {family} model ({len(keys)} keys, e.g. "
                 f"{', '.join(repr(key) for key in keys[:3]) or 'none'}); expected kohya names (lora_unet_*, "
@@ -343,7 +362,7 @@ def _count_block(blocks: dict[str, dict[str, Any]], prefix: str, algorithm: str,
     if any(len(shape) == 4 and shape[2:] != (1, 1) for shape in shapes.values()):  # a kernel wider than 1x1
         part["conv_layers"] += 1
     if component != UNET:
-        numbers = [int(tokens[i + 1]) for i, token in enumerate(tokens[:-1]) if token == "layers" and tokens[i + 1].isdigit()]
+        numbers = [int(after) for token, after in pairwise(tokens) if token == "layers" and after.isdigit()]
         if numbers:
             part["encoder_layers"] = sorted(set(part.get("encoder_layers", [])) | {numbers[0]})
         return
@@ -365,9 +384,10 @@ def _describe_bundles(source: TensorSource, keys: list[str]) -> list[dict[str, A
         _, name, rest = (key.split(".", 2) + ["", ""])[:3]
         shape = source.info(key).shape
         entry = found.setdefault(name, {"name": name, "vectors": None, "widths": {}})
-        if shape:
+        if shape:  # (n, D) or (D,)
             entry["vectors"] = shape[0] if len(shape) == 2 else 1
-            entry["widths"][rest.removeprefix("string_to_param.") if rest.startswith("string_to_param") else rest] = shape[-1]
+            part = rest.removeprefix("string_to_param.") if rest.startswith("string_to_param") else rest
+            entry["widths"][part] = shape[-1]
     return [found[name] for name in sorted(found)]
 
 

@@ -129,7 +129,8 @@ def produced_shape(algorithm: str, shapes: Mapping[str, Shape]) -> Shape:
             raise LayerFormatError(f"lora_down.weight has shape {list(down)}; with lora_mid it must be 1x1")
         if len(mid) != 4 or mid[0] != up[1] or mid[1] != down[0]:
             raise LayerFormatError(f"rank mismatch: lora_mid.weight {list(mid)} does not join lora_up.weight "
-                                   f"{list(up)} and lora_down.weight {list(down)} (expected ({up[1]}, {down[0]}, kh, kw))")
+                                   f"{list(up)} and lora_down.weight {list(down)} "
+                                   f"(expected ({up[1]}, {down[0]}, kh, kw))")
         return (up[0], down[1], *mid[2:])
     if algorithm == "loha":
         _require(shapes, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -140,7 +141,8 @@ def produced_shape(algorithm: str, shapes: Mapping[str, Shape]) -> Shape:
         if math.prod(first) != math.prod(second) or first[0] != second[0]:
             raise LayerFormatError(f"the LoHa factors differ in shape: {list(first)} (w1) and {list(second)} (w2)")
         return first if len(first) >= len(second) else second
-    _require(shapes, "lokr_w1" if "lokr_w1" in shapes else "lokr_w1_a", "lokr_w2" if "lokr_w2" in shapes else "lokr_w2_a")
+    _require(shapes, "lokr_w1" if "lokr_w1" in shapes else "lokr_w1_a",
+             "lokr_w2" if "lokr_w2" in shapes else "lokr_w2_a")
     if "lokr_w1" in shapes:
         w1: Shape = shapes["lokr_w1"]
         if len(w1) != 2:
