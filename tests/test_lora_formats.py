@@ -299,12 +299,16 @@ def test_a1111_te1_alias_and_unprefixed_peft_names(tmp_path, models):
         assert {u.component for u in network.updates} == ({"unet"} if family == "sdxl" else {"unet", "text_encoder"})
 
 
-def test_describe_reports_unsupported_layers_without_failing(tmp_path, models):
+def test_describe_reports_unsupported_layers_and_pickled_bundles(tmp_path, models):
     tensors = write_kohya_lora(tmp_path / "k.safetensors", models["sd1"], family="sd1")
     tensors[f"{LAYER}.dora_scale"] = torch.ones(32, 1)
     info = describe_lora(save(tmp_path / "dora.safetensors", tensors))
     assert info["unsupported_count"] == 1 and "dora_scale" in info["unsupported_layers"][LAYER]
     assert info["layers"] == len(expected_targets(models["sd1"], "diffusers")) - 1
+    write_kohya_lora(tmp_path / "e.pt", models["sd1"], family="sd1", fmt="pt",
+                     embeddings={"pal": bundled_embedding(models["sd1"], 3)})
+    assert describe_lora(tmp_path / "e.pt")["bundled_embeddings"] == [{"name": "pal", "vectors": 3,
+                                                                         "widths": {"clip_l": 48}}]
 
 
 def addnet_hash_reference(path: Path) -> str:

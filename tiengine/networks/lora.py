@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from tiengine.embeddings.embedding import MAX_EMBEDDING_BYTES, Embedding
-from tiengine.embeddings.layouts import BUNDLE_PREFIX, parse_bundles
+from tiengine.embeddings.layouts import BUNDLE_PREFIX, ENCODER_WIDTHS, parse_bundles
 from tiengine.errors import CheckpointError, EmbeddingError, NetworkError
 from tiengine.io.limits import MAX_NESTING_DEPTH, json_nesting_depth
 from tiengine.networks.hashes import lora_file_hash, short_hash
@@ -386,7 +386,9 @@ def _describe_bundles(source: TensorSource, keys: list[str]) -> list[dict[str, A
         entry = found.setdefault(name, {"name": name, "vectors": None, "widths": {}})
         if shape:  # (n, D) or (D,)
             entry["vectors"] = shape[0] if len(shape) == 2 else 1
-            part = rest.removeprefix("string_to_param.") if rest.startswith("string_to_param") else rest
+            # A1111's one-encoder layout: the encoder by width as tiengine.embeddings reads it (custom: clip_l)
+            part = ("clip_h" if shape[-1] == ENCODER_WIDTHS["clip_h"] else "clip_l") if rest.startswith(
+                "string_to_param") else rest
             entry["widths"][part] = shape[-1]
     return [found[name] for name in sorted(found)]
 
