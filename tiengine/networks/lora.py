@@ -116,6 +116,12 @@ class LayerUpdate:
 
 @dataclass
 class LoraNetwork:
+    """A LoRA file read for one model: its updates, what did not match, bundled embeddings, metadata.
+
+    `family` is what the file's keys and widths say (te1/te2 keys, a 768 / 1024 / 2048-wide context, ...);
+    where its widths are no released model's (small test models) but fit the model, the model's family.
+    """
+
     path: Path
     family: str | None  # "sd1" | "sd2" | "sdxl", detected from the keys/shapes
     updates: tuple[LayerUpdate, ...]
@@ -277,7 +283,16 @@ def load_lora(path: str | os.PathLike[str], modules: Mapping[str, nn.Module], *,
 
 
 def describe_lora(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What a LoRA file holds, without a model (JSON-able; module docstring)."""
+    """What a LoRA file holds, without a model (JSON-able; module docstring). Keys:
+
+    path, file_bytes; hash / short_hash (A1111's, tiengine.networks.hashes), metadata_hash (sd-scripts'
+    `sshs_model_hash`, or None) and metadata_hash_matches; algorithms {name: layers}; family ("sd1" / "sd2" /
+    "sdxl" / None) and family_evidence; layers, keys; rank and alpha ({min, max, values} or None); text_encoder
+    (bool); blocks {component: {layers, conv_layers, encoder_layers | down / mid / up / other {block: layers}}}
+    in the file's own block names; conv_layers (kernels wider than 1x1); unsupported_layers {prefix: reason}
+    (first 20) and unsupported_count; bundled_embeddings [{name, vectors, widths {encoder: width}}];
+    metadata (the sd-scripts keys users look for, ss_tag_frequency summarised) and metadata_keys (count).
+    """
     path = Path(path)
     source = _open(path)
     try:
@@ -301,7 +316,7 @@ def describe_lora(path: str | os.PathLike[str]) -> dict[str, Any]:
                 ranks.append(dim)
             if "alpha" in names:
                 alphas.append(_alpha(source, names["alpha"]))
-            _count_block(blocks, prefix, algorithm, shapes)
+            _count_block(blocks, prefix, shapes)
         metadata = source.metadata
         bundled = _describe_bundles(source, bundled_keys)
     finally:
@@ -346,7 +361,7 @@ NAME_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "base_model
                  "text_encoder.")
 
 
-def _count_block(blocks: dict[str, dict[str, Any]], prefix: str, algorithm: str, shapes: Mapping[str, tuple]) -> None:
+def _count_block(blocks: dict[str, dict[str, Any]], prefix: str, shapes: Mapping[str, tuple]) -> None:
     """Add one layer to the per-component summary: text-encoder layer numbers, UNet blocks by region.
 
     Works on the file's own names: UNet blocks are diffusers' (`down_blocks.1`) or LDM's (`input_blocks.4`),
