@@ -39,11 +39,12 @@ def ldm_path(unet: nn.Module, path: str) -> str:
     if path in TOP_LEVEL_LDM:
         return TOP_LEVEL_LDM[path]
     config = unet.config
-    per_down, per_up = config.layers_per_block + 1, config.layers_per_block + 1  # input / output blocks per level
+    # input blocks per level: the resnets plus a downsampler; output blocks: one resnet more than going down
+    per_down, per_up = config.layers_per_block + 1, config.layers_per_block + 1
     parts = path.split(".")
     kind, level = parts[0], int(parts[1]) if parts[1].isdigit() else 0
     if kind == "down_blocks":
-        if parts[2] == "downsamplers":  # input_blocks.{level * per_down + per_down}.0.op
+        if parts[2] == "downsamplers":  # the level's last input block
             return f"input_blocks.{(level + 1) * per_down}.0.op"
         block, index, rest = parts[2], int(parts[3]), parts[4:]
         number = 1 + level * per_down + index
