@@ -39,11 +39,12 @@ def ldm_path(unet: nn.Module, path: str) -> str:
     if path in TOP_LEVEL_LDM:
         return TOP_LEVEL_LDM[path]
     config = unet.config
-    per_down, per_up = config.layers_per_block + 1, config.layers_per_block + 1  # input / output blocks per level
+    # input blocks per level: the resnets plus a downsampler; output blocks: one resnet more than going down
+    per_down, per_up = config.layers_per_block + 1, config.layers_per_block + 1
     parts = path.split(".")
     kind, level = parts[0], int(parts[1]) if parts[1].isdigit() else 0
     if kind == "down_blocks":
-        if parts[2] == "downsamplers":  # input_blocks.{level * per_down + per_down}.0.op
+        if parts[2] == "downsamplers":  # the level's last input block
             return f"input_blocks.{(level + 1) * per_down}.0.op"
         block, index, rest = parts[2], int(parts[3]), parts[4:]
         number = 1 + level * per_down + index
@@ -151,7 +152,8 @@ def bundle_keys(embeddings: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[st
 
 
 def write_loha(path: Path, modules: Mapping[str, nn.Module], *, family: str, rank: int = 4, alpha: float = 2.0,
-               conv: bool = False, tucker: bool = False, seed: int = 0, fmt: str = "safetensors") -> dict[str, torch.Tensor]:
+               conv: bool = False, tucker: bool = False, seed: int = 0,
+               fmt: str = "safetensors") -> dict[str, torch.Tensor]:
     """LyCORIS LoHa: hada_w1_a (out, r), hada_w1_b (r, in*kh*kw), w2 alike; tucker: hada_t1/t2 (r, r, kh, kw)
     with w_a (r, out), w_b (r, in) for kxk convolutions."""
     generator = torch.Generator().manual_seed(seed)
@@ -232,14 +234,16 @@ def write_peft_lora(path: Path, modules: Mapping[str, nn.Module], *, rank: int =
 
 
 def old_diffusers_name(component: str, path: str) -> tuple[str, str]:
-    """(prefix, down/up infix) of a layer in diffusers' pre-PEFT LoRA files (module docstring)."""
+    """(layer name, tensor stem) of a layer in diffusers' pre-PEFT LoRA files: keys are
+    `<layer><stem>.down.weight` / `.up.weight` (module docstring)."""
     parent, _, leaf = path.rpartition(".")
     if component == "unet" and parent.endswith(("attn1", "attn2")) and leaf in ("to_q", "to_k", "to_v"):
-        return f"unet.{parent}.processor.{leaf}_lora", ""
+        return f"unet.{parent}.processor.{leaf}", "_lora"
     if component == "unet" and path.endswith(("attn1.to_out.0", "attn2.to_out.0")):
-        return f"unet.{path.removesuffix('.to_out.0')}.processor.to_out_lora", ""
+        return f"unet.{path.removesuffix('.to_out.0')}.processor.to_out", "_lora"
     if component != "unet" and parent.endswith("self_attn"):
-        return f"{component}.{parent}.{ {'q_proj': 'to_q', 'k_proj': 'to_k', 'v_proj': 'to_v', 'out_proj': 'to_out'}[leaf]}_lora", ""
+        processor = {"q_proj": "to_q", "k_proj": "to_k", "v_proj": "to_v", "out_proj": "to_out"}[leaf]
+        return f"{component}.{parent}.{processor}", "_lora"
     if component != "unet":
         return f"{component}.{path}", ".lora_linear_layer"
     return f"unet.{path}", ".lora"
@@ -251,10 +255,10 @@ def write_old_diffusers_lora(path: Path, modules: Mapping[str, nn.Module], *, ra
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
     for component, module_path, layer in lora_layers(modules):
-        name, infix = old_diffusers_name(component, module_path)
+        name, stem = old_diffusers_name(component, module_path)
         pair = _lora_pair(generator, layer.weight, rank, tucker=False)
-        tensors[f"{name}{infix}.down.weight"] = pair["lora_down.weight"]
-        tensors[f"{name}{infix}.up.weight"] = pair["lora_up.weight"]
+        tensors[f"{name}{stem}.down.weight"] = pair["lora_down.weight"]
+        tensors[f"{name}{stem}.up.weight"] = pair["lora_up.weight"]
     save(path, tensors, fmt)
     return tensors
 

@@ -31,6 +31,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ import torch
 from torch import nn
 
 from tiengine.embeddings.embedding import MAX_EMBEDDING_BYTES, Embedding
-from tiengine.embeddings.layouts import BUNDLE_PREFIX, parse_bundles
+from tiengine.embeddings.layouts import BUNDLE_PREFIX, ENCODER_WIDTHS, parse_bundles
 from tiengine.errors import CheckpointError, EmbeddingError, NetworkError
 from tiengine.io.limits import MAX_NESTING_DEPTH, json_nesting_depth
 from tiengine.networks.hashes import lora_file_hash, short_hash
@@ -63,7 +64,12 @@ from tiengine.networks.lora_keys import (
     metadata_family,
     split_key,
 )
-from tiengine.weights_conv.readers import TensorSource, open_tensor_file
+from tiengine.weights_conv.readers import (
+    ZIP_MAGIC,
+    SafetensorsFile,
+    TensorSource,
+    open_tensor_file,
+)
 
 __all__ = ["LayerUpdate", "LoraNetwork", "describe_lora", "load_lora", "lora_file_hash"]
 
@@ -110,6 +116,12 @@ class LayerUpdate:
 
 @dataclass
 class LoraNetwork:
+    """A LoRA file read for one model: its updates, what did not match, bundled embeddings, metadata.
+
+    `family` is what the file's keys and widths say (te1/te2 keys, a 768 / 1024 / 2048-wide context, ...);
+    where its widths are no released model's (small test models) but fit the model, the model's family.
+    """
+
     path: Path
     family: str | None  # "sd1" | "sd2" | "sdxl", detected from the keys/shapes
     updates: tuple[LayerUpdate, ...]
@@ -162,9 +174,12 @@ def _read_checked(source: TensorSource, key: str) -> torch.Tensor:
         raise NetworkError(str(error)) from None
     if not tensor.dtype.is_floating_point:
         raise NetworkError(f"{source.path}: tensor {key!r} is {tensor.dtype}, expected floating point")
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+    # Fast path: a float32 sum is finite when every element is (NaN and inf propagate); only a non-finite
+    # sum (a bad value, or an overflow of huge finite ones) pays for the elementwise check.
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+        return tensor
+    bad = int((~torch.isfinite(tensor.float())).sum())  # .float(): isfinite has no float8 kernel
+    if bad:
         raise NetworkError(f"{source.path}: tensor {key!r} {list(tensor.shape)} holds {bad} NaN or infinite "
                            "value(s); expected finite numbers")
     return tensor
@@ -178,7 +193,8 @@ def _alpha(source: TensorSource, key: str) -> float:
 
 
 def _layer_update(source: TensorSource, prefix: str, names: Mapping[str, str], target: Target) -> LayerUpdate:
-    where = f"{source.path}: layer {prefix!r} ({target.component}.{target.module}, weight {list(target.weight_shape)})"
+    where = (f"{source.path}: layer {prefix!r} ({target.component}.{target.module}, "
+             f"weight {list(target.weight_shape)})")
     try:
         algorithm = identify(set(names))
         shapes = _shapes(source, {name: key for name, key in names.items() if name != "alpha"})
@@ -205,12 +221,21 @@ def _bundled_embeddings(source: TensorSource, keys: list[str]) -> dict[str, Embe
     try:
         tensors = {key: source.read(key) for key in keys}
         parsed = parse_bundles(tensors, str(source.path))
+        container = _container(source)
         return {name: Embedding(name=name, vectors=entry.vectors, step=entry.step, sd_checkpoint=entry.sd_checkpoint,
                                 sd_checkpoint_name=entry.sd_checkpoint_name, format=entry.layout, path=source.path,
-                                stored_name=name, container="lora_bundle")
+                                stored_name=name, container=container)
                 for name, entry in sorted(parsed.items())}
     except (EmbeddingError, CheckpointError) as error:
         raise NetworkError(str(error)) from None
+
+
+def _container(source: TensorSource) -> str:
+    """The container names Embedding uses: "safetensors", "torch_zip" or "torch_legacy"."""
+    if isinstance(source, SafetensorsFile):
+        return "safetensors"
+    with open(source.path, "rb") as file:
+        return "torch_zip" if file.read(len(ZIP_MAGIC)) == ZIP_MAGIC else "torch_legacy"
 
 
 def load_lora(path: str | os.PathLike[str], modules: Mapping[str, nn.Module], *, family: str) -> LoraNetwork:
@@ -240,7 +265,7 @@ def load_lora(path: str | os.PathLike[str], modules: Mapping[str, nn.Module], *,
                 raise NetworkError(f"{path}: keys {owner[0]!r} and {prefix!r} both name {target.component}."
                                    f"{target.module}; expected one layer per module")
             matched[f"{target.component}.{target.module}"] = (prefix, target)
-        if not matched:
+        if not matched and not bundled_keys:
             raise NetworkError(
                 f"{path}: no key names a layer of this {family} model ({len(keys)} keys, e.g. "
                 f"{', '.join(repr(key) for key in keys[:3]) or 'none'}); expected kohya names (lora_unet_*, "
@@ -258,7 +283,16 @@ def load_lora(path: str | os.PathLike[str], modules: Mapping[str, nn.Module], *,
 
 
 def describe_lora(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """What a LoRA file holds, without a model (JSON-able; module docstring)."""
+    """What a LoRA file holds, without a model (JSON-able; module docstring). Keys:
+
+    path, file_bytes; hash / short_hash (A1111's, tiengine.networks.hashes), metadata_hash (sd-scripts'
+    `sshs_model_hash`, or None) and metadata_hash_matches; algorithms {name: layers}; family ("sd1" / "sd2" /
+    "sdxl" / None) and family_evidence; layers, keys; rank and alpha ({min, max, values} or None); text_encoder
+    (bool); blocks {component: {layers, conv_layers, encoder_layers | down / mid / up / other {block: layers}}}
+    in the file's own block names; conv_layers (kernels wider than 1x1); unsupported_layers {prefix: reason}
+    (first 20) and unsupported_count; bundled_embeddings [{name, vectors, widths {encoder: width}}];
+    metadata (the sd-scripts keys users look for, ss_tag_frequency summarised) and metadata_keys (count).
+    """
     path = Path(path)
     source = _open(path)
     try:
@@ -282,7 +316,7 @@ def describe_lora(path: str | os.PathLike[str]) -> dict[str, Any]:
                 ranks.append(dim)
             if "alpha" in names:
                 alphas.append(_alpha(source, names["alpha"]))
-            _count_block(blocks, prefix, algorithm, shapes)
+            _count_block(blocks, prefix, shapes)
         metadata = source.metadata
         bundled = _describe_bundles(source, bundled_keys)
     finally:
@@ -327,7 +361,7 @@ NAME_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "base_model
                  "text_encoder.")
 
 
-def _count_block(blocks: dict[str, dict[str, Any]], prefix: str, algorithm: str, shapes: Mapping[str, tuple]) -> None:
+def _count_block(blocks: dict[str, dict[str, Any]], prefix: str, shapes: Mapping[str, tuple]) -> None:
     """Add one layer to the per-component summary: text-encoder layer numbers, UNet blocks by region.
 
     Works on the file's own names: UNet blocks are diffusers' (`down_blocks.1`) or LDM's (`input_blocks.4`),
@@ -340,11 +374,10 @@ def _count_block(blocks: dict[str, dict[str, Any]], prefix: str, algorithm: str,
     tokens = body.replace(".", "_").split("_")  # kohya and dotted names read alike
     part = blocks.setdefault(component, {"layers": 0, "conv_layers": 0})
     part["layers"] += 1
-    produced = _produced_or_none(algorithm, shapes)
-    if produced is not None and len(produced) == 4 and produced[2:] != (1, 1):
+    if any(len(shape) == 4 and shape[2:] != (1, 1) for shape in shapes.values()):  # a kernel wider than 1x1
         part["conv_layers"] += 1
     if component != UNET:
-        numbers = [int(tokens[i + 1]) for i, token in enumerate(tokens[:-1]) if token == "layers" and tokens[i + 1].isdigit()]
+        numbers = [int(after) for token, after in pairwise(tokens) if token == "layers" and after.isdigit()]
         if numbers:
             part["encoder_layers"] = sorted(set(part.get("encoder_layers", [])) | {numbers[0]})
         return
@@ -359,13 +392,6 @@ def _count_block(blocks: dict[str, dict[str, Any]], prefix: str, algorithm: str,
     found[label] = found.get(label, 0) + 1
 
 
-def _produced_or_none(algorithm: str, shapes: Mapping[str, tuple]) -> tuple[int, ...] | None:
-    try:
-        return produced_shape(algorithm, {name: shape for name, shape in shapes.items() if name != "alpha"})
-    except LayerFormatError:
-        return None
-
-
 def _describe_bundles(source: TensorSource, keys: list[str]) -> list[dict[str, Any]]:
     """Name, vector count and widths of each bundled embedding, from the header's shapes."""
     found: dict[str, dict[str, Any]] = {}
@@ -373,9 +399,12 @@ def _describe_bundles(source: TensorSource, keys: list[str]) -> list[dict[str, A
         _, name, rest = (key.split(".", 2) + ["", ""])[:3]
         shape = source.info(key).shape
         entry = found.setdefault(name, {"name": name, "vectors": None, "widths": {}})
-        if shape:
+        if shape:  # (n, D) or (D,)
             entry["vectors"] = shape[0] if len(shape) == 2 else 1
-            entry["widths"][rest.removeprefix("string_to_param.") if rest.startswith("string_to_param") else rest] = shape[-1]
+            # A1111's one-encoder layout: the encoder by width as tiengine.embeddings reads it (custom: clip_l)
+            part = ("clip_h" if shape[-1] == ENCODER_WIDTHS["clip_h"] else "clip_l") if rest.startswith(
+                "string_to_param") else rest
+            entry["widths"][part] = shape[-1]
     return [found[name] for name in sorted(found)]
 
 

@@ -129,7 +129,8 @@ def produced_shape(algorithm: str, shapes: Mapping[str, Shape]) -> Shape:
             raise LayerFormatError(f"lora_down.weight has shape {list(down)}; with lora_mid it must be 1x1")
         if len(mid) != 4 or mid[0] != up[1] or mid[1] != down[0]:
             raise LayerFormatError(f"rank mismatch: lora_mid.weight {list(mid)} does not join lora_up.weight "
-                                   f"{list(up)} and lora_down.weight {list(down)} (expected ({up[1]}, {down[0]}, kh, kw))")
+                                   f"{list(up)} and lora_down.weight {list(down)} "
+                                   f"(expected ({up[1]}, {down[0]}, kh, kw))")
         return (up[0], down[1], *mid[2:])
     if algorithm == "loha":
         _require(shapes, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -140,7 +141,8 @@ def produced_shape(algorithm: str, shapes: Mapping[str, Shape]) -> Shape:
         if math.prod(first) != math.prod(second) or first[0] != second[0]:
             raise LayerFormatError(f"the LoHa factors differ in shape: {list(first)} (w1) and {list(second)} (w2)")
         return first if len(first) >= len(second) else second
-    _require(shapes, "lokr_w1" if "lokr_w1" in shapes else "lokr_w1_a", "lokr_w2" if "lokr_w2" in shapes else "lokr_w2_a")
+    _require(shapes, "lokr_w1" if "lokr_w1" in shapes else "lokr_w1_a",
+             "lokr_w2" if "lokr_w2" in shapes else "lokr_w2_a")
     if "lokr_w1" in shapes:
         w1: Shape = shapes["lokr_w1"]
         if len(w1) != 2:
@@ -201,7 +203,11 @@ def input_width(algorithm: str, shapes: Mapping[str, Shape]) -> int | None:
 
 def compute_delta(algorithm: str, tensors: Mapping[str, torch.Tensor], weight_shape: Shape, scale: float,
                   device: torch.device, dyn_dim: int | None = None) -> torch.Tensor:
-    """scale * the layer's update, float32 on `device`, shaped as the weight (checked tensors only)."""
+    """scale * the layer's update, float32 on `device`, shaped as the weight (checked tensors only).
+
+    The scale multiplies the smallest factor (up, w1_a, w1) before the products: one pass over the
+    weight-sized result instead of two, which halves the time of a full-model update on CPU.
+    """
 
     def get(name: str) -> torch.Tensor:
         return tensors[name].to(device=device, dtype=torch.float32)
@@ -211,7 +217,7 @@ def compute_delta(algorithm: str, tensors: Mapping[str, torch.Tensor], weight_sh
         return tensor.reshape(tensor.shape[0], -1)  # (rows, in * kh * kw)
 
     if algorithm == "lora":
-        up, down = matrix("lora_up.weight"), matrix("lora_down.weight")  # (out, r), (r, in * kh * kw)
+        up, down = matrix("lora_up.weight") * scale, matrix("lora_down.weight")  # (out, r), (r, in * kh * kw)
         if "lora_mid.weight" in tensors:
             update = torch.einsum("nmkl,in,mj->ijkl", get("lora_mid.weight"), up, down)  # (out, in, kh, kw)
         else:
@@ -219,14 +225,16 @@ def compute_delta(algorithm: str, tensors: Mapping[str, torch.Tensor], weight_sh
                 up, down = up[:, :dyn_dim], down[:dyn_dim]
             update = up @ down  # (out, in * kh * kw)
     elif algorithm == "loha":
-        first = _cp_product(get("hada_t1"), get("hada_w1_a"), get("hada_w1_b")) if "hada_t1" in tensors else (
-            matrix("hada_w1_a") @ matrix("hada_w1_b"))
+        w1_a = get("hada_w1_a") * scale  # (out, r), or (r, out) with hada_t1
+        first = _cp_product(get("hada_t1"), w1_a, get("hada_w1_b")) if "hada_t1" in tensors else (
+            w1_a @ matrix("hada_w1_b"))
         second = _cp_product(get("hada_t2"), get("hada_w2_a"), get("hada_w2_b")) if "hada_t2" in tensors else (
             matrix("hada_w2_a") @ matrix("hada_w2_b"))
         # (out, in * kh * kw) and (out, in, kh, kw) hold their elements in the same order
         update = first * second.reshape(first.shape)
     else:
         w1 = get("lokr_w1") if "lokr_w1" in tensors else matrix("lokr_w1_a") @ matrix("lokr_w1_b")  # (a, b)
+        w1 = w1 * scale
         if "lokr_w2" in tensors:
             w2 = get("lokr_w2")
         elif "lokr_t2" in tensors:
@@ -235,12 +243,12 @@ def compute_delta(algorithm: str, tensors: Mapping[str, torch.Tensor], weight_sh
             w2 = matrix("lokr_w2_a") @ matrix("lokr_w2_b")  # (c, d)
         if w2.ndim == 4:
             w1 = w1[:, :, None, None]  # (a, b, 1, 1)
-        update = torch.kron(w1, w2)  # (a * c, b * d[, kh, kw])
+        update = torch.kron(w1.contiguous(), w2.contiguous())  # (a * c, b * d[, kh, kw])
     padding = _inpaint_padding(tuple(update.shape), tuple(weight_shape))
     if padding:
         update = update.reshape(weight_shape[0], LATENT_CHANNELS, *weight_shape[2:])  # (out, 4, kh, kw)
         update = F.pad(update, (0, 0, 0, 0, 0, padding))  # (out, 9, kh, kw): the mask and image channels get 0
-    return update.reshape(weight_shape) * scale
+    return update.reshape(weight_shape)
 
 
 def _cp_product(core: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

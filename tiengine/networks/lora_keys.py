@@ -29,7 +29,7 @@ Tensor names are normalised to kohya's (`lora_down.weight`, `lora_up.weight`, `a
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
@@ -104,8 +104,10 @@ class LayerIndex:
         self.context_width: int | None = None
         self.text_widths: dict[str, int] = {}
         for component in self.text_encoders:
-            kohya = (KOHYA_SINGLE_TEXT, KOHYA_TEXT_1) if len(self.text_encoders) == 1 else (
-                (KOHYA_TEXT_1,) if component == TEXT_ENCODER else (KOHYA_TEXT_2,))
+            if component == TEXT_ENCODER_2:
+                kohya: tuple[str, ...] = (KOHYA_TEXT_2,)
+            else:  # A1111 also reads lora_te1_ names on a one-encoder model
+                kohya = (KOHYA_TEXT_1,) if TEXT_ENCODER_2 in modules else (KOHYA_SINGLE_TEXT, KOHYA_TEXT_1)
             for path, target in _layers(modules[component], component):
                 if path.endswith("self_attn.q_proj"):
                     self.text_widths.setdefault(component, target.weight_shape[1])
@@ -124,9 +126,6 @@ class LayerIndex:
     def resolve(self, prefix: str) -> Target | None:
         """The layer a file's key prefix names, or None (unknown here, or ambiguous)."""
         return self._names.get(prefix.removeprefix(PEFT_PREFIX))
-
-    def targets(self) -> set[Target]:
-        return {target for target in self._names.values() if target is not None}
 
     def _add(self, name: str, target: Target) -> None:
         known = self._names.get(name, target)
@@ -225,7 +224,7 @@ class FamilyEvidence:
     two_encoders: str | None = None  # a te1/te2 or text_encoder_2 key
     one_encoder: str | None = None  # a lora_te_ key
     context: tuple[int, str] | None = None  # (width, key) of a cross-attention to_k input
-    text_widths: dict[str, tuple[int, str]] | None = None  # component -> (width, key) of a q_proj input
+    text_widths: dict[str, tuple[int, str]] = field(default_factory=dict)  # component -> (width, key), q_proj input
 
     def guess(self) -> str | None:
         """The release family the evidence points to, from the widths of the released models."""
@@ -233,7 +232,7 @@ class FamilyEvidence:
             return "sdxl"
         if self.context is not None and self.context[0] in CONTEXT_FAMILIES:
             return CONTEXT_FAMILIES[self.context[0]]
-        single = (self.text_widths or {}).get(TEXT_ENCODER)
+        single = self.text_widths.get(TEXT_ENCODER)
         if self.one_encoder is not None and single is not None:
             return SINGLE_TEXT_FAMILIES.get(single[0])
         return None
@@ -247,7 +246,7 @@ class FamilyEvidence:
             found.append("lora_te_ keys (one text encoder)")
         if self.context is not None:
             found.append(f"{self.context[0]}-wide context")
-        for component, (width, _) in sorted((self.text_widths or {}).items()):
+        for component, (width, _) in sorted(self.text_widths.items()):
             found.append(f"{component} {width} wide")
         return found
 
@@ -266,7 +265,7 @@ def component_of(prefix: str) -> str | None:
 
 def collect_evidence(layer_inputs: Mapping[str, tuple[int | None, str]]) -> FamilyEvidence:
     """Evidence from {layer prefix: (input width of the layer or None, one of its keys)}."""
-    evidence = FamilyEvidence(text_widths={})
+    evidence = FamilyEvidence()
     for prefix, (width, key) in layer_inputs.items():
         name = prefix.removeprefix(PEFT_PREFIX)
         component = component_of(prefix)
@@ -294,10 +293,11 @@ def family_mismatch(evidence: FamilyEvidence, index: LayerIndex, family: str) ->
     if evidence.one_encoder is not None and encoders == 2:
         found.append("lora_te_ keys (one text encoder)")
         key = key or evidence.one_encoder
-    if evidence.context is not None and index.context_width is not None and evidence.context[0] != index.context_width:
-        found.append(f"{evidence.context[0]}-wide context")
-        key = key or evidence.context[1]
-    for component, (width, width_key) in sorted((evidence.text_widths or {}).items()):
+    context = evidence.context
+    if context is not None and index.context_width is not None and context[0] != index.context_width:
+        found.append(f"{context[0]}-wide context")
+        key = key or context[1]
+    for component, (width, width_key) in sorted(evidence.text_widths.items()):
         model_width = index.text_widths.get(component)
         if model_width is not None and width != model_width:
             found.append(f"{component} {width} wide")
@@ -320,7 +320,7 @@ def metadata_family(metadata: Mapping[str, str]) -> str | None:
     architecture = metadata.get("modelspec.architecture", "")
     if version.startswith("sdxl") or architecture.startswith("stable-diffusion-xl"):
         return "sdxl"
-    if version.startswith("sd_v2") or metadata.get("ss_v2") == "True" or architecture.startswith("stable-diffusion-v2"):
+    if version.startswith("sd_v2") or architecture.startswith("stable-diffusion-v2") or metadata.get("ss_v2") == "True":
         return "sd2"
     if version.startswith("sd_v1") or architecture.startswith("stable-diffusion-v1"):
         return "sd1"
