@@ -44,7 +44,7 @@ from tiengine.errors import CheckpointError, EmbeddingError, NetworkError
 from tiengine.io.limits import MAX_NESTING_DEPTH, json_nesting_depth
 from tiengine.networks.hashes import lora_file_hash, short_hash
 from tiengine.networks.lora_algorithms import (
-    LayerFormatError,
+    _LayerFormatError,
     check_fits,
     compute_delta,
     identify,
@@ -160,7 +160,7 @@ def _layer_inputs(source: TensorSource, layers: Mapping[str, Mapping[str, str]])
     for prefix, names in layers.items():
         try:
             algorithm = identify(set(names))
-        except LayerFormatError:
+        except _LayerFormatError:
             continue
         found[prefix] = (input_width(algorithm, _shapes(source, names)), next(iter(names.values())))
     return found
@@ -201,8 +201,8 @@ def _layer_update(source: TensorSource, prefix: str, names: Mapping[str, str], t
         check_fits(produced_shape(algorithm, shapes), target.weight_shape)
         for name, shape in shapes.items():
             if 0 in shape:
-                raise LayerFormatError(f"{name} has an empty shape {list(shape)}")
-    except LayerFormatError as error:
+                raise _LayerFormatError(f"{name} has an empty shape {list(shape)}")
+    except _LayerFormatError as error:
         raise NetworkError(f"{where} {error}") from None
     tensors = {name: _read_checked(source, key) for name, key in names.items() if name != "alpha"}
     alpha = _alpha(source, names["alpha"]) if "alpha" in names else None
@@ -306,7 +306,7 @@ def describe_lora(path: str | os.PathLike[str]) -> dict[str, Any]:
         for prefix, names in layers.items():
             try:
                 algorithm = identify(set(names))
-            except LayerFormatError as error:
+            except _LayerFormatError as error:
                 unsupported[prefix] = str(error)
                 continue
             algorithms[algorithm] = algorithms.get(algorithm, 0) + 1

@@ -61,23 +61,23 @@ UNSUPPORTED_TENSORS = {
 INPAINT_INPUT_CHANNELS, LATENT_CHANNELS = 9, 4  # A1111 pads conv_in updates 4 -> 9 channels
 
 
-class LayerFormatError(ValueError):
+class _LayerFormatError(ValueError):
     """A layer's tensors do not form an update of its weight (the caller adds the file and key)."""
 
 
 def identify(names: set[str] | frozenset[str]) -> str:
-    """The algorithm of a layer from its tensor names; LayerFormatError naming what is not supported."""
+    """The algorithm of a layer from its tensor names; _LayerFormatError naming what is not supported."""
     unsupported = sorted(name for name in names if name in UNSUPPORTED_TENSORS)
     algorithm = next((algo for algo, markers in ALGORITHM_MARKERS if any(name in names for name in markers)), None)
     if unsupported:
         what = ", ".join(f"{name!r} ({UNSUPPORTED_TENSORS[name]})" for name in unsupported)
-        raise LayerFormatError(f"has {what}, which tiengine does not support")
+        raise _LayerFormatError(f"has {what}, which tiengine does not support")
     if algorithm is None:
-        raise LayerFormatError(f"tensors {sorted(names)} are none of LoRA (lora_down/lora_up), LoHa (hada_w*) "
+        raise _LayerFormatError(f"tensors {sorted(names)} are none of LoRA (lora_down/lora_up), LoHa (hada_w*) "
                                "or LoKr (lokr_w*)")
     unknown = sorted(names - ALGORITHM_TENSORS[algorithm])
     if unknown:
-        raise LayerFormatError(f"has tensors {unknown} that a {algorithm} layer does not have "
+        raise _LayerFormatError(f"has tensors {unknown} that a {algorithm} layer does not have "
                                f"(expected only {sorted(ALGORITHM_TENSORS[algorithm])})")
     return algorithm
 
@@ -85,14 +85,14 @@ def identify(names: set[str] | frozenset[str]) -> str:
 def _require(shapes: Mapping[str, Shape], *names: str) -> None:
     missing = [name for name in names if name not in shapes]
     if missing:
-        raise LayerFormatError(f"lacks {missing} (has {sorted(shapes)})")
+        raise _LayerFormatError(f"lacks {missing} (has {sorted(shapes)})")
 
 
 def _matrix(shapes: Mapping[str, Shape], name: str) -> tuple[int, int]:
     """(rows, columns) of a tensor read as a matrix: (r, in, kh, kw) -> (r, in * kh * kw)."""
     shape = shapes[name]
     if len(shape) not in (2, 4) or 0 in shape:
-        raise LayerFormatError(f"{name} has shape {list(shape)}, expected a non-empty 2-D or 4-D tensor")
+        raise _LayerFormatError(f"{name} has shape {list(shape)}, expected a non-empty 2-D or 4-D tensor")
     return shape[0], math.prod(shape[1:])
 
 
@@ -101,7 +101,7 @@ def _inner(shapes: Mapping[str, Shape], left: str, right: str) -> tuple[int, int
     rows, inner = _matrix(shapes, left)
     rank, columns = _matrix(shapes, right)
     if inner != rank:
-        raise LayerFormatError(f"rank mismatch: {left} {list(shapes[left])} has rank {inner} but {right} "
+        raise _LayerFormatError(f"rank mismatch: {left} {list(shapes[left])} has rank {inner} but {right} "
                                f"{list(shapes[right])} has rank {rank}")
     return rows, columns
 
@@ -110,7 +110,7 @@ def _cp(shapes: Mapping[str, Shape], core: str, left: str, right: str) -> Shape:
     """Shape of the CP product core[n, m, k, l] left[n, i] right[m, j] -> (i, j, k, l)."""
     t, a, b = shapes[core], _matrix(shapes, left), _matrix(shapes, right)
     if len(t) != 4 or t[0] != a[0] or t[1] != b[0]:
-        raise LayerFormatError(f"rank mismatch: {core} {list(t)} does not join {left} {list(shapes[left])} "
+        raise _LayerFormatError(f"rank mismatch: {core} {list(t)} does not join {left} {list(shapes[left])} "
                                f"and {right} {list(shapes[right])} (expected ({a[0]}, {b[0]}, kh, kw))")
     return (a[1], b[1], *t[2:])
 
@@ -121,14 +121,14 @@ def produced_shape(algorithm: str, shapes: Mapping[str, Shape]) -> Shape:
         _require(shapes, "lora_down.weight", "lora_up.weight")
         up = shapes["lora_up.weight"]
         if len(up) == 4 and up[2:] != (1, 1):
-            raise LayerFormatError(f"lora_up.weight has shape {list(up)}, expected (out, rank) or (out, rank, 1, 1)")
+            raise _LayerFormatError(f"lora_up.weight has shape {list(up)}, expected (out, rank) or (out, rank, 1, 1)")
         if "lora_mid.weight" not in shapes:
             return _inner(shapes, "lora_up.weight", "lora_down.weight")
         mid, down = shapes["lora_mid.weight"], shapes["lora_down.weight"]
         if len(down) == 4 and down[2:] != (1, 1):
-            raise LayerFormatError(f"lora_down.weight has shape {list(down)}; with lora_mid it must be 1x1")
+            raise _LayerFormatError(f"lora_down.weight has shape {list(down)}; with lora_mid it must be 1x1")
         if len(mid) != 4 or mid[0] != up[1] or mid[1] != down[0]:
-            raise LayerFormatError(f"rank mismatch: lora_mid.weight {list(mid)} does not join lora_up.weight "
+            raise _LayerFormatError(f"rank mismatch: lora_mid.weight {list(mid)} does not join lora_up.weight "
                                    f"{list(up)} and lora_down.weight {list(down)} "
                                    f"(expected ({up[1]}, {down[0]}, kh, kw))")
         return (up[0], down[1], *mid[2:])
@@ -139,21 +139,21 @@ def produced_shape(algorithm: str, shapes: Mapping[str, Shape]) -> Shape:
         second = _cp(shapes, "hada_t2", "hada_w2_a", "hada_w2_b") if "hada_t2" in shapes else _inner(
             shapes, "hada_w2_a", "hada_w2_b")
         if math.prod(first) != math.prod(second) or first[0] != second[0]:
-            raise LayerFormatError(f"the LoHa factors differ in shape: {list(first)} (w1) and {list(second)} (w2)")
+            raise _LayerFormatError(f"the LoHa factors differ in shape: {list(first)} (w1) and {list(second)} (w2)")
         return first if len(first) >= len(second) else second
     _require(shapes, "lokr_w1" if "lokr_w1" in shapes else "lokr_w1_a",
              "lokr_w2" if "lokr_w2" in shapes else "lokr_w2_a")
     if "lokr_w1" in shapes:
         w1: Shape = shapes["lokr_w1"]
         if len(w1) != 2:
-            raise LayerFormatError(f"lokr_w1 has shape {list(w1)}, expected 2-D")
+            raise _LayerFormatError(f"lokr_w1 has shape {list(w1)}, expected 2-D")
     else:
         _require(shapes, "lokr_w1_a", "lokr_w1_b")
         w1 = _inner(shapes, "lokr_w1_a", "lokr_w1_b")
     if "lokr_w2" in shapes:
         w2: Shape = shapes["lokr_w2"]
         if len(w2) not in (2, 4):
-            raise LayerFormatError(f"lokr_w2 has shape {list(w2)}, expected 2-D or 4-D")
+            raise _LayerFormatError(f"lokr_w2 has shape {list(w2)}, expected 2-D or 4-D")
     else:
         _require(shapes, "lokr_w2_a", "lokr_w2_b")
         w2 = _cp(shapes, "lokr_t2", "lokr_w2_a", "lokr_w2_b") if "lokr_t2" in shapes else _inner(
@@ -168,7 +168,7 @@ def check_fits(produced: Shape, weight_shape: Shape) -> None:
     if len(produced) == 4 and produced != tuple(weight_shape):
         fits = False
     if not (fits or inpaint):
-        raise LayerFormatError(f"makes an update of shape {list(produced)} (elements {math.prod(produced)}), "
+        raise _LayerFormatError(f"makes an update of shape {list(produced)} (elements {math.prod(produced)}), "
                                f"which does not fit the layer's weight {list(weight_shape)}")
 
 
@@ -197,7 +197,7 @@ def input_width(algorithm: str, shapes: Mapping[str, Shape]) -> int | None:
     """Input features of the layer the tensors were made for (a linear layer's), when shapes tell it."""
     try:
         return produced_shape(algorithm, shapes)[1]
-    except (LayerFormatError, KeyError):
+    except (_LayerFormatError, KeyError):
         return None
 
 
