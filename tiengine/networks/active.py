@@ -40,7 +40,7 @@ from tiengine.networks.hypernetwork import (
     load_hypernetwork,
 )
 from tiengine.networks.library import FileSignature, NetworkFile, NetworkLibrary
-from tiengine.networks.lora import LoraNetwork, load_lora
+from tiengine.networks.lora import LayerUpdate, LoraNetwork, load_lora
 from tiengine.text.extra_networks import (
     HYPERNET_KINDS,
     LORA_KINDS,
@@ -252,12 +252,13 @@ class NetworkPatcher:
                     if multiplier == 0:
                         continue  # the base weight, bit for bit (W + 0 * delta would turn -0.0 into +0.0)
                     weight = self._weight(update.component, update.module)
-                    delta = update.delta(weight, lora.dyn_dim) * multiplier
-                    if not math.isfinite(float(delta.abs().max())):
-                        self.restore()
-                        raise NetworkError(f"{lora.network.path}: the update of {update.key} is not finite at "
-                                           f"multiplier {multiplier:g}")
-                    weight.add_(delta.to(weight.dtype))
+                    if not _add_low_rank_in_place(weight, update, multiplier, lora.dyn_dim):
+                        delta = update.delta(weight, lora.dyn_dim) * multiplier
+                        if not math.isfinite(float(delta.abs().max())):
+                            self.restore()
+                            raise NetworkError(f"{lora.network.path}: the update of {update.key} is not finite at "
+                                               f"multiplier {multiplier:g}")
+                        weight.add_(delta.to(weight.dtype))
         apply_hypernetworks(self.modules["unet"], [(hyper.network, hyper.multiplier) for hyper in active.hypernetworks])
         self._active_key = active.key
         self.active = active
@@ -278,6 +279,21 @@ class NetworkPatcher:
         if key not in self._backups:
             self._backups[key] = weight.detach().clone()
         return weight
+
+
+def _add_low_rank_in_place(weight: torch.Tensor, update: LayerUpdate, multiplier: float, dyn_dim: int | None) -> bool:
+    """W += m * scale * up @ down as one addmm into the fp32 weight (no weight-sized temporary), for a plain
+    LoRA / LoCon layer; False (nothing done) for every other case, which goes through `update.delta`."""
+    tensors = update.tensors
+    if update.algorithm != "lora" or "lora_mid.weight" in tensors or dyn_dim is not None \
+            or weight.dtype != torch.float32 or not weight.is_contiguous():
+        return False
+    up = tensors["lora_up.weight"].flatten(1).to(weight.device, torch.float32)  # (out, rank)
+    down = tensors["lora_down.weight"].flatten(1).to(weight.device, torch.float32)  # (rank, in * kh * kw)
+    if (up.shape[0], down.shape[1]) != (weight.shape[0], weight[0].numel()):
+        return False  # e.g. an SD LoRA's 4-channel conv_in on a 9-channel inpainting UNet: padded by delta()
+    weight.view(weight.shape[0], -1).addmm_(up, down, alpha=multiplier * update.scale)  # (out, in * kh * kw)
+    return True
 
 
 def _replace(report: NetworkReport, **fields: object) -> NetworkReport:
