@@ -33,22 +33,23 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tiengine.weights_conv.convert import empty_module, load_models
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from unet import cpu_name  # noqa: E402
-
-from tiengine.engine import Engine  # noqa: E402
-from tiengine.io.atomic import atomic_write_bytes  # noqa: E402
-from tiengine.models.config import ModelConfig  # noqa: E402
-from tiengine.weights_conv.convert import empty_module, load_models  # noqa: E402
+from tiengine.engine import Engine
+from tiengine.io.atomic import atomic_write_bytes
+from tiengine.models.config import ModelConfig
 
 UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
                 "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")  # per transformer block
 UNET_BLOCK_TARGETS = ("proj_in", "proj_out")  # per Transformer2DModel
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1",
                 "mlp.fc2")  # per encoder layer
+
+
+def processor_name() -> str:
+    models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+              if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return models[0] if models else platform.processor() or platform.machine()
 
 
 def write_model(folder: Path) -> ModelConfig:
@@ -92,9 +93,9 @@ def write_lora(path: Path, layers: list[tuple[str, str, torch.nn.Module]], rank:
     save_file(tensors, str(path), metadata={"ss_network_module": "networks.lora", "ss_network_dim": str(rank)})
 
 
-def timed(function) -> float:
+def timed(function, *arguments, **keywords) -> float:
     start = time.perf_counter()
-    function()
+    function(*arguments, **keywords)
     return time.perf_counter() - start
 
 
@@ -107,17 +108,17 @@ def tiengine_rows(folder: Path, loras: Path, repeat: int) -> dict[str, list[floa
         assert all(report.applied for report in reports), reports
 
     rows: dict[str, list[float]] = {"tiengine first use": [], "tiengine switch": [], "tiengine remove": []}
-    rows["tiengine first use"].append(timed(lambda: use(names[0])))
+    rows["tiengine first use"].append(timed(use, names[0]))
     use(names[1])  # read and cache the second file too
     for index in range(repeat):
         use(names[index % 2])
-        rows["tiengine switch"].append(timed(lambda: use(names[(index + 1) % 2])))
-        rows["tiengine remove"].append(timed(lambda: use(None)))
+        rows["tiengine switch"].append(timed(use, names[(index + 1) % 2]))
+        rows["tiengine remove"].append(timed(use, None))
     return rows
 
 
 def reload_rows(folder: Path, repeat: int) -> dict[str, list[float]]:
-    return {"reload": [timed(lambda: load_models(folder, device="cpu", dtype=torch.float32))
+    return {"reload": [timed(load_models, folder, device="cpu", dtype=torch.float32)
                        for _ in range(max(1, repeat // 2))]}
 
 
@@ -150,7 +151,7 @@ def diffusers_rows(folder: Path, loras: Path, repeat: int) -> dict[str, list[flo
 
     pipe.load_lora_weights(str(files[0]))
     pipe.fuse_lora(lora_scale=0.8)
-    return {"diffusers switch": [timed(lambda: use(files[(index + 1) % 2])) for index in range(repeat)]}
+    return {"diffusers switch": [timed(use, files[(index + 1) % 2]) for index in range(repeat)]}
 
 
 def main() -> int:
@@ -179,14 +180,14 @@ def main() -> int:
         rows.update(diffusers_rows(folder, loras, args.repeat))
     medians = {name: statistics.median(times) for name, times in rows.items()}
     reference = medians["tiengine switch"]
-    print(f"# {cpu_name()}, {args.threads} threads, torch {torch.__version__}, python {platform.python_version()}; "
+    print(f"# {processor_name()}, {args.threads} threads, torch {torch.__version__}, python {platform.python_version()}; "
           f"SD1.5 UNet + CLIP-L fp32, LoRA rank {args.rank}")
     print(f"| {'row':<20} | {'median s':>9} | {'runs':>4} | {'/ tiengine switch':>17} |")
     print(f"|{'-' * 22}|{'-' * 11}|{'-' * 6}|{'-' * 19}|")
     for name, median in medians.items():
         print(f"| {name:<20} | {median:9.3f} | {len(rows[name]):4d} | {median / reference:17.1f} |")
     if args.json:
-        atomic_write_bytes(args.json, json.dumps({"rows": rows, "medians": medians, "cpu": cpu_name(),
+        atomic_write_bytes(args.json, json.dumps({"rows": rows, "medians": medians, "cpu": processor_name(),
                                                   "threads": args.threads, "rank": args.rank}).encode(),
                            overwrite=True)
     return 0
