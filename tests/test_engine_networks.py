@@ -279,3 +279,18 @@ def test_embedding_in_vocabulary_is_not_replaced_by_a_bundled_one(setup, tmp_pat
     other.add_embedding(own)
     result = other.encode("inkchar <lora:withchar:0>")
     assert [(a.name, a.n_vectors) for a in result.applied] == [("inkchar", 1)]
+
+
+def test_switching_sets_gives_the_same_weights_as_applying_the_new_set_alone(setup):
+    engine, base_state, _, _, _ = setup
+    engine.apply_networks("<lora:paper:0.5>")
+    direct = {name: {key: value.clone() for key, value in module.state_dict().items()}
+              for name, module in engine.modules.items()}
+    engine.apply_networks("<lora:ink:1> <lora:paper:2>")
+    engine.apply_networks("<lora:paper:0.5>")  # from a set touching more layers, with other multipliers
+    for name, module in engine.modules.items():
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, direct[name][key]), f"{name}.{key}"
+    engine.patcher.release()
+    assert_base_weights(engine, base_state)
+    assert not engine.patcher._backups

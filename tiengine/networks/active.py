@@ -230,11 +230,16 @@ def library_kind(kind: str) -> str:
 
 
 class NetworkPatcher:
-    """Adds LoRA updates to a model's weights and sets hypernetworks, undoing the previous set exactly."""
+    """Adds LoRA updates to a model's weights and sets hypernetworks, undoing the previous set exactly.
+
+    A copy of each weight is taken the first time a network changes it and kept (A1111 keeps its
+    `network_weights_backup` the same way): later sets write `copy + their updates` straight into the
+    weight (one pass, no allocation), and layers the new set leaves alone get their copy back."""
 
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         self.modules = modules
         self._backups: dict[tuple[str, str], torch.Tensor] = {}  # (component, module) -> base weight copy
+        self._changed: set[tuple[str, str]] = set()  # layers that differ from their copy now
         self._active_key: tuple = ActiveNetworks().key
         self.active = ActiveNetworks()
 
@@ -243,22 +248,29 @@ class NetworkPatcher:
         if active.key == self._active_key:
             self.active = active
             return
-        self.restore()
+        plan: dict[tuple[str, str], list[tuple[ActiveLora, LayerUpdate, float]]] = {}
+        for lora in active.loras:
+            for update in lora.network.updates:
+                multiplier = lora.te_multiplier if update.component in TEXT_ENCODER_COMPONENTS else lora.unet_multiplier
+                if multiplier != 0:  # 0: the base weight, bit for bit (W + 0 * delta would turn -0.0 into +0.0)
+                    plan.setdefault((update.component, update.module), []).append((lora, update, multiplier))
         with torch.no_grad():
-            for lora in active.loras:
-                for update in lora.network.updates:
-                    text = update.component in TEXT_ENCODER_COMPONENTS
-                    multiplier = lora.te_multiplier if text else lora.unet_multiplier
-                    if multiplier == 0:
-                        continue  # the base weight, bit for bit (W + 0 * delta would turn -0.0 into +0.0)
-                    weight = self._weight(update.component, update.module)
-                    if not _add_low_rank_in_place(weight, update, multiplier, lora.dyn_dim):
-                        delta = update.delta(weight, lora.dyn_dim) * multiplier
-                        if not math.isfinite(float(delta.abs().max())):
-                            self.restore()
-                            raise NetworkError(f"{lora.network.path}: the update of {update.key} is not finite at "
-                                               f"multiplier {multiplier:g}")
-                        weight.add_(delta.to(weight.dtype))
+            for key in self._changed - plan.keys():
+                self._layer_weight(key).copy_(self._backups[key])
+            self._changed = set()
+            for key, updates in plan.items():
+                weight = self._layer_weight(key)
+                if key not in self._backups:
+                    self._backups[key] = weight.detach().clone()
+                source = self._backups[key]  # the first update is added to the base copy, the next ones in place
+                self._changed.add(key)
+                for lora, update, multiplier in updates:
+                    try:
+                        _add_update(weight, source, update, multiplier, lora.dyn_dim)
+                    except NetworkError as error:
+                        self.restore()
+                        raise NetworkError(f"{lora.network.path}: {error}") from None
+                    source = weight
         apply_hypernetworks(self.modules["unet"], [(hyper.network, hyper.multiplier) for hyper in active.hypernetworks])
         self._active_key = active.key
         self.active = active
@@ -266,34 +278,51 @@ class NetworkPatcher:
     def restore(self) -> None:
         """Put every changed weight back (bit-equal) and drop the hypernetworks."""
         with torch.no_grad():
-            for (component, module), backup in self._backups.items():
-                self.modules[component].get_submodule(module).weight.copy_(backup)
-        self._backups.clear()
+            for key in self._changed:
+                self._layer_weight(key).copy_(self._backups[key])
+        self._changed = set()
         apply_hypernetworks(self.modules["unet"], [])
         self._active_key = ActiveNetworks().key
         self.active = ActiveNetworks()
 
-    def _weight(self, component: str, module: str) -> torch.Tensor:
-        weight = self.modules[component].get_submodule(module).weight
-        key = (component, module)
-        if key not in self._backups:
-            self._backups[key] = weight.detach().clone()
-        return weight
+    def release(self) -> None:
+        """Restore the base model and free the kept weight copies (the next network copies again)."""
+        self.restore()
+        self._backups.clear()
+
+    def _layer_weight(self, key: tuple[str, str]) -> torch.Tensor:
+        component, module = key
+        return self.modules[component].get_submodule(module).weight
 
 
-def _add_low_rank_in_place(weight: torch.Tensor, update: LayerUpdate, multiplier: float, dyn_dim: int | None) -> bool:
-    """W += m * scale * up @ down as one addmm into the fp32 weight (no weight-sized temporary), for a plain
-    LoRA / LoCon layer; False (nothing done) for every other case, which goes through `update.delta`."""
+def _add_update(weight: torch.Tensor, source: torch.Tensor, update: LayerUpdate, multiplier: float,
+                dyn_dim: int | None) -> None:
+    """weight := source + multiplier * update (source is the base copy or the weight itself).
+
+    A plain LoRA / LoCon layer on an fp32 weight is one addmm (`source + m * scale * up @ down`, written into
+    the weight with no weight-sized temporary); every other case adds `update.delta` in the weight's dtype
+    (A1111's `weight += updown`)."""
     tensors = update.tensors
-    if update.algorithm != "lora" or "lora_mid.weight" in tensors or dyn_dim is not None \
-            or weight.dtype != torch.float32 or not weight.is_contiguous():
-        return False
-    up = tensors["lora_up.weight"].flatten(1).to(weight.device, torch.float32)  # (out, rank)
-    down = tensors["lora_down.weight"].flatten(1).to(weight.device, torch.float32)  # (rank, in * kh * kw)
-    if (up.shape[0], down.shape[1]) != (weight.shape[0], weight[0].numel()):
-        return False  # e.g. an SD LoRA's 4-channel conv_in on a 9-channel inpainting UNet: padded by delta()
-    weight.view(weight.shape[0], -1).addmm_(up, down, alpha=multiplier * update.scale)  # (out, in * kh * kw)
-    return True
+    out_features = weight.shape[0]
+    plain = update.algorithm == "lora" and "lora_mid.weight" not in tensors and dyn_dim is None \
+        and weight.dtype == torch.float32 and weight.is_contiguous() and source.is_contiguous()
+    if plain:
+        up = tensors["lora_up.weight"].flatten(1).to(weight.device, torch.float32)  # (out, rank)
+        down = tensors["lora_down.weight"].flatten(1).to(weight.device, torch.float32)  # (rank, in * kh * kw)
+        plain = (up.shape[0], down.shape[1]) == (out_features, weight[0].numel())  # else e.g. padded conv_in
+    if plain:
+        target = weight.view(out_features, -1)  # (out, in * kh * kw)
+        if source is weight:
+            target.addmm_(up, down, alpha=multiplier * update.scale)
+        else:
+            torch.addmm(source.view(out_features, -1), up, down, alpha=multiplier * update.scale, out=target)
+        return
+    delta = update.delta(weight, dyn_dim) * multiplier
+    if not math.isfinite(float(delta.abs().max())):
+        raise NetworkError(f"the update of {update.key} is not finite at multiplier {multiplier:g}")
+    if source is not weight:
+        weight.copy_(source)
+    weight.add_(delta.to(weight.dtype))
 
 
 def _replace(report: NetworkReport, **fields: object) -> NetworkReport:
