@@ -220,7 +220,7 @@ def test_bundled_embedding_is_usable_while_its_lora_is_in_the_prompt(setup):
     assert [(a.name) for a in engine.encode("a portrait of inkchar").applied] == []  # gone with its LoRA
 
 
-def test_hypernetwork_tag_changes_the_unet_and_removal_restores_it(setup, tmp_path):
+def test_hypernetwork_tag_changes_the_unet_and_removal_restores_it(setup, tmp_path, capsys):
     engine, _, _, _, _ = setup
     folder = tmp_path / "hypernetworks"
     folder.mkdir()
@@ -235,6 +235,12 @@ def test_hypernetwork_tag_changes_the_unet_and_removal_restores_it(setup, tmp_pa
 
     torch.save({width: [pair(), pair()], "layer_structure": [1, 2, 1], "activation_func": "linear",
                 "is_layer_norm": False, "use_dropout": False, "name": "glow", "step": 10}, folder / "glow.pt")
+    from tiengine.cli import main
+
+    assert main(["hypernetworks", "list", str(folder), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["networks"]
+    assert (row["name"], row["description"]["layer_structure"], row["description"]["sizes"]) == \
+        ("glow", [1, 2, 1], [width])
     hyper_engine = engine.sharing_weights()
     hyper_engine.networks.hypernetworks = type(engine.networks.loras)(folder, "hypernetwork")
     settings = dict(steps=2, seed=9, sampler="Euler")

@@ -97,7 +97,19 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def _one_line(kind: str, description: dict) -> str:
-    """The facts users scan a listing for: family, algorithm / structure, rank, text-encoder part."""
-    keys = ("family", "algorithm", "algorithms", "rank", "ranks", "alpha", "text_encoder", "layer_structure",
-            "activation", "short_hash")
-    return ", ".join(f"{key} {description[key]}" for key in keys if description.get(key) not in (None, "", [], {}))
+    """The facts users scan a listing for: family, algorithm or structure, rank, alpha, text-encoder part."""
+    if kind == "hypernetwork":
+        keys = ("layer_structure", "activation", "sizes", "short_hash")
+        return ", ".join(f"{key} {description[key]}" for key in keys if description.get(key) not in (None, "", []))
+    parts = [description.get("family") or "family unknown"]
+    parts += [f"{algorithm} x{count}" for algorithm, count in (description.get("algorithms") or {}).items()]
+    for key in ("rank", "alpha"):
+        span = description.get(key)
+        if span:
+            low, high = span["min"], span["max"]
+            parts.append(f"{key} {low:g}" if low == high else f"{key} {low:g}-{high:g}")
+    parts.append("text encoder + UNet" if description.get("text_encoder") else "UNet only")
+    if description.get("bundled_embeddings"):
+        parts.append("bundled: " + ", ".join(item["name"] for item in description["bundled_embeddings"]))
+    parts.append(f"hash {description.get('short_hash')}")
+    return ", ".join(str(part) for part in parts)
