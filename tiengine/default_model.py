@@ -19,6 +19,7 @@ DEFAULT_MODEL_FILES = ("config.json", "unet.safetensors", "vae.safetensors", "te
 # prompts best at low guidance (MODEL_CARD.md gives its adherence per scale)
 DEFAULT_MODEL_CFG_SCALE = 3.0
 A1111_CFG_SCALE = 7.0  # the guidance scale for every other model (A1111's default)
+DEFAULT_MODEL_LORAS = "loras"  # LoRA files trained on the default model (tiengine.toyworld.train_lora)
 DEFAULT_MODEL_SEED = 1  # `python -m tiengine.toyworld.train_base --seed` that made the packaged weights
 
 
@@ -33,6 +34,12 @@ def default_model_path() -> Path:
             f"or rebuild it with `python -m tiengine.toyworld.train_base --out <that folder> --seed {DEFAULT_MODEL_SEED}`"
         )
     return path
+
+
+def default_model_loras_path() -> Path | None:
+    """The LoRA files made for the default model (`loras/` beside it: `<lora:striped:1>`), if packaged."""
+    folder = default_model_path() / DEFAULT_MODEL_LORAS
+    return folder if folder.is_dir() else None
 
 
 def default_model_card_path() -> Path:

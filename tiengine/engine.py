@@ -34,6 +34,7 @@ from tiengine import __version__
 from tiengine.default_model import (
     A1111_CFG_SCALE,
     DEFAULT_MODEL_CFG_SCALE,
+    default_model_loras_path,
     default_model_path,
 )
 from tiengine.diffusion.guidance import (
@@ -174,11 +175,14 @@ class Engine:
         `prompt_limits`: the bounds on every prompt this engine parses (default PromptLimits()).
         `progress(component, loaded, total)` is called after each model component is loaded.
         `loras` / `hypernetworks`: the folders that `<lora:NAME:...>` (and `<lyco:...>`) and
-        `<hypernet:NAME:...>` tags in prompts name files in (A1111's models/Lora, models/hypernetworks)."""
+        `<hypernet:NAME:...>` tags in prompts name files in (A1111's models/Lora, models/hypernetworks);
+        with the built-in model and no `loras`, the LoRAs packaged with it."""
         default_cfg_scale = A1111_CFG_SCALE
         if model_path is None:
             model_path = default_model_path()
             default_cfg_scale = DEFAULT_MODEL_CFG_SCALE
+            if loras is None:
+                loras = default_model_loras_path()  # the LoRAs made for the built-in model, if packaged
         if embeddings is None:
             embeddings = default_embeddings_folder()
         library = EmbeddingLibrary(embeddings) if embeddings is not None and embeddings is not False else None
