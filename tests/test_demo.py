@@ -128,7 +128,7 @@ def test_cli_prints_a_header_before_each_stage(monkeypatch, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     headers = [line for line in err.splitlines() if line.startswith("[")]
-    assert headers == [f"[{number}/4] {stage}" for number, stage in enumerate(STAGES, start=1)]
+    assert headers == [f"[{number}/{len(STAGES)}] {stage}" for number, stage in enumerate(STAGES, start=1)]
     assert main(["demo", "--out", str(tmp_path / "o"), "--json"]) == 2
     assert "[1/4]" not in capsys.readouterr().err  # --json: no headers, no bars
 

@@ -18,7 +18,11 @@ caption ever has a word for it. The default model can draw it but nothing in a p
    purple circle on the left") and holding the embedding's name ("a small toyconcept circle on the left");
 4. detects the concept (every object within toyworld.CONCEPT_HUE_TOLERANCE of purple) and the prompt's
    named attributes in each image (toyworld_eval.adherence_report), writes OUT/demo_grid.png and
-   OUT/scores.json.
+   OUT/scores.json;
+5. when the default model's LoRA `LORA_NAME` is packaged (tiengine.toyworld.train_lora), generates the
+   plain prompts again with `<lora:striped:1>` and `<lora:striped:0>`: the share of striped backgrounds
+   (tiengine.toyworld.detector) with the LoRA against the prompt alone, and whether every `:0` image is the
+   prompt-alone image bit for bit (the base weights are restored exactly).
 
 Evaluation prompts are the canonical captions of toyworld.held_out_combinations(): object groups the
 model never saw in training, so the concept has to transfer to new scenes. Without a colour word the
@@ -40,12 +44,13 @@ from tiengine.embeddings.embedding import file_sha256
 from tiengine.errors import TiengineError
 from tiengine.io.atomic import atomic_write, atomic_write_bytes, ensure_folder
 from tiengine.io.images import labelled_grid
-from tiengine.io.metadata import format_parameters, format_name_hashes, save_png
+from tiengine.io.metadata import format_name_hashes, format_parameters, save_png
 from tiengine.toyworld.demo_recipe import (
     CONCEPT_IMAGES,
     CONCEPT_NAME,
     INIT_TEXT,
     LEARNING_RATE,
+    LORA_NAME,
     NEAREST_WORD,
     TARGET_WITH,
     TARGET_WITHOUT,
@@ -53,8 +58,13 @@ from tiengine.toyworld.demo_recipe import (
     TRAIN_BATCH,
     TRAIN_STEPS,
 )
-from tiengine.toyworld.detector import adherence_report
-from tiengine.toyworld.evaluation import DEFAULT_SAMPLER, DEFAULT_STEPS, held_out_prompts, load_engine
+from tiengine.toyworld.detector import adherence_report, detect
+from tiengine.toyworld.evaluation import (
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    held_out_prompts,
+    load_engine,
+)
 from tiengine.toyworld.world import concept_examples
 from tiengine.training.data import NAME_PLACEHOLDER
 from tiengine.training.textual_inversion import TrainEmbeddingSettings
@@ -62,8 +72,10 @@ from tiengine.training.textual_inversion import TrainEmbeddingSettings
 if TYPE_CHECKING:
     from PIL import Image
 
+    from tiengine.engine import Engine
+
 GRID_ROWS = 8
-STAGES = ("rendering images", "training", "generating", "scoring and writing")  # progress(stage, ...) order
+STAGES = ("rendering images", "training", "generating", "generating LoRA images", "scoring and writing")  # in order
 GRID_SCALE = 2  # grid cells are the 64 px images scaled up by this factor (nearest neighbour)
 
 
@@ -82,6 +94,18 @@ class ArmScore:
 
 
 @dataclass
+class LoraScore:
+    """The LoRA part: share of striped backgrounds with `<lora:NAME:1>` and without any tag, and whether
+    `<lora:NAME:0>` gave every prompt-alone image bit for bit."""
+
+    name: str
+    short_hash: str
+    striped_with: float
+    striped_without: float
+    zero_is_base: bool
+
+
+@dataclass
 class DemoReport:
     name: str
     arms: list[ArmScore]
@@ -93,6 +117,7 @@ class DemoReport:
     grid_path: str
     train_command: str
     outputs: list[str] = field(default_factory=list)
+    lora: LoraScore | None = None
 
     def arm(self, label: str) -> ArmScore:
         return next(arm for arm in self.arms if arm.label == label)
@@ -109,9 +134,43 @@ class DemoReport:
         lines.append(
             f"targets (>= {TARGET_WITH:.0%} with the embedding, < {TARGET_WITHOUT:.0%} without): {verdict}"
         )
+        if self.lora is not None:
+            lines.append(f"LoRA <lora:{self.lora.name}:1> [{self.lora.short_hash}]: striped backgrounds "
+                         f"{self.lora.striped_with:.1%} (prompt alone {self.lora.striped_without:.1%}); "
+                         f"<lora:{self.lora.name}:0> gives the prompt-alone images bit for bit: "
+                         f"{'yes' if self.lora.zero_is_base else 'NO'}")
         lines.append(f"training: {self.train_steps} steps in {self.train_seconds:.0f} s; whole demo "
                      f"{self.total_seconds / 60:.1f} min")
         return lines
+
+
+def _lora_part(engine: Engine, prompts: list[str], base_images: list[Image.Image], seed: int,
+               report: Callable[[str, int, int], None]) -> LoraScore | None:
+    """Step 5 of the module docstring (None when the model has no LoRA named LORA_NAME)."""
+    import numpy as np
+
+    if engine.networks.loras is None or engine.networks.loras.lookup(LORA_NAME) is None:
+        return None
+    images: dict[float, list[Image.Image]] = {}
+    short_hash = ""
+    for number, multiplier in enumerate((1.0, 0.0)):
+        images[multiplier] = []
+        for index, prompt in enumerate(prompts):
+            generated = engine.generate(f"{prompt} <lora:{LORA_NAME}:{multiplier:g}>", steps=DEFAULT_STEPS,
+                                        sampler=DEFAULT_SAMPLER, cfg_scale=DEFAULT_MODEL_CFG_SCALE, seed=seed + index)
+            (network,) = generated.conditioning.networks
+            if not network.applied:
+                raise DemoError(f"<lora:{LORA_NAME}:{multiplier:g}> was not applied: {network.reason}")
+            short_hash = network.short_hash or ""
+            images[multiplier] += generated.images
+            report("generating LoRA images", number * len(prompts) + index + 1, 2 * len(prompts))
+    engine.apply_networks("")  # the base weights back
+
+    def striped(batch: list[Image.Image]) -> float:
+        return sum(detect(np.asarray(image.convert("RGB"))).background == "stripes" for image in batch) / len(batch)
+
+    zero_is_base = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images[0.0], base_images))
+    return LoraScore(LORA_NAME, short_hash, striped(images[1.0]), striped(base_images), zero_is_base)
 
 
 def evaluation_prompts(colour_word: str = "") -> list[str]:
@@ -178,7 +237,8 @@ def run_demo(
     """Run the demonstration into the folder `out` (see the module docstring); returns the scores.
 
     progress(stage, done, total) is called as each stage starts (done = 0) and as its work completes, stages
-    in order: STAGES ("rendering images", "training", "generating", "scoring and writing").
+    in order: STAGES ("rendering images", "training", "generating", "generating LoRA images" (when the
+    model has the LoRA), "scoring and writing").
     """
     import numpy as np
 
@@ -236,6 +296,7 @@ def run_demo(
             images += generated.images
             report("generating", number * len(plain_prompts) + index + 1, total_images)
         generated_images.append(images)
+    lora = _lora_part(engine, plain_prompts, generated_images[0], seed, report)
     report("scoring and writing", 0, len(arm_words) + 2)
     for number, ((label, colour_word), images) in enumerate(zip(arm_words, generated_images)):
         # the named attributes are scored against the prompt without its colour word: the colour is the concept's
@@ -259,6 +320,7 @@ def run_demo(
         name=CONCEPT_NAME, arms=arms, images_per_arm=len(plain_prompts), train_steps=result.steps_done,
         train_seconds=train_seconds, total_seconds=time.perf_counter() - started, embedding_path=str(embedding_path),
         grid_path=str(grid_path), train_command=train_command, outputs=[*outputs, str(grid_path), str(scores_path)],
+        lora=lora,
     )
     atomic_write_bytes(scores_path, (json.dumps(asdict(demo), indent=2) + "\n").encode("utf-8"), overwrite=overwrite)
     report("scoring and writing", len(arm_words) + 2, len(arm_words) + 2)

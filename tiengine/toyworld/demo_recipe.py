@@ -15,3 +15,7 @@ LEARNING_RATE = "0.05"
 # targets of the demonstration (share of images showing the concept)
 TARGET_WITH = 0.70
 TARGET_WITHOUT = 0.10
+
+# the LoRA part: a LoRA packaged with the default model (tiengine.toyworld.train_lora) that draws striped
+# backgrounds where the prompt names none; the demo measures how often the background is striped
+LORA_NAME = "striped"
