@@ -75,7 +75,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -402,9 +402,9 @@ class TimestepSamplerInfo(SamplerInfo):
     (img2img, with no further slicing: the list already is A1111's), then call
     ``sample(denoiser, x, sigmas, generator=..., callback=...)``. Keep the sigmas float64."""
 
-    sigmas_from_schedule: Callable[[NoiseSchedule, int, float | None], torch.Tensor] | None = None
-    calls_for_timesteps: Callable[[int], int] | None = None  # model calls of a run over that many timesteps
-    binds_schedule: bool = False  # `sample` takes the model's schedule (UniPC's log-alpha interpolation)
+    sigmas_from_schedule: Callable[[NoiseSchedule, int, float | None], torch.Tensor] = field(kw_only=True)
+    calls_for_timesteps: Callable[[int], int] = field(kw_only=True)  # model calls of a run over that many timesteps
+    binds_schedule: bool = field(default=False, kw_only=True)  # `sample` takes the model's schedule (UniPC)
 
     def prepare(
         self, schedule: NoiseSchedule, steps: int, strength: float | None = None
