@@ -430,6 +430,8 @@ def _unipc_calls(count: int) -> int:
     return count
 
 
+# default_scheduler "automatic": these samplers take no sigma scheduler (not a get_sigmas name); A1111's infotext
+# says "Schedule type: Automatic" for them.
 TIMESTEP_SAMPLERS: tuple[TimestepSamplerInfo, ...] = (
     TimestepSamplerInfo("DDIM", sample_ddim_timesteps, False, False, "automatic",
                         sigmas_from_schedule=ddim_sigmas, calls_for_timesteps=_ddim_calls),
