@@ -79,7 +79,7 @@ SCHEDULE_TYPES: tuple[ScheduleType, ...] = (
 )
 SCHEDULERS: tuple[str, ...] = tuple(kind.name for kind in SCHEDULE_TYPES if kind.name != "automatic")
 # A1111 1.5's alias suffixes for the combined names ("k_dpmpp_2m_ka" = "DPM++ 2M Karras").
-_ALIAS_SCHEDULE_SUFFIXES = {"_ka": "karras", "_exp": "exponential"}
+_ALIAS_SCHEDULE_SUFFIXES = (("_ka", "karras"), ("_exp", "exponential"))
 
 
 def _spellings(kind: ScheduleType) -> tuple[str, ...]:
@@ -122,7 +122,7 @@ def split_sampler_name(text: str) -> tuple[str, str | None]:
     name = _sampler_by_spelling(key)
     if name is not None:
         return name, None
-    for suffix, schedule in _ALIAS_SCHEDULE_SUFFIXES.items():
+    for suffix, schedule in _ALIAS_SCHEDULE_SUFFIXES:
         if key.endswith(suffix) and (name := _sampler_by_spelling(key[: -len(suffix)])) is not None:
             return name, schedule
     candidates = [(spelling.lower(), kind.name) for kind in SCHEDULE_TYPES for spelling in _spellings(kind)]

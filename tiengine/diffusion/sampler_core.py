@@ -3,10 +3,11 @@
 Samplers follow k-diffusion's convention (``k_diffusion/sampling.py``): a denoiser maps ``(x, sigma)`` to
 x0, ``x = x0 + sigma * eps``, sigmas decrease and usually end with 0. Shared pieces:
 
-- Noise sources for per-step noise (a sampler's ``generator=`` argument): a CPU ``torch.Generator`` for the whole batch, one per image (A1111's per-image
-  seeds, see ``tiengine.diffusion.schedules.batch_generators``), or any object with a
-  ``randn_like(x) -> Tensor`` method (A1111's per-image noise source, which k-diffusion reaches through
-  its patched ``torch.randn_like``). Generator noise is drawn in float32 on the CPU, so a seed gives the
+- Noise sources for per-step noise (a sampler's ``generator=`` argument): a CPU ``torch.Generator`` for
+  the whole batch, one per image (A1111's per-image seeds, see
+  ``tiengine.diffusion.schedules.batch_generators``), or any object with a ``randn_like(x) -> Tensor``
+  method (A1111's per-image noise source, which k-diffusion reaches through its patched
+  ``torch.randn_like``). Generator noise is drawn in float32 on the CPU, so a seed gives the
   same result on any device; every source's noise is then moved to x's device and dtype.
 - A noise sampler ``(sigma, sigma_next) -> Tensor`` (k-diffusion's ``noise_sampler``): the SDE samplers'
   Brownian noise, see ``tiengine.diffusion.brownian``.

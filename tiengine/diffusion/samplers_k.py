@@ -7,7 +7,9 @@ k-diffusion function of the same name (``k_diffusion/sampling.py``, MIT): ``samp
 (eta = 1 for the ancestral ones, s_noise = 1, no churn). DDIM here is the DDIM update written in sigma
 space: with eta = 0 the Euler step, with eta > 0 the ancestral step with ``sigma_up = eta * sigma_next *
 sqrt(1 - sigma_next^2 / sigma^2)`` (A1111's DDIM eta default 0). Two-call samplers (Heun, DPM2, DPM2 a,
-DPM++ 2S a) make a first-order step to sigma 0 on the last step: 2N - 1 calls.
+DPM++ 2S a) make a first-order step to sigma 0 on the last step: 2N - 1 calls; their midpoint sigmas
+(and DPM2 a / DPM++ 2S a's sigma_down) are formed in k-diffusion's float32 arithmetic
+(``tiengine.diffusion.sampler_core``), so the model is called at A1111's sigmas.
 
 Ancestral noise comes from ``generator`` (see ``tiengine.diffusion.sampler_core``), drawn where
 k-diffusion draws it: once per step to a nonzero sigma_next (DPM2 a: per step that is not the last
