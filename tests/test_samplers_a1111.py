@@ -284,6 +284,10 @@ def test_brownian_noise_equals_k_diffusion_bit_for_bit(kd):
     same = ours(float(sigmas[1]), float(sigmas[2]))
     assert torch.equal(other[0], same[0]) and not torch.allclose(other[1], same[1])  # one tree per image
     assert abs(float(same.std()) - 1) < 0.25  # unit variance (512 values)
+    logs = brownian_noise_sampler(x, sigmas, SEEDS, transform=torch.log)  # k-diffusion's transform argument
+    ref_logs = kd.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=list(SEEDS),
+                                           transform=torch.log)
+    assert torch.equal(logs(float(sigmas[3]), float(sigmas[4])), ref_logs(sigmas[3], sigmas[4]))
 
 
 @pytest.mark.parametrize("name", ["DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"])
