@@ -58,8 +58,8 @@ def engine(sd1_folder):
 @pytest.mark.parametrize(("fields", "message"), [
     ({"steps": 0}, "steps must be >= 1"),
     ({"steps": 2.5}, "steps must be >= 1"),
-    ({"sampler": "Euler b"}, "unknown sampler 'Euler b'; expected one of: Euler, Euler a, Heun"),
-    ({"scheduler": "cosine"}, "unknown scheduler 'cosine'; expected one of: normal, karras, exponential, ddim_uniform"),
+    ({"sampler": "Euler b"}, "unknown sampler 'Euler b'; expected one of: DPM\\+\\+ 2M, DPM\\+\\+ SDE, DPM"),
+    ({"scheduler": "cosine"}, "unknown scheduler 'cosine'; expected one of: uniform, karras, exponential, polyexp"),
     ({"width": 0}, "width must be a positive integer"),
     ({"height": -64}, "height must be a positive integer"),
     ({"batch_size": 0}, "batch size must be an integer >= 1"),

@@ -149,28 +149,36 @@ def test_tolerance_detects_a_subtle_change():
 def test_second_order_and_call_counts():
     denoiser = exact_denoiser(toy_mean())
     schedule = NoiseSchedule.from_betas(**SD_BETAS)
-    expected_second_order = {"Heun", "DPM2", "DPM++ SDE"}
-    assert set(SAMPLERS) == {"Euler", "Euler a", "Heun", "DPM2", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE",
-                             "LMS", "DDIM"}
+    expected_second_order = {"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart"}  # A1111 1.10
+    assert set(SAMPLERS) == {"Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE",
+                             "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM++ 2S a", "DPM++ SDE", "DPM fast",
+                             "DPM adaptive", "LMS", "Restart", "DDIM", "LCM"}
     for name, info in SAMPLERS.items():
         assert info.second_order == (name in expected_second_order)
-        for steps in (1, 2, 7):
-            sigmas = get_sigmas(schedule, steps, info.default_scheduler,
+        table = info.sigma_table(schedule) if info.sigma_table is not None else schedule
+        for steps in (1, 2, 6, 7):
+            sigmas = get_sigmas(table, steps, info.default_scheduler,
                                 discard_penultimate=info.discard_penultimate_sigma)
             calls: list = []
             reported: list = []
             x = torch.randn(LATENT_SHAPE, generator=torch.Generator().manual_seed(0)) * sigmas[0]
             info.sample(recording(denoiser, calls), x, sigmas, generator=torch.Generator().manual_seed(0),
                         callback=lambda i, n, xi, d: reported.append((i, n)))
+            if info.adaptive:  # DPM adaptive: its error control picks the steps
+                assert info.model_calls(steps) is None and (len(calls) >= 3 or steps == 1)  # 1 step: no span
+                assert reported == [(i, None) for i in range(len(reported))]
+                continue
             assert len(calls) == info.model_calls(steps) == (2 * steps - 1 if info.second_order else steps)
-            assert reported == [(i, steps) for i in range(steps)]
+            solver_steps = steps // 3 + 1 if name == "DPM fast" else steps  # fast: up to 3 calls a step
+            assert reported == [(i, solver_steps) for i in range(solver_steps)]
 
 
 def test_a1111_defaults_in_registry():
     assert get_sampler("DPM++ 2M").default_scheduler == "karras"
     assert get_sampler("DPM++ SDE").default_scheduler == "karras"
     assert get_sampler("DPM++ 2M SDE").default_scheduler == "exponential"
-    assert get_sampler("Euler a").default_scheduler == "normal"
+    assert get_sampler("Euler a").default_scheduler == "uniform"  # A1111 names none: k-diffusion's get_sigmas
+    assert get_sampler("DPM2").default_scheduler == "karras"
     assert get_sampler("DPM2").discard_penultimate_sigma
     assert not get_sampler("Heun").discard_penultimate_sigma
     with pytest.raises(SamplingError, match="Euler A"):
@@ -181,7 +189,8 @@ def test_a1111_defaults_in_registry():
 def test_stochastic_samplers_are_deterministic_per_seed(name):
     info = get_sampler(name)
     denoiser = exact_denoiser(toy_mean())
-    sigmas = get_sigmas(NoiseSchedule.from_betas(**SD_BETAS), 6, "karras")
+    steps = 20 if name == "Restart" else 6  # Restart adds noise from 20 steps on
+    sigmas = get_sigmas(NoiseSchedule.from_betas(**SD_BETAS), steps, "karras")
     x = torch.randn(LATENT_SHAPE, generator=torch.Generator().manual_seed(0)) * sigmas[0]
     runs = [info.sample(denoiser, x, sigmas, generator=torch.Generator().manual_seed(seed)) for seed in (3, 3, 4)]
     assert torch.equal(runs[0], runs[1])
@@ -206,7 +215,7 @@ def test_per_image_generators_reproduce_single_images(name):
 def test_ancestral_noise_comes_from_the_cpu_generator_as_float32():
     """One Euler a step (eta=1) on a denoiser returning 0: x_next = x * sigma_down / sigma + z * sigma_up."""
     x = torch.ones(1, 1, 2, 2, dtype=torch.float64)
-    zero = lambda x, sigma: torch.zeros_like(x)  # noqa: E731
+    zero = lambda x, sigma: torch.zeros_like(x)
     out = get_sampler("Euler a").sample(zero, x, torch.tensor([2.0, 1.0]), generator=torch.Generator().manual_seed(7))
     z = torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(7), dtype=torch.float32).double()
     sigma_up = math.sqrt(1.0 * (4.0 - 1.0) / 4.0)  # sqrt(s_next^2 (s^2 - s_next^2) / s^2)

@@ -184,7 +184,7 @@ def test_prediction_wrappers_recover_x0_and_match_diffusers(kind):
 def test_prediction_wrapper_passes_conditioning():
     schedule = NoiseSchedule.from_betas(**SD_BETAS)
     seen: list = []
-    model = lambda x_in, t, *args, **kwargs: seen.append((t, args, kwargs)) or torch.zeros_like(x_in)  # noqa: E731
+    model = lambda x_in, t, *args, **kwargs: seen.append((t, args, kwargs)) or torch.zeros_like(x_in)
     wrapped = eps_denoiser(model, schedule, quantize=True)
     x = torch.zeros(2, 4, 2, 2)
     context = torch.ones(2, 77, 8)
@@ -235,8 +235,10 @@ def test_img2img_start_follows_a1111(steps, strength, start):
 
 def test_bad_options_raise():
     schedule = NoiseSchedule.from_betas(**SD_BETAS)
-    with pytest.raises(SamplingError, match="scheduler"):
-        get_sigmas(schedule, 10, "Karras")
+    with pytest.raises(SamplingError, match="schedule type.*Karras.*found 'Karass'"):
+        get_sigmas(schedule, 10, "Karass")
+    with pytest.raises(SamplingError, match="'Automatic' is the sampler's own default"):
+        get_sigmas(schedule, 10, "Automatic")
     with pytest.raises(SamplingError, match="steps"):
         get_sigmas(schedule, 0)
     with pytest.raises(SamplingError, match="beta_schedule"):

@@ -10,16 +10,36 @@ denoiser maps ``(x, sigma) -> x0``. Names and constants come from:
   ``alphas_cumprod`` buffer of LDM checkpoints. ``sigma_t = sqrt((1 - alphas_cumprod[t]) / alphas_cumprod[t])``;
   ``sigma_to_t`` / ``t_to_sigma`` interpolate linearly in log sigma between integer timesteps, as
   k-diffusion's ``DiscreteSchedule`` does (``quantize`` snaps to the nearest timestep, its option).
-- Sigma schedulers (A1111 / k-diffusion names), each returning float32 sigmas of shape (steps + 1,),
-  decreasing, ending with 0:
-  "normal": ``t_to_sigma(linspace(T - 1, 0, steps))`` (k-diffusion ``get_sigmas``, A1111's default);
-  "karras": Karras et al. 2022, rho = 7, between the table's sigma_min and sigma_max;
-  "exponential": evenly spaced in log sigma between the same bounds;
-  "ddim_uniform": the table's sigmas at timesteps ``1 + k * (T // steps)``, k = steps-1 .. 0 (diffusers'
-  DDIM "leading" spacing with steps_offset 1, and LDM's "uniform" DDIM timesteps). Like diffusers' DDIM
-  with set_alpha_to_one, the last step goes to 0; LDM's DDIMSampler stops at alphas_cumprod[0] instead.
-  ``discard_penultimate=True`` builds steps + 1 sigmas and drops the next-to-last one (A1111 does this
-  for DPM2).
+- Sigma schedules: A1111's "Schedule type" menu (``modules/sd_schedulers.py``, names and labels in
+  ``tiengine.diffusion.names``), each giving float32 sigmas, decreasing, ending with 0 (except KL
+  Optimal, see below), for ``steps`` steps; sigma_min / sigma_max are the training table's ends:
+  "uniform": ``t_to_sigma(linspace(T - 1, 0, steps))`` (k-diffusion ``DiscreteSchedule.get_sigmas``, what
+  A1111 uses when a sampler names no schedule);
+  "normal": the same between ``sigma_to_t(sigma_max)`` and ``sigma_to_t(sigma_min)`` (equal to uniform for
+  the table's own ends);
+  "sgm_uniform": ``linspace(sigma_to_t(sigma_max), sigma_to_t(sigma_min), steps + 1)`` without its last
+  timestep (SGM / SDXL's "uniform" discretization);
+  "karras": Karras et al. 2022, evenly spaced in sigma^(1/rho), rho = 7 (k-diffusion get_sigmas_karras);
+  "exponential": evenly spaced in log sigma (get_sigmas_exponential);
+  "polyexponential": log sigma along ``ramp ** rho``, rho = 1 (get_sigmas_polyexponential);
+  "kl_optimal": ``tan((k / n) atan(sigma_min) + (1 - k / n) atan(sigma_max))`` for k = 0 .. n; A1111 returns
+  these n + 1 values as they are, so the last step ends at sigma_min, not 0;
+  "align_your_steps": NVIDIA's Align Your Steps 10-step tables for SD 1.5 and SDXL (the ``sdxl`` switch;
+  A1111 uses the SD 1.5 table for every non-SDXL model), log-linearly interpolated to other step counts
+  (NVIDIA's ``loglinear_interp``);
+  "simple": the table's sigmas at indices ``T - 1 - int(k * T / steps)``, k = 0 .. steps - 1;
+  "ddim": the table's sigmas at timesteps 1, 1 + c, 1 + 2c, ... below T with ``c = max(T // steps, 1)``,
+  reversed: LDM's "uniform" DDIM discretization, which gives more than ``steps`` sigmas when c does not
+  divide T - 1 evenly enough (30 steps give 31); A1111 then runs them all;
+  "beta": ``sigma_min + ppf(1 - linspace(0, 1, steps)) * (sigma_max - sigma_min)`` with the Beta(0.6, 0.6)
+  quantile function (A1111's defaults for its beta_dist_alpha / beta_dist_beta options);
+  "ddim_uniform" (tiengine's earlier name): the table's sigmas at timesteps ``1 + k * (T // steps)``,
+  k = steps-1 .. 0, exactly ``steps`` of them (diffusers' DDIM "leading" spacing with steps_offset 1).
+  "automatic" is not a schedule: it is the sampler's default (``SamplerInfo.default_scheduler``).
+  ``discard_penultimate=True`` builds steps + 1 steps' sigmas and drops the next-to-last one (A1111's
+  ``discard_next_to_last_sigma``, for DPM2 and DPM++ 3M SDE). A1111 computes the table and the
+  schedules in float32; here they are computed in float64 and rounded once, which agrees with it to a
+  few float32 ulps.
 - Model parameterizations (k-diffusion ``CompVisDenoiser`` / ``CompVisVDenoiser``): an epsilon model
   sees ``x * c_in`` with ``c_in = 1 / sqrt(sigma^2 + 1)`` and gives ``x0 = x - sigma * eps``; a v model
   gives ``x0 = c_skip * x + c_out * v`` with ``c_skip = 1 / (sigma^2 + 1)``,
@@ -39,26 +59,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Union
 
+import numpy as np
 import torch
 
-from tiengine.diffusion.names import SCHEDULERS
-from tiengine.errors import TiengineError
+from tiengine.diffusion.beta_dist import beta_ppf
+from tiengine.diffusion.names import SamplingError, schedule_name
 
 BETA_SCHEDULES: tuple[str, ...] = ("scaled_linear", "linear")
 KARRAS_RHO = 7.0  # Karras et al. 2022, also k-diffusion's and A1111's default
+POLYEXPONENTIAL_RHO = 1.0  # k-diffusion's and A1111's default
+BETA_SCHEDULE_ALPHA = 0.6  # A1111's beta_dist_alpha default
+BETA_SCHEDULE_BETA = 0.6  # A1111's beta_dist_beta default
+# Align Your Steps (NVIDIA, research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html): 10 steps.
+AYS_SD15_SIGMAS = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+AYS_SDXL_SIGMAS = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
 
 # Conditioning as the caller's model takes it: a tensor (B, ...) or a dict of such tensors.
-Cond = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+Cond = torch.Tensor | Mapping[str, torch.Tensor]
 # k-diffusion denoiser: x (B, C, H, W), sigma (B,) -> x0 (B, C, H, W).
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # The same with the conditioning passed through to the model.
-CondDenoiser = Callable[[torch.Tensor, torch.Tensor, Union[Cond, None]], torch.Tensor]
-
-
-class SamplingError(TiengineError):
-    """A sampler, scheduler, seed or strength option is unknown or out of range."""
+CondDenoiser = Callable[[torch.Tensor, torch.Tensor, Cond | None], torch.Tensor]
 
 
 class NoiseSchedule:
@@ -152,10 +174,25 @@ def _check_steps(steps: int) -> None:
         raise SamplingError(f"steps: expected an integer >= 1, found {steps!r}")
 
 
-def sigmas_normal(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
+def sigmas_uniform(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
     """k-diffusion's ``get_sigmas``: sigmas at ``steps`` evenly spaced timesteps from T-1 to 0, then 0."""
     _check_steps(steps)
     t = torch.linspace(schedule.num_train_timesteps - 1, 0, steps, dtype=torch.float64)
+    return _append_zero(schedule.t_to_sigma(t))
+
+
+def sigmas_normal(
+    schedule: NoiseSchedule, steps: int, sigma_min: float | None = None, sigma_max: float | None = None,
+    *, sgm: bool = False,
+) -> torch.Tensor:
+    """Sigmas at evenly spaced timesteps between those of sigma_max and sigma_min (default: the table's
+    ends), then 0; ``sgm``: steps + 1 timesteps without the last (A1111's normal / sgm_uniform)."""
+    _check_steps(steps)
+    bounds = torch.tensor([schedule.sigma_max if sigma_max is None else sigma_max,
+                           schedule.sigma_min if sigma_min is None else sigma_min], dtype=torch.float64)
+    start, end = schedule.sigma_to_t(bounds).tolist()
+    t = torch.linspace(start, end, steps + 1, dtype=torch.float64)[:-1] if sgm else \
+        torch.linspace(start, end, steps, dtype=torch.float64)
     return _append_zero(schedule.t_to_sigma(t))
 
 
@@ -173,6 +210,61 @@ def sigmas_exponential(steps: int, sigma_min: float, sigma_max: float) -> torch.
     return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp())
 
 
+def sigmas_polyexponential(
+    steps: int, sigma_min: float, sigma_max: float, rho: float = POLYEXPONENTIAL_RHO
+) -> torch.Tensor:
+    """log sigma = log sigma_min + ramp^rho * (log sigma_max - log sigma_min), ramp from 1 to 0; then 0."""
+    _check_steps(steps)
+    ramp = torch.linspace(1, 0, steps, dtype=torch.float64) ** rho
+    return _append_zero((ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)).exp())
+
+
+def sigmas_kl_optimal(steps: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """tan of evenly spaced angles from atan(sigma_max) to atan(sigma_min): steps + 1 values, the last
+    sigma_min (A1111 appends no 0)."""
+    _check_steps(steps)
+    fraction = torch.arange(steps + 1, dtype=torch.float64) / steps  # (steps + 1,)
+    angles = fraction * math.atan(sigma_min) + (1.0 - fraction) * math.atan(sigma_max)
+    return angles.tan().to(torch.float32)
+
+
+def sigmas_align_your_steps(steps: int, *, sdxl: bool = False) -> torch.Tensor:
+    """NVIDIA's 10-step table (SD 1.5 or SDXL), log-linearly interpolated to `steps` steps, then 0."""
+    _check_steps(steps)
+    table = AYS_SDXL_SIGMAS if sdxl else AYS_SD15_SIGMAS
+    if steps == len(table):  # A1111 takes the table itself for 11 steps
+        return _append_zero(torch.tensor(table, dtype=torch.float64))
+    log_increasing = np.log(np.asarray(table[::-1], dtype=np.float64))
+    interpolated = np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(table)), log_increasing)
+    return _append_zero(torch.from_numpy(np.exp(interpolated)[::-1].copy()))
+
+
+def sigmas_simple(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
+    """The table's sigmas at indices T - 1 - int(k * T / steps), k = 0 .. steps - 1, then 0."""
+    _check_steps(steps)
+    stride = schedule.num_train_timesteps / steps
+    indices = [schedule.num_train_timesteps - 1 - int(k * stride) for k in range(steps)]
+    return _append_zero(schedule.sigmas[indices])
+
+
+def sigmas_ddim(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
+    """The table's sigmas at timesteps 1, 1 + c, ... < T with c = max(T // steps, 1), decreasing, then 0."""
+    _check_steps(steps)
+    stride = max(schedule.num_train_timesteps // steps, 1)
+    timesteps = torch.arange(1, schedule.num_train_timesteps, stride).flip(0)  # (>= steps,), decreasing
+    return _append_zero(schedule.sigmas[timesteps])
+
+
+def sigmas_beta(
+    steps: int, sigma_min: float, sigma_max: float, alpha: float = BETA_SCHEDULE_ALPHA,
+    beta: float = BETA_SCHEDULE_BETA,
+) -> torch.Tensor:
+    """sigma_min + (sigma_max - sigma_min) * Beta(alpha, beta) quantiles at 1 - linspace(0, 1, steps); then 0."""
+    _check_steps(steps)
+    quantiles = [beta_ppf(q, alpha, beta) for q in (1.0 - np.linspace(0, 1, steps)).tolist()]
+    return _append_zero(torch.tensor([sigma_min + q * (sigma_max - sigma_min) for q in quantiles], dtype=torch.float64))
+
+
 def sigmas_ddim_uniform(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
     """The table's sigmas at timesteps 1 + k * (T // steps) for k = steps-1 .. 0, then 0."""
     _check_steps(steps)
@@ -184,23 +276,47 @@ def sigmas_ddim_uniform(schedule: NoiseSchedule, steps: int) -> torch.Tensor:
 
 
 def get_sigmas(
-    schedule: NoiseSchedule, steps: int, scheduler: str = "normal", *, discard_penultimate: bool = False
+    schedule: NoiseSchedule, steps: int, scheduler: str = "normal", *, discard_penultimate: bool = False,
+    rho: float | None = None, sdxl: bool = False, beta_alpha: float = BETA_SCHEDULE_ALPHA,
+    beta_beta: float = BETA_SCHEDULE_BETA,
 ) -> torch.Tensor:
-    """Sigmas (steps + 1,) float32 ending with 0 for a scheduler name in SCHEDULERS."""
-    if scheduler not in SCHEDULERS:
-        raise SamplingError(f"scheduler: expected one of {SCHEDULERS}, found {scheduler!r}")
+    """Float32 sigmas for `steps` steps of a schedule given by name, A1111 label or alias (any case).
+
+    Usually (steps + 1,) ending with 0; "ddim" can give more, "kl_optimal" ends with sigma_min (see the
+    module docstring). ``rho`` replaces the Karras / Polyexponential default (A1111's "rho" option; other
+    schedules have none); ``sdxl`` picks the Align Your Steps table; ``beta_alpha`` / ``beta_beta`` are
+    the Beta schedule's parameters.
+    """
+    name = schedule_name(scheduler)
+    if name == "automatic":
+        raise SamplingError(
+            "scheduler 'Automatic' is the sampler's own default: pass SamplerInfo.default_scheduler "
+            "(tiengine.diffusion.samplers.resolve_sampler gives it)"
+        )
     _check_steps(steps)
+    if rho is not None and not (math.isfinite(rho) and rho > 0):
+        raise SamplingError(f"rho: expected a positive number, found {rho!r}")
+    if not (beta_alpha > 0 and beta_beta > 0):
+        raise SamplingError(f"Beta schedule: expected alpha > 0 and beta > 0, found {beta_alpha}, {beta_beta}")
     n = steps + 1 if discard_penultimate else steps
-    if scheduler == "normal":
-        sigmas = sigmas_normal(schedule, n)
-    elif scheduler == "karras":
-        sigmas = sigmas_karras(n, schedule.sigma_min, schedule.sigma_max)
-    elif scheduler == "exponential":
-        sigmas = sigmas_exponential(n, schedule.sigma_min, schedule.sigma_max)
-    else:
-        sigmas = sigmas_ddim_uniform(schedule, n)
+    low, high = schedule.sigma_min, schedule.sigma_max
+    builders: dict[str, Callable[[], torch.Tensor]] = {
+        "uniform": lambda: sigmas_uniform(schedule, n),
+        "normal": lambda: sigmas_normal(schedule, n),
+        "sgm_uniform": lambda: sigmas_normal(schedule, n, sgm=True),
+        "karras": lambda: sigmas_karras(n, low, high, KARRAS_RHO if rho is None else rho),
+        "exponential": lambda: sigmas_exponential(n, low, high),
+        "polyexponential": lambda: sigmas_polyexponential(n, low, high, POLYEXPONENTIAL_RHO if rho is None else rho),
+        "kl_optimal": lambda: sigmas_kl_optimal(n, low, high),
+        "align_your_steps": lambda: sigmas_align_your_steps(n, sdxl=sdxl),
+        "simple": lambda: sigmas_simple(schedule, n),
+        "ddim": lambda: sigmas_ddim(schedule, n),
+        "beta": lambda: sigmas_beta(n, low, high, beta_alpha, beta_beta),
+        "ddim_uniform": lambda: sigmas_ddim_uniform(schedule, n),
+    }
+    sigmas = builders[name]()
     if discard_penultimate:
-        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])  # (steps + 1,)
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     return sigmas
 
 
