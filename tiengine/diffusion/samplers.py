@@ -69,7 +69,10 @@ def _sigma_batch(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _randn_like(x: torch.Tensor, generator: Generators, sampler: str) -> torch.Tensor:
-    """Standard normal noise shaped like x: float32 on the CPU from the generator(s), then to x."""
+    """Standard normal noise shaped like x: float32 on the CPU from the generator(s), then to x; or the next
+    draw of a noise source with a `randn_like(x)` method (tiengine.diffusion.rng.ImageNoise)."""
+    if hasattr(generator, "randn_like"):
+        return generator.randn_like(x)
     if generator is None:
         raise SamplingError(f"{sampler} draws noise during sampling: pass generator=torch.Generator('cpu')")
     generators = [generator] if isinstance(generator, torch.Generator) else list(generator)
