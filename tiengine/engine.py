@@ -42,13 +42,13 @@ from tiengine.diffusion.guidance import (
     stack_schedules,
     unet_schedule,
 )
+from tiengine.diffusion.rng import ImageNoise, image_seeds, infotext_fields
 from tiengine.diffusion.samplers import get_sampler
 from tiengine.diffusion.schedules import (
     NoiseSchedule,
     eps_denoiser,
     get_sigmas,
     img2img_start,
-    initial_noise,
     v_denoiser,
 )
 from tiengine.embeddings.embedding import Embedding
@@ -100,6 +100,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 ENCODE_CACHE_SIZE = 64
+# A1111's noise fields of the infotext (tiengine.diffusion.rng.infotext_fields), written per image
+NOISE_FIELDS = ("Variation seed", "Variation seed strength", "Seed resize from", "ENSD", "RNG")
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 LoadProgress = Callable[[str, int, int], None]  # (component, components loaded, total components)
 # One prompt's conditioning per denoiser call for the UNet: [(last_step, {"context": (B, T, C)[, "y": (B, P)]})]
@@ -385,9 +387,9 @@ class Engine:
         Keyword fields of GenerateSettings or EncodeOptions (steps=20, sampler="DPM++ 2M", clip_skip=2,
         ...) replace those of `settings` (see `settings_with`)."""
         settings = settings_with(settings, **setting_fields)
-        seed = self._first_seed(settings.seed)
-        seeds = [seed + index for index in range(settings.batch_size)]
-        return self._sample(settings, [prompt] * settings.batch_size, negative_prompt, seeds, None, callback)
+        seeds, subseeds = self._batch_seeds(settings, settings.batch_size)
+        return self._sample(settings, [prompt] * settings.batch_size, negative_prompt, seeds, None, callback,
+                            subseeds)
 
     def generate_batch(
         self,
@@ -409,14 +411,16 @@ class Engine:
         if not prompts:
             raise EngineError("generate_batch needs at least one prompt")
         if seeds is None:
-            first = self._first_seed(settings.seed)
-            seeds = [first + index for index in range(len(prompts))]
-        seeds = [int(seed) for seed in seeds]
+            seeds, subseeds = self._batch_seeds(settings, len(prompts))
+        else:
+            seeds = [int(seed) for seed in seeds]
+            _, subseeds = self._batch_seeds(settings, len(seeds))
         if len(seeds) != len(prompts):
             raise EngineError(f"generate_batch: {len(prompts)} prompts but {len(seeds)} seeds")
         runs = [
             self._sample(settings, prompts[start : start + settings.batch_size], negative_prompt,
-                         seeds[start : start + settings.batch_size], None, callback)
+                         seeds[start : start + settings.batch_size], None, callback,
+                         None if subseeds is None else subseeds[start : start + settings.batch_size])
             for start in range(0, len(prompts), settings.batch_size)
         ]
         return GenerationResult.join(runs)
@@ -439,9 +443,9 @@ class Engine:
             factor = self._latent_factor()
             settings = dataclasses.replace(settings, width=settings.width or init_image.width // factor * factor,
                                            height=settings.height or init_image.height // factor * factor)
-        seed = self._first_seed(settings.seed)
-        seeds = [seed + index for index in range(settings.batch_size)]
-        return self._sample(settings, [prompt] * settings.batch_size, negative_prompt, seeds, init_image, callback)
+        seeds, subseeds = self._batch_seeds(settings, settings.batch_size)
+        return self._sample(settings, [prompt] * settings.batch_size, negative_prompt, seeds, init_image, callback,
+                            subseeds)
 
     # ------------------------------------------------------------------------------------ training
 
@@ -493,6 +497,15 @@ class Engine:
     def _first_seed(seed: int) -> int:
         return random.randint(0, MAX_SEED) if seed == RANDOM_SEED else seed
 
+    def _batch_seeds(self, settings: GenerateSettings, count: int) -> tuple[list[int], list[int] | None]:
+        """A1111's seeds of `count` images (seed + i; with a variation strength every image has the seed
+        and the subseeds count up) and subseeds (None without a variation strength)."""
+        seed = self._first_seed(settings.seed)
+        if not settings.subseed_strength:
+            return image_seeds(seed, count)
+        return image_seeds(seed, count, subseed=self._first_seed(settings.subseed),
+                           subseed_strength=settings.subseed_strength)
+
     def _sample(
         self,
         settings: GenerateSettings,
@@ -501,9 +514,11 @@ class Engine:
         seeds: list[int],
         init_image: Image.Image | None,
         callback: StepCallback | None,
+        subseeds: list[int] | None = None,
     ) -> GenerationResult:
-        """One sampling run: image i is prompts[i] from seeds[i] (noise and sampler stream), all sharing
-        `negative_prompt` and `settings` (its batch_size is not read here: the run has len(prompts) images)."""
+        """One sampling run: image i is prompts[i] from seeds[i] (and subseeds[i], with a variation strength:
+        noise and sampler stream), all sharing `negative_prompt` and `settings` (its batch_size is not read
+        here: the run has len(prompts) images)."""
         info = get_sampler(settings.sampler)
         scheduler = settings.scheduler or info.default_scheduler
         cfg_scale = self.default_cfg_scale if settings.cfg_scale is None else settings.cfg_scale
@@ -515,8 +530,9 @@ class Engine:
         network_sets = {self._networks_of(prompt, negative_prompt)[0].key for prompt in dict.fromkeys(prompts)}
         if len(network_sets) > 1:  # the weights differ between these prompts: one run per prompt
             return GenerationResult.join([
-                self._sample(settings, [prompt], negative_prompt, [seed], init_image, callback)
-                for prompt, seed in zip(prompts, seeds)
+                self._sample(settings, [prompt], negative_prompt, [seed], init_image, callback,
+                             None if subseeds is None else [subseeds[index]])
+                for index, (prompt, seed) in enumerate(zip(prompts, seeds))
             ])
         unique = {prompt: self._encode(prompt, negative_prompt, settings.steps, info.second_order, settings.encode)
                   for prompt in dict.fromkeys(prompts)}
@@ -524,8 +540,9 @@ class Engine:
         self._activate(conditionings[0].active_networks)  # encoding left the last prompt's set active: the same one
         if len(prompts) > 1 and not stackable(list(unique.values())):  # run each image on its own
             return GenerationResult.join([
-                self._sample(settings, [prompt], negative_prompt, [seed], init_image, callback)
-                for prompt, seed in zip(prompts, seeds)
+                self._sample(settings, [prompt], negative_prompt, [seed], init_image, callback,
+                             None if subseeds is None else [subseeds[index]])
+                for index, (prompt, seed) in enumerate(zip(prompts, seeds))
             ])
         batch = len(prompts)
         schedule = NoiseSchedule.from_betas(**self.config.schedule.__dict__)
@@ -543,18 +560,21 @@ class Engine:
         ]
         denoiser = scheduled_guided_denoiser(wrap(unet, schedule), stack_schedules([uncond] * batch), parts,
                                              cfg_scale)
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]  # A1111's per-image seeds
-        latent_shape = (batch, vae.config.latent_channels, height // factor, width // factor)
-        noise = initial_noise(generators, latent_shape, device=self.device, dtype=self.dtype)
+        image_noise = ImageNoise(  # A1111's per-image generators: initial noise, then the samplers' draws
+            (vae.config.latent_channels, height // factor, width // factor), seeds, subseeds=subseeds,
+            subseed_strength=settings.subseed_strength, seed_resize_from=settings.seed_resize_from,
+            source=settings.rng, eta_noise_seed_delta=settings.eta_noise_seed_delta, device=self.device)
+        noise = image_noise.first().to(self.dtype)  # (B, C, h, w)
         with torch.no_grad():
             if init_image is None:
                 x = noise * sigmas[0].to(self.dtype)
             else:
                 pixels = pil_to_tensor(init_image, width=width, height=height).to(self.device, self.dtype)
-                latent = vae.latents_from_images(pixels.expand(batch, -1, -1, -1), generator=generators[0])
+                posterior = torch.Generator("cpu").manual_seed(seeds[0])  # the VAE's latent sample
+                latent = vae.latents_from_images(pixels.expand(batch, -1, -1, -1), generator=posterior)
                 _check_finite(latent, "vae", "the VAE encode of the init image (latents)")
                 sigmas, x = img2img_start(latent, noise, sigmas, settings.strength)
-            latents = info.sample(denoiser, x, sigmas, generator=generators, callback=callback)
+            latents = info.sample(denoiser, x, sigmas, generator=image_noise, callback=callback)
             _check_finite(latents, "unet", "the UNet (the sampled latents)")
             decoded = vae.images_from_latents(latents, tiled=settings.vae_tiling)  # (B, 3, H, W)
             _check_finite(decoded, "vae", "the VAE decode (the image)")
@@ -571,12 +591,19 @@ class Engine:
             "Model": self.model_path.name if self.model_path is not None else None,
             "Denoising strength": f"{settings.strength:g}" if init_image is not None else None,
             "Clip skip": options.clip_skip if options.clip_skip != 1 else None,
+            **dict.fromkeys(NOISE_FIELDS),  # per image, below; placed here as A1111 places them
             "Emphasis": options.emphasis if options.emphasis != "original" else None,
             "Lora hashes": format_name_hashes(first.active_networks.lora_hashes()),
             "TI hashes": None,
             "Version": f"tiengine {__version__}",
         }
-        parameters = image_parameters(prompts, negative_prompt, seeds, conditionings, infotext)
+        noise_fields = [infotext_fields(sampler=settings.sampler, source=settings.rng,
+                                        subseed=None if subseeds is None else subseeds[index],
+                                        subseed_strength=settings.subseed_strength,
+                                        seed_resize_from=settings.seed_resize_from,
+                                        eta_noise_seed_delta=settings.eta_noise_seed_delta)
+                        for index in range(batch)]
+        parameters = image_parameters(prompts, negative_prompt, seeds, conditionings, infotext, noise_fields)
         return GenerationResult(images, list(seeds), parameters, first, conditionings)
 
     def _cond_schedule(

@@ -124,12 +124,16 @@ def stackable(conditionings: list[Conditioning]) -> bool:
 
 
 def image_parameters(prompts: Sequence[str], negative_prompt: str, seeds: Sequence[int],
-                     conditionings: Sequence[Conditioning], settings: Mapping[str, object]) -> list[str]:
-    """Each image's `parameters` text: `settings` (in order, None left out) with its "Seed" and "TI hashes"."""
+                     conditionings: Sequence[Conditioning], settings: Mapping[str, object],
+                     per_image: Sequence[Mapping[str, object]] | None = None) -> list[str]:
+    """Each image's `parameters` text: `settings` (in order, None left out) with its "Seed", "TI hashes" and
+    its own `per_image` fields (keys listed in `settings` keep their place there)."""
+    per_image = per_image or [{} for _ in prompts]
     return [
         format_parameters(prompt, negative_prompt,
-                          {**settings, "Seed": seed, "TI hashes": format_name_hashes(conditioning.ti_hashes())})
-        for prompt, seed, conditioning in zip(prompts, seeds, conditionings)
+                          {**settings, "Seed": seed, "TI hashes": format_name_hashes(conditioning.ti_hashes()),
+                           **own})
+        for prompt, seed, conditioning, own in zip(prompts, seeds, conditionings, per_image)
     ]
 
 

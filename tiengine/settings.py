@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from tiengine.diffusion.names import SAMPLER_NAMES, SCHEDULERS
+from tiengine.diffusion.rng import RNG_SOURCES
 from tiengine.errors import EngineError
 from tiengine.text.conditioning import EncodeOptions
 
@@ -28,7 +29,15 @@ class GenerateSettings:
     cfg_scale None: the engine's default_cfg_scale. width / height None: the model's native size (for
     img2img: the init image's, rounded down to the latent grid). scheduler None: the sampler's usual
     schedule. seed -1: a random seed; image i of a batch uses seed + i. strength: img2img's denoising
-    strength (unused by text to image)."""
+    strength (unused by text to image).
+
+    Noise, as A1111 makes it (tiengine.diffusion.rng): `rng` is the random source, "cpu" (torch's CPU
+    generator), "gpu" (torch.randn on the CUDA card; A1111's default) or "nv" (NVIDIA's Philox stream
+    computed on any device: an A1111 picture whose infotext has no RNG field was made with GPU noise, and
+    "nv" reproduces it on a CPU). `subseed` / `subseed_strength`: A1111's variation seed (-1: random) and
+    its strength in [0, 1]; `seed_resize_from`: (width, height) in pixels whose noise is kept, centred
+    ("Seed resize from"); `eta_noise_seed_delta`: ENSD, added to the seed of the noise drawn after the
+    first."""
 
     steps: int = 20
     sampler: str = "Euler a"
@@ -40,6 +49,11 @@ class GenerateSettings:
     batch_size: int = 1
     strength: float = 0.75
     vae_tiling: bool = False
+    rng: str = "cpu"
+    subseed: int = RANDOM_SEED
+    subseed_strength: float = 0.0
+    seed_resize_from: tuple[int, int] | None = None
+    eta_noise_seed_delta: int = 0
     encode: EncodeOptions = field(default_factory=EncodeOptions)
 
     def __post_init__(self) -> None:
@@ -62,6 +76,20 @@ class GenerateSettings:
             raise EngineError(f"batch size must be an integer >= 1, got {self.batch_size!r}")
         if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)) or not 0 <= self.strength <= 1:
             raise EngineError(f"denoising strength must be between 0 and 1, got {self.strength!r}")
+        if self.rng not in RNG_SOURCES:
+            raise EngineError(f"unknown random source {self.rng!r}; expected one of: {', '.join(RNG_SOURCES)}")
+        if not _is_int(self.subseed) or not RANDOM_SEED <= self.subseed:
+            raise EngineError(f"subseed must be an integer >= 0 (or -1 for a random one), got {self.subseed!r}")
+        if isinstance(self.subseed_strength, bool) or not isinstance(self.subseed_strength, (int, float)) \
+                or not 0 <= self.subseed_strength <= 1:
+            raise EngineError(f"subseed strength must be between 0 and 1, got {self.subseed_strength!r}")
+        if self.seed_resize_from is not None and (
+                not isinstance(self.seed_resize_from, tuple) or len(self.seed_resize_from) != 2
+                or not all(_is_int(side) and side > 0 for side in self.seed_resize_from)):
+            raise EngineError(f"seed_resize_from must be (width, height) in pixels, positive integers, or None; "
+                              f"got {self.seed_resize_from!r}")
+        if not _is_int(self.eta_noise_seed_delta) or self.eta_noise_seed_delta < 0:
+            raise EngineError(f"eta_noise_seed_delta must be an integer >= 0, got {self.eta_noise_seed_delta!r}")
         if not isinstance(self.encode, EncodeOptions):
             raise EngineError(f"encode must be an EncodeOptions, got {type(self.encode).__name__}")
 
