@@ -37,13 +37,15 @@ from tiengine.default_model import (
     default_model_loras_path,
     default_model_path,
 )
+from tiengine.diffusion.brownian import brownian_noise_sampler
 from tiengine.diffusion.guidance import (
     scheduled_guided_denoiser,
     stack_schedules,
     unet_schedule,
 )
+from tiengine.diffusion.names import schedule_label
 from tiengine.diffusion.rng import ImageNoise, image_seeds, infotext_fields
-from tiengine.diffusion.samplers import get_sampler
+from tiengine.diffusion.samplers import SamplerInfo, resolve_sampler, resolve_schedule
 from tiengine.diffusion.schedules import (
     NoiseSchedule,
     eps_denoiser,
@@ -51,6 +53,7 @@ from tiengine.diffusion.schedules import (
     img2img_start,
     v_denoiser,
 )
+from tiengine.diffusion.timestep_samplers import TimestepSamplerInfo
 from tiengine.embeddings.embedding import Embedding
 from tiengine.embeddings.library import (
     EmbeddingLibrary,
@@ -519,8 +522,8 @@ class Engine:
         """One sampling run: image i is prompts[i] from seeds[i] (and subseeds[i], with a variation strength:
         noise and sampler stream), all sharing `negative_prompt` and `settings` (its batch_size is not read
         here: the run has len(prompts) images)."""
-        info = get_sampler(settings.sampler)
-        scheduler = settings.scheduler or info.default_scheduler
+        info, named_schedule = resolve_sampler(settings.sampler)  # aliases, "DPM++ 2M Karras"
+        scheduler = resolve_schedule(info, settings.scheduler or named_schedule)
         cfg_scale = self.default_cfg_scale if settings.cfg_scale is None else settings.cfg_scale
         width = settings.width or self._default_size()
         height = settings.height or self._default_size()
@@ -546,10 +549,10 @@ class Engine:
             ])
         batch = len(prompts)
         schedule = NoiseSchedule.from_betas(**self.config.schedule.__dict__)
-        sigmas = get_sigmas(schedule, settings.steps, scheduler,
-                            discard_penultimate=info.discard_penultimate_sigma).to(self.device)
+        sigmas, sample = self._sampling_plan(info, scheduler, schedule, settings.steps,
+                                             settings.strength if init_image is not None else None)
         unet, vae = self.modules["unet"], self.modules["vae"]
-        wrap = v_denoiser if self.config.prediction == "v" else eps_denoiser
+        wrap = info.model_wrapper or (v_denoiser if self.config.prediction == "v" else eps_denoiser)
         first = conditionings[0]
         uncond = self._cond_schedule(first.negative, width, height, negative=True)
         per_prompt = {prompt: [self._cond_schedule(part, width, height) for part, _ in unique[prompt].positive]
@@ -573,8 +576,12 @@ class Engine:
                 posterior = torch.Generator("cpu").manual_seed(seeds[0])  # the VAE's latent sample
                 latent = vae.latents_from_images(pixels.expand(batch, -1, -1, -1), generator=posterior)
                 _check_finite(latent, "vae", "the VAE encode of the init image (latents)")
-                sigmas, x = img2img_start(latent, noise, sigmas, settings.strength)
-            latents = info.sample(denoiser, x, sigmas, generator=image_noise, callback=callback)
+                if isinstance(info, TimestepSamplerInfo):  # its sigmas already start at A1111's img2img step
+                    x = latent + noise * sigmas[0].to(self.dtype)
+                else:
+                    sigmas, x = img2img_start(latent, noise, sigmas, settings.strength)
+            extra = self._sampler_extras(info, x, sigmas, seeds, schedule, txt2img=init_image is None)
+            latents = sample(denoiser, x, sigmas, generator=image_noise, callback=callback, **extra)
             _check_finite(latents, "unet", "the UNet (the sampled latents)")
             decoded = vae.images_from_latents(latents, tiled=settings.vae_tiling)  # (B, 3, H, W)
             _check_finite(decoded, "vae", "the VAE decode (the image)")
@@ -582,8 +589,8 @@ class Engine:
         options = settings.encode
         infotext = {
             "Steps": settings.steps,
-            "Sampler": settings.sampler,
-            "Schedule type": scheduler.capitalize(),
+            "Sampler": info.name,
+            "Schedule type": schedule_label(scheduler),
             "CFG scale": f"{cfg_scale:g}",
             "Seed": None,
             "Size": f"{width}x{height}",
@@ -605,6 +612,33 @@ class Engine:
                         for index in range(batch)]
         parameters = image_parameters(prompts, negative_prompt, seeds, conditionings, infotext, noise_fields)
         return GenerationResult(images, list(seeds), parameters, first, conditionings)
+
+    def _sampling_plan(
+        self, info: SamplerInfo, scheduler: str, schedule: NoiseSchedule, steps: int, strength: float | None
+    ) -> tuple[torch.Tensor, Callable[..., torch.Tensor]]:
+        """(sigmas on the engine's device, sample function) of one run. A1111's timestep samplers (DDIM, PLMS,
+        UniPC) build their own sigmas from the model's timesteps (img2img included: `strength`); the others
+        take the named schedule's (LCM on its own sigma table)."""
+        if isinstance(info, TimestepSamplerInfo):
+            sigmas, sample = info.prepare(schedule, steps, strength)
+            return sigmas.to(self.device), sample  # float64: each value exactly the table's sigma
+        table = info.sigma_table(schedule) if info.sigma_table is not None else schedule
+        sigmas = get_sigmas(table, steps, scheduler, discard_penultimate=info.discard_penultimate_sigma,
+                            sdxl=self.config.family == "sdxl")
+        return sigmas.to(self.device), info.sample
+
+    @staticmethod
+    def _sampler_extras(info: SamplerInfo, x: torch.Tensor, sigmas: torch.Tensor, seeds: list[int],
+                        schedule: NoiseSchedule, *, txt2img: bool) -> dict[str, object]:
+        """A1111's per-sampler extras: Brownian-tree noise seeded with the image seeds for the SDE samplers
+        (torchsde, as k-diffusion's BrownianTreeNoiseSampler), the model's sigma range for DPM fast /
+        adaptive in txt2img."""
+        extra: dict[str, object] = {}
+        if info.brownian_noise:
+            extra["noise_sampler"] = brownian_noise_sampler(x, sigmas, seeds)
+        if info.name in ("DPM fast", "DPM adaptive") and txt2img:
+            extra.update(sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max)
+        return extra
 
     def _cond_schedule(
         self, scheduled: ScheduledConditioning, width: int, height: int, *, negative: bool = False

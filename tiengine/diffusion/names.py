@@ -41,7 +41,8 @@ class ScheduleType(NamedTuple):
 
 SAMPLER_NAMES: tuple[str, ...] = (
     "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a",
-    "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "LCM",
+    "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM", "PLMS", "UniPC",
+    "LCM",
 )
 SAMPLER_ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "DPM++ 2M": ("k_dpmpp_2m",),

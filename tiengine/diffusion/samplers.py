@@ -51,7 +51,6 @@ from tiengine.diffusion.sampler_core import (  # noqa: F401
 )
 from tiengine.diffusion.samplers_dpm_solver import sample_dpm_adaptive, sample_dpm_fast
 from tiengine.diffusion.samplers_k import (
-    sample_ddim,
     sample_dpm_2,
     sample_dpm_2_ancestral,
     sample_dpmpp_2m,
@@ -68,6 +67,7 @@ from tiengine.diffusion.samplers_sde import (
     sample_dpmpp_3m_sde,
     sample_dpmpp_sde,
 )
+from tiengine.diffusion.timestep_samplers import TIMESTEP_SAMPLERS
 
 # A1111's k-diffusion samplers, in its order. Columns: name, function, second_order, stochastic,
 # Automatic's schedule, then A1111's other options.
@@ -90,15 +90,13 @@ K_DIFFUSION_SAMPLERS: tuple[SamplerInfo, ...] = (
     SamplerInfo("DPM adaptive", sample_dpm_adaptive, False, True, "uniform", uses_ensd=True, adaptive=True),
     SamplerInfo("Restart", sample_restart, True, True, "karras"),
 )
-# Stands in for A1111's timestep DDIM until tiengine.diffusion.timestep_samplers provides it.
-SIGMA_SPACE_DDIM: tuple[SamplerInfo, ...] = (SamplerInfo("DDIM", sample_ddim, False, False, "ddim_uniform"),)
 LCM_SAMPLERS: tuple[SamplerInfo, ...] = (
     SamplerInfo("LCM", sample_lcm, False, True, "uniform", sigma_table=lcm_noise_schedule,
                 model_wrapper=lcm_denoiser),
 )
 
 SAMPLERS: Mapping[str, SamplerInfo] = MappingProxyType(
-    {info.name: info for info in K_DIFFUSION_SAMPLERS + SIGMA_SPACE_DDIM + LCM_SAMPLERS}
+    {info.name: info for info in K_DIFFUSION_SAMPLERS + TIMESTEP_SAMPLERS + LCM_SAMPLERS}
 )
 
 

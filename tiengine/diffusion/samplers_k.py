@@ -4,9 +4,8 @@ Each is ``sample_xxx(denoiser, x, sigmas, *, generator=None, callback=None, ...)
 k-diffusion function of the same name (``k_diffusion/sampling.py``, MIT): ``sample_euler``,
 ``sample_euler_ancestral``, ``sample_heun``, ``sample_dpm_2``, ``sample_dpm_2_ancestral``,
 ``sample_dpmpp_2s_ancestral``, ``sample_dpmpp_2m`` and ``sample_lms`` (order 4), at A1111's defaults
-(eta = 1 for the ancestral ones, s_noise = 1, no churn). DDIM here is the DDIM update written in sigma
-space: with eta = 0 the Euler step, with eta > 0 the ancestral step with ``sigma_up = eta * sigma_next *
-sqrt(1 - sigma_next^2 / sigma^2)`` (A1111's DDIM eta default 0). Two-call samplers (Heun, DPM2, DPM2 a,
+(eta = 1 for the ancestral ones, s_noise = 1, no churn); A1111's DDIM, PLMS and UniPC are
+tiengine.diffusion.timestep_samplers. Two-call samplers (Heun, DPM2, DPM2 a,
 DPM++ 2S a) make a first-order step to sigma 0 on the last step: 2N - 1 calls; their midpoint sigmas
 (and DPM2 a / DPM++ 2S a's sigma_down) are formed in k-diffusion's float32 arithmetic
 (``tiengine.diffusion.sampler_core``), so the model is called at A1111's sigmas.
@@ -79,18 +78,6 @@ def sample_euler_ancestral(
 ) -> torch.Tensor:
     """Euler ancestral ("Euler a"): an Euler step to sigma_down, then fresh noise of size sigma_up."""
     return _ancestral_loop("Euler a", denoiser, x, sigmas, eta, s_noise, generator, callback)
-
-
-def sample_ddim(
-    denoiser: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, *,
-    generator: NoiseSource = None, callback: StepCallback | None = None, eta: float = 0.0,
-) -> torch.Tensor:
-    """DDIM in sigma space: x_next = x0 + sigma_down * eps + sigma_up * z with eps = (x - x0) / sigma.
-
-    Dividing the DDIM update by sqrt(alphas_cumprod_next) gives exactly this with sigma_up =
-    eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2), sigma_down = sqrt(sigma_next^2 - sigma_up^2).
-    """
-    return _ancestral_loop("DDIM", denoiser, x, sigmas, eta, 1.0, generator, callback)
 
 
 def sample_heun(

@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tiengine.diffusion.samplers import SamplerInfo, StepCallback
+from tiengine.diffusion.sampler_core import SamplerInfo, StepCallback
 from tiengine.diffusion.schedules import Denoiser, NoiseSchedule, SamplingError
 
 PRIOR_SIGMA = 4096.0  # 2^12: stands for sigma = infinity (x_ldm = noise); 1 + 2^24 rounds to 2^24 in float32
