@@ -33,7 +33,7 @@ from tiengine.diffusion.rng import (
     settings_from_infotext,
     slerp,
 )
-from tiengine.diffusion.samplers import _randn_like
+from tiengine.diffusion.sampler_core import draw_noise
 from tiengine.diffusion.schedules import SamplingError, batch_generators, initial_noise
 
 A1111_SEED0_3X4 = [  # modules/rng_philox.py docstring, Generator(seed=0).randn(shape=(3, 4))
@@ -168,7 +168,7 @@ def test_cpu_source_equals_initial_noise_and_sampler_draws():
     initial_noise(generators, (3, *SHAPE))
     x = torch.zeros(3, *SHAPE)
     for _ in range(3):
-        assert torch.equal(noise.randn_like(x), _randn_like(x, generators, "Euler a"))
+        assert torch.equal(noise.randn_like(x), draw_noise(x, generators, "Euler a"))
 
 
 def test_randn_like_follows_x_dtype_and_checks_shape():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from tiengine.diffusion.names import SAMPLER_NAMES, SCHEDULERS
+from tiengine.diffusion.names import SamplingError, schedule_name, split_sampler_name
 from tiengine.diffusion.rng import RNG_SOURCES
 from tiengine.errors import EngineError
 from tiengine.text.conditioning import EncodeOptions
@@ -26,9 +26,11 @@ RANDOM_SEED = -1  # a seed of -1 asks for a random one
 class GenerateSettings:
     """How to sample: steps, sampler, schedule, guidance, seed, size, batch, img2img strength, encoding.
 
-    cfg_scale None: the engine's default_cfg_scale. width / height None: the model's native size (for
-    img2img: the init image's, rounded down to the latent grid). scheduler None: the sampler's usual
-    schedule. seed -1: a random seed; image i of a batch uses seed + i. strength: img2img's denoising
+    sampler: an A1111 sampler name, alias ("k_dpmpp_2m") or old combined name ("DPM++ 2M Karras", which
+    also sets the schedule). cfg_scale None: the engine's default_cfg_scale. width / height None: the
+    model's native size (for img2img: the init image's, rounded down to the latent grid). scheduler None
+    (or "Automatic"): the sampler's own schedule, as A1111's Automatic; else a schedule type's name or
+    A1111 label ("karras", "Karras", "SGM Uniform"). seed -1: a random seed; image i of a batch uses seed + i. strength: img2img's denoising
     strength (unused by text to image).
 
     Noise, as A1111 makes it (tiengine.diffusion.rng): `rng` is the random source, "cpu" (torch's CPU
@@ -59,10 +61,12 @@ class GenerateSettings:
     def __post_init__(self) -> None:
         if not _is_int(self.steps) or self.steps < 1:
             raise EngineError(f"steps must be >= 1 (an integer), got {self.steps!r}")
-        if self.sampler not in SAMPLER_NAMES:
-            raise EngineError(f"unknown sampler {self.sampler!r}; expected one of: {', '.join(SAMPLER_NAMES)}")
-        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
-            raise EngineError(f"unknown scheduler {self.scheduler!r}; expected one of: {', '.join(SCHEDULERS)}")
+        try:  # A1111's names, aliases (k_euler_a) and old combined names (DPM++ 2M Karras), any case
+            split_sampler_name(self.sampler)
+            if self.scheduler is not None:
+                schedule_name(self.scheduler)  # a name, A1111 label ("Karras") or alias
+        except SamplingError as error:
+            raise EngineError(str(error)) from None
         if self.cfg_scale is not None and (isinstance(self.cfg_scale, bool)
                                            or not isinstance(self.cfg_scale, (int, float))):
             raise EngineError(f"cfg_scale must be a number (or None for the engine's default), got {self.cfg_scale!r}")

@@ -25,10 +25,11 @@ from tiengine.cli import (
     network_report_lines,
     resolve_device,
 )
-from tiengine.diffusion.names import SAMPLER_NAMES, SCHEDULERS
+from tiengine.diffusion.names import SAMPLER_NAMES, SCHEDULE_TYPES
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SAMPLER_HELP = ", ".join(SAMPLER_NAMES)
+SCHEDULE_HELP = ", ".join(kind.label for kind in SCHEDULE_TYPES)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,9 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", type=Path, help="model: converted folder, diffusers folder or .safetensors/.ckpt")
     parser.add_argument("--embeddings", type=Path, metavar="DIR",
                         help="folder of textual-inversion embeddings (default: $TIENGINE_EMBEDDINGS, if set)")
-    parser.add_argument("--sampler", default="Euler a", help=f"one of: {SAMPLER_HELP} (default Euler a)")
-    parser.add_argument("--scheduler", choices=SCHEDULERS,
-                        help="sigma schedule (default: the sampler's usual one)")
+    parser.add_argument("--sampler", default="Euler a", help=f"one of: {SAMPLER_HELP} (default Euler a); A1111's aliases "
+                                                             "(k_euler_a) and combined names (\"DPM++ 2M Karras\") too")
+    parser.add_argument("--scheduler", metavar="TYPE",
+                        help=f"schedule type, A1111's label or name in any case: {SCHEDULE_HELP} (default: the "
+                             "sampler's own, A1111's Automatic)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--cfg", type=float,
                         help=f"classifier-free guidance scale (default {A1111_CFG_SCALE:g}; with the built-in model "
@@ -206,12 +209,20 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
 
 
 def _sampler_list(args: argparse.Namespace) -> list[str]:
-    from tiengine.diffusion.samplers import SAMPLERS
+    from tiengine.diffusion.names import (
+        SamplingError,
+        schedule_name,
+        split_sampler_name,
+    )
 
     names = [args.sampler] if not args.compare_samplers else [s.strip() for s in args.compare_samplers.split(",")]
-    for name in names:
-        if name not in SAMPLERS:
-            raise CliError(f"unknown sampler {name!r}; expected one of: {', '.join(SAMPLERS)}")
+    try:
+        for name in names:
+            split_sampler_name(name)
+        if args.scheduler is not None:
+            schedule_name(args.scheduler)
+    except SamplingError as error:
+        raise CliError(str(error)) from None
     if args.steps < 1 or args.batch_size < 1:
         raise CliError("--steps and --batch-size must be at least 1")
     return names
