@@ -14,6 +14,8 @@ from tiengine.io.metadata import parse_parameters, read_image_parameters
 from tiengine.toyworld.demo import (
     CONCEPT_IMAGES,
     CONCEPT_NAME,
+    LORA_NAME,
+    LORA_TARGET_GAIN,
     TARGET_WITH,
     TARGET_WITHOUT,
     STAGES,
@@ -100,6 +102,16 @@ def test_refuses_a_folder_with_files(tmp_path):
     with pytest.raises(DemoError, match="not empty"):
         run_demo(tmp_path)
     assert (tmp_path / "keep.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_the_packaged_lora_stripes_backgrounds_and_multiplier_zero_is_the_base_image(demo_run):
+    _, report = demo_run
+    lora = report.lora
+    assert lora is not None and lora.name == LORA_NAME and len(lora.short_hash) == 12
+    # <lora:striped:0> restores the base weights exactly: every image equals the prompt-alone image
+    assert lora.zero_is_base
+    # the LoRA was trained on striped scenes captioned without a background word (MODEL_CARD.md, "LoRA")
+    assert lora.striped_with >= lora.striped_without + LORA_TARGET_GAIN, report.summary_lines()
 
 
 def test_cli_error_and_help(capsys, tmp_path):

@@ -51,6 +51,7 @@ from tiengine.toyworld.demo_recipe import (
     INIT_TEXT,
     LEARNING_RATE,
     LORA_NAME,
+    LORA_TARGET_GAIN,
     NEAREST_WORD,
     TARGET_WITH,
     TARGET_WITHOUT,
@@ -139,6 +140,9 @@ class DemoReport:
                          f"{self.lora.striped_with:.1%} (prompt alone {self.lora.striped_without:.1%}); "
                          f"<lora:{self.lora.name}:0> gives the prompt-alone images bit for bit: "
                          f"{'yes' if self.lora.zero_is_base else 'NO'}")
+            gain = self.lora.striped_with - self.lora.striped_without
+            lines.append(f"LoRA target (striped share up by >= {LORA_TARGET_GAIN:.0%}, :0 bit for bit): "
+                         f"{'met' if gain >= LORA_TARGET_GAIN and self.lora.zero_is_base else 'NOT met'}")
         lines.append(f"training: {self.train_steps} steps in {self.train_seconds:.0f} s; whole demo "
                      f"{self.total_seconds / 60:.1f} min")
         return lines

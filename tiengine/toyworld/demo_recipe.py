@@ -19,3 +19,4 @@ TARGET_WITHOUT = 0.10
 # the LoRA part: a LoRA packaged with the default model (tiengine.toyworld.train_lora) that draws striped
 # backgrounds where the prompt names none; the demo measures how often the background is striped
 LORA_NAME = "striped"
+LORA_TARGET_GAIN = 0.25  # target: the LoRA raises the share of striped backgrounds by at least this much
