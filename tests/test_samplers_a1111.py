@@ -52,7 +52,8 @@ from tiengine.diffusion.schedules import NoiseSchedule, get_sigmas
 
 STEPS = 8
 SEEDS = (1234, 98765)  # A1111's per-image seeds of the batch
-K_NAMES = [name for name in SAMPLER_NAMES if name not in ("DDIM", "LCM", "Restart")]
+# DDIM, PLMS, UniPC: A1111's timestep samplers, against the LDM algorithms in tests/test_timestep_samplers.py
+K_NAMES = [name for name in SAMPLER_NAMES if name not in ("DDIM", "PLMS", "UniPC", "LCM", "Restart")]
 
 # A1111 1.10's samplers_k_diffusion + samplers_data_lcm: name -> (aliases, "scheduler", options).
 A1111_SAMPLERS = {

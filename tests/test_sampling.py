@@ -26,7 +26,6 @@ from sampling_reference import (
     run_diffusers,
     sigma_at_index,
     sigma_dpm_sde,
-    sigma_from_timestep,
     sigma_kdpm2,
     toy_mean,
     x_tolerance,
@@ -34,6 +33,7 @@ from sampling_reference import (
 
 from tiengine.diffusion.samplers import SAMPLERS, get_sampler
 from tiengine.diffusion.schedules import NoiseSchedule, SamplingError, get_sigmas
+from tiengine.diffusion.timestep_samplers import TimestepSamplerInfo
 
 diffusers = pytest.importorskip("diffusers")
 # diffusers feeds torch tensors to numpy; numpy 2 warns about it on every call
@@ -94,17 +94,6 @@ def _case(name: str) -> Case:
     if name == "LMS":
         pytest.importorskip("scipy")  # diffusers' LMS coefficients use scipy.integrate (test extra)
         return Case(*_karras(diffusers.LMSDiscreteScheduler), sigma_at_index)
-    if name.startswith("DDIM"):
-        eta = 1.0 if name.endswith("eta=1") else 0.0
-        scheduler = diffusers.DDIMScheduler(
-            **SD_BETAS, set_alpha_to_one=True, steps_offset=1, clip_sample=False, timestep_spacing="leading"
-        )
-        scheduler.set_timesteps(STEPS)
-        schedule = NoiseSchedule(scheduler.alphas_cumprod)
-        sigmas = get_sigmas(schedule, STEPS, "ddim_uniform")
-        torch.testing.assert_close(sigmas[:-1], schedule.sigmas[scheduler.timesteps].float(), rtol=0, atol=0)
-        return Case(scheduler, sigmas, sigma_from_timestep, vp=True, stochastic=eta > 0,
-                    sampler_kwargs={"eta": eta}, step_kwargs={"eta": eta})
     raise AssertionError(name)
 
 
@@ -114,7 +103,7 @@ def _run_both(name: str, sampler_name: str | None = None, **sampler_overrides):
     x_start = torch.randn(LATENT_SHAPE, generator=torch.Generator().manual_seed(NOISE_SEED)) * case.sigmas[0]
     generator = torch.Generator().manual_seed(SAMPLER_SEED) if case.stochastic else None
     ours_calls: list = []
-    sample = get_sampler(sampler_name or name.split(" eta=")[0]).sample
+    sample = get_sampler(sampler_name or name).sample
     ours = sample(recording(denoiser, ours_calls), x_start, case.sigmas, generator=generator,
                   **{**case.sampler_kwargs, **sampler_overrides})
     ref_generator = torch.Generator().manual_seed(SAMPLER_SEED) if case.stochastic else None
@@ -125,14 +114,15 @@ def _run_both(name: str, sampler_name: str | None = None, **sampler_overrides):
     return ours, ours_calls, ref, ref_calls
 
 
-ALL_CASES = ["Euler", "Euler a", "Heun", "DPM2", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "LMS",
-             "DDIM eta=0", "DDIM eta=1"]
+# A1111's DDIM (and PLMS, UniPC) are its timestep samplers, not diffusers' DDIMScheduler: they are checked
+# against the LDM algorithms in tests/test_timestep_samplers.py
+ALL_CASES = ["Euler", "Euler a", "Heun", "DPM2", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "LMS"]
 
 
 @pytest.mark.parametrize("name", ALL_CASES)
 def test_sampler_matches_diffusers(name):
     ours, ours_calls, ref, ref_calls = _run_both(name)
-    assert len(ours_calls) == len(ref_calls) == get_sampler(name.split(" eta=")[0]).model_calls(STEPS)
+    assert len(ours_calls) == len(ref_calls) == get_sampler(name).model_calls(STEPS)
     tol = x_tolerance(ref_calls)
     for i, ((x, sigma), (x_ref, sigma_ref)) in enumerate(zip(ours_calls, ref_calls)):
         assert sigma == pytest.approx(sigma_ref, rel=SIGMA_RTOL, abs=0), f"call {i}"
@@ -152,8 +142,10 @@ def test_second_order_and_call_counts():
     expected_second_order = {"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart"}  # A1111 1.10
     assert set(SAMPLERS) == {"Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE",
                              "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM++ 2S a", "DPM++ SDE", "DPM fast",
-                             "DPM adaptive", "LMS", "Restart", "DDIM", "LCM"}
+                             "DPM adaptive", "LMS", "Restart", "DDIM", "PLMS", "UniPC", "LCM"}
     for name, info in SAMPLERS.items():
+        if isinstance(info, TimestepSamplerInfo):
+            continue  # own timestep lists and call counts: tests/test_timestep_samplers.py
         assert info.second_order == (name in expected_second_order)
         table = info.sigma_table(schedule) if info.sigma_table is not None else schedule
         for steps in (1, 2, 6, 7):

@@ -94,8 +94,8 @@ def schedule_name(text: str) -> str:
         if key in (spelling.lower() for spelling in _spellings(kind)):
             return kind.name
     raise SamplingError(
-        f"schedule type: expected one of {', '.join(kind.label for kind in SCHEDULE_TYPES)} (or the names "
-        f"{', '.join(kind.name for kind in SCHEDULE_TYPES)}), found {text!r}"
+        f"unknown schedule type {text!r}; expected one of {', '.join(kind.label for kind in SCHEDULE_TYPES)} "
+        f"(or the names {', '.join(kind.name for kind in SCHEDULE_TYPES)})"
     )
 
 
@@ -131,6 +131,6 @@ def split_sampler_name(text: str) -> tuple[str, str | None]:
         if key.endswith(" " + spelling) and (name := _sampler_by_spelling(key[: -len(spelling) - 1])) is not None:
             return name, schedule
     raise SamplingError(
-        f"sampler: expected one of {', '.join(SAMPLER_NAMES)}, an A1111 alias (k_euler_a, k_dpmpp_2m, ...) or a "
-        f"sampler name followed by a schedule type (\"DPM++ 2M Karras\"), found {text!r}"
+        f"unknown sampler {text!r}; expected one of {', '.join(SAMPLER_NAMES)}, an A1111 alias (k_euler_a, "
+        f"k_dpmpp_2m, ...) or a sampler name followed by a schedule type (\"DPM++ 2M Karras\")"
     )
