@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from model_builders import tiny_model_folder
 
 from tiengine.cli import main
+from tiengine.diffusion.guidance import unet_schedule
 from tiengine.diffusion.hires import (
     LATENT_UPSCALE_MODES,
     crop_latents,
@@ -40,6 +42,7 @@ from tiengine.engine import Engine
 from tiengine.errors import EngineError
 from tiengine.io.images import tensor_to_pil
 from tiengine.io.metadata import parse_parameters, read_image_parameters
+from tiengine.models.config import size_time_ids
 from tiengine.settings import GenerateSettings
 
 # A1111's shared.latent_upscale_modes, as written there
@@ -58,6 +61,11 @@ CFG = 7.0
 @pytest.fixture(scope="module")
 def engine(sd1_folder):
     return Engine.load(sd1_folder, embeddings=False)
+
+
+@pytest.fixture(scope="module")
+def sdxl_engine(tmp_path_factory):
+    return Engine.load(tiny_model_folder(tmp_path_factory.mktemp("sdxl") / "model", "sdxl"), embeddings=False)
 
 
 def test_latent_upscalers_are_a1111s_and_resize_as_its_interpolate():
@@ -139,6 +147,7 @@ class Case:
     upscale_to: tuple[int, int]
     truncate: tuple[int, int]
     noise: dict  # subseeds, subseed_strength, seed_resize_from, eta_noise_seed_delta
+    family: str = "sd1"
 
 
 CASES = {
@@ -151,6 +160,8 @@ CASES = {
     "dpm2-seed-resize": Case("a [red|blue] ball", "DPM2", "normal", (3,), 24, 24, 3, 0.7,
                              {"hires_scale": 2.0, "hires_steps": 2, "hires_upscaler": "Latent (nearest-exact)"},
                              (48, 48), (0, 0), {"seed_resize_from": (16, 32)}),
+    "sdxl-resize-crop": Case("a [cat:dog:0.5] on a hill", "Euler a", "normal", (8,), 24, 32, 3, 0.5,
+                             {"hires_resize": (40, 40), "hires_steps": 2}, (40, 53), (0, 3), {}, "sdxl"),
     "strength-zero": Case("a tree", "Euler", "normal", (2,), 24, 32, 3, 0.0,
                           {"hires_scale": 2.0, "hires_upscaler": "Latent (nearest)"}, (48, 64), (0, 0), {}),
 }
@@ -165,11 +176,13 @@ def a1111_txt2img_hires(engine: Engine, case: Case) -> list:
     batch = len(case.seeds)
     mode = A1111_LATENT_UPSCALE_MODES[case.hires.get("hires_upscaler", "Latent")]
 
-    def guided(conditioning):
-        def rows(scheduled):  # the same prompt for every image of the batch
-            return [(last, {"context": context.expand(batch, -1, -1)}) for last, context, _ in scheduled.entries]
+    def guided(conditioning, width, height):
+        def rows(scheduled, negative=False):  # the same prompt for every image; SDXL's sizes: A1111's SdConditioning
+            sizes = size_time_ids(engine.config, width, height, negative=negative) if case.family == "sdxl" else None
+            return [(last, {key: value.expand(batch, *value.shape[1:]) for key, value in cond.items()})
+                    for last, cond in unet_schedule(scheduled.entries, unet, sizes, dtype=torch.float32)]
 
-        return scheduled_guided_denoiser(eps_denoiser(unet, schedule), rows(conditioning.negative),
+        return scheduled_guided_denoiser(eps_denoiser(unet, schedule), rows(conditioning.negative, negative=True),
                                          [(rows(conditioning.positive[0][0]), 1.0)], CFG)
 
     def image_rng(shape):
@@ -184,7 +197,7 @@ def a1111_txt2img_hires(engine: Engine, case: Case) -> list:
         rng = image_rng((4, case.height // factor, case.width // factor))
         sigmas = get_sigmas(schedule, case.steps, case.scheduler, discard_penultimate=info.discard_penultimate_sigma)
         first = engine.encode(case.prompt, NEGATIVE, steps=case.steps, second_order=info.second_order)
-        samples = info.sample(guided(first), rng.next() * sigmas[0], sigmas, generator=rng)
+        samples = info.sample(guided(first, case.width, case.height), rng.next() * sigmas[0], sigmas, generator=rng)
         # sample_hr_pass: resize to the target // f, crop, and a new ImageRNG at the new shape
         target_width, target_height = case.upscale_to
         samples = F.interpolate(samples, size=(target_height // factor, target_width // factor), mode=mode["mode"],
@@ -206,14 +219,17 @@ def a1111_txt2img_hires(engine: Engine, case: Case) -> list:
         xi = samples + noise * sigma_sched[0]
         hires_conditioning = engine.encode(case.prompt, NEGATIVE, steps=case.steps, second_order=info.second_order,
                                            hires_steps=requested)
+        # hr_c / hr_uc: SdConditioning(width=hr_upscale_to_x, height=hr_upscale_to_y), the size before the crop
+        hires_denoiser = guided(hires_conditioning, target_width, target_height)
         # k-diffusion's loops run len(sigma_sched) - 1 steps
-        samples = info.sample(guided(hires_conditioning), xi, sigma_sched, generator=rng) if steps else xi
+        samples = info.sample(hires_denoiser, xi, sigma_sched, generator=rng) if steps else xi
         return tensor_to_pil(vae.images_from_latents(samples))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_hires_fix_is_a1111s_latent_path_bit_for_bit(engine, name):
+def test_hires_fix_is_a1111s_latent_path_bit_for_bit(engine, sdxl_engine, name):
     case = CASES[name]
+    engine = sdxl_engine if case.family == "sdxl" else engine
     noise = {key: value for key, value in case.noise.items() if key != "subseeds"}
     if "subseeds" in case.noise:
         noise["subseed"] = case.noise["subseeds"][0]
