@@ -14,8 +14,10 @@ whatever the environment says). `prompt_limits=PromptLimits(...)` bounds every p
   ...)`: sampling with classifier-free guidance, AND composition and prompt schedules
   (tiengine.diffusion.guidance), decoded to PIL images that carry A1111-style `parameters` text. Every
   one of them runs `_sample(settings, prompts, negative_prompt, seeds, init_image)`: image i of a run
-  is prompt i from seed i. Latents or decoded images that are not finite (NaN or inf, e.g. fp16
-  overflow) raise NonFiniteError naming the stage, never a black image.
+  is prompt i from seed i. With `hires_scale` or `hires_resize` set, text to image adds A1111's hires fix
+  (`_hires_pass`, tiengine.diffusion.hires): the latents resized by a latent upscaler and denoised again.
+  Latents or decoded images that are not finite (NaN or inf, e.g. fp16 overflow) raise NonFiniteError
+  naming the stage, never a black image.
 """
 
 from __future__ import annotations
