@@ -14,8 +14,10 @@ whatever the environment says). `prompt_limits=PromptLimits(...)` bounds every p
   ...)`: sampling with classifier-free guidance, AND composition and prompt schedules
   (tiengine.diffusion.guidance), decoded to PIL images that carry A1111-style `parameters` text. Every
   one of them runs `_sample(settings, prompts, negative_prompt, seeds, init_image)`: image i of a run
-  is prompt i from seed i. Latents or decoded images that are not finite (NaN or inf, e.g. fp16
-  overflow) raise NonFiniteError naming the stage, never a black image.
+  is prompt i from seed i. With `hires_scale` or `hires_resize` set, text to image adds A1111's hires fix
+  (`_hires_pass`, tiengine.diffusion.hires): the latents resized by a latent upscaler and denoised again.
+  Latents or decoded images that are not finite (NaN or inf, e.g. fp16 overflow) raise NonFiniteError
+  naming the stage, never a black image.
 """
 
 from __future__ import annotations
@@ -43,10 +45,20 @@ from tiengine.diffusion.guidance import (
     stack_schedules,
     unet_schedule,
 )
+from tiengine.diffusion.hires import (
+    HiresSize,
+    crop_latents,
+    hires_infotext,
+    hires_size,
+    img2img_sigmas,
+    img2img_steps,
+    upscale_latents,
+)
 from tiengine.diffusion.names import schedule_label
 from tiengine.diffusion.rng import ImageNoise, image_seeds, infotext_fields
 from tiengine.diffusion.samplers import SamplerInfo, resolve_sampler, resolve_schedule
 from tiengine.diffusion.schedules import (
+    Denoiser,
     NoiseSchedule,
     eps_denoiser,
     get_sigmas,
@@ -289,6 +301,7 @@ class Engine:
         *,
         steps: int = 20,
         second_order: bool = False,
+        hires_steps: int | None = None,
         options: EncodeOptions | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -299,32 +312,40 @@ class Engine:
         `options`: how the prompts are encoded (default EncodeOptions(), A1111's); keyword fields of
         EncodeOptions (clip_skip=2, emphasis="lerp", ...) replace its fields. `second_order`: the sampler
         calls the model twice per step, so prompt schedules count 2 * steps model calls (A1111).
+        `hires_steps`: the conditioning of a hires fix's second pass of that many steps after a first pass of
+        `steps` (schedule boundaries count from the end of the first pass; A1111's hires conditioning).
         `device` / `dtype`: where the returned tensors live (default: the engine's). Cached by text and
         options.
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise EngineError(f"steps must be >= 1 (an integer), got {steps!r}")
+        if hires_steps is not None and (isinstance(hires_steps, bool) or not isinstance(hires_steps, int)
+                                        or hires_steps < 1):
+            raise EngineError(f"hires_steps must be >= 1 (an integer) or None, got {hires_steps!r}")
         options = encode_options_with(options, **option_fields)
-        result = self._encode(prompt, negative_prompt, steps, second_order, options)
+        result = self._encode(prompt, negative_prompt, steps, second_order, options, hires_steps)
         if device is None and dtype is None:
             return result
         return result.to(device, dtype)
 
     def _encode(
-        self, prompt: str, negative_prompt: str, steps: int, second_order: bool, options: EncodeOptions
+        self, prompt: str, negative_prompt: str, steps: int, second_order: bool, options: EncodeOptions,
+        hires_steps: int | None = None,
     ) -> Conditioning:
         active, reports, text, negative_text = self._networks_of(prompt, negative_prompt)
         self._activate(active)
-        key = (prompt, negative_prompt, steps, second_order, options, self.prompt_limits, active.key)
+        key = (prompt, negative_prompt, steps, second_order, options, self.prompt_limits, active.key, hires_steps)
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
         result = Conditioning(positive=[], negative=None, networks=reports, active_networks=active)  # type: ignore[arg-type]
         for part_index, (part, weight) in enumerate(split_and(text, limits=self.prompt_limits)):
-            schedule = self._encode_schedule(part, steps, second_order, options, result, "positive", part_index)
+            schedule = self._encode_schedule(part, steps, second_order, options, result, "positive", part_index,
+                                             hires_steps)
             result.positive.append((schedule, weight))
-        result.negative = self._encode_schedule(negative_text, steps, second_order, options, result, "negative", 0)
+        result.negative = self._encode_schedule(negative_text, steps, second_order, options, result, "negative", 0,
+                                                hires_steps)
         result.add_skipped(self.vocabulary.skipped_mentions(text) + self.vocabulary.skipped_mentions(negative_text))
         self._cache[key] = result
         if len(self._cache) > ENCODE_CACHE_SIZE:
@@ -352,9 +373,10 @@ class Engine:
 
     def _encode_schedule(
         self, text: str, steps: int, second_order: bool, options: EncodeOptions, result: Conditioning,
-        which: str, part: int,
+        which: str, part: int, hires_steps: int | None = None,
     ) -> ScheduledConditioning:
-        schedule = prompt_schedule(text, steps, second_order=second_order, limits=self.prompt_limits)
+        schedule = prompt_schedule(text, steps, second_order=second_order, hires_steps=hires_steps,
+                                   limits=self.prompt_limits)
         texts = [scheduled_text for _, scheduled_text in schedule]
         with torch.no_grad():
             encoded = encode_texts(
@@ -530,6 +552,7 @@ class Engine:
         factor = self._latent_factor()
         if width % factor or height % factor:
             raise EngineError(f"size {width}x{height}: width and height must be positive multiples of {factor}")
+        hires = self._hires_size(settings, width, height, init_image)  # None: no hires fix
         network_sets = {self._networks_of(prompt, negative_prompt)[0].key for prompt in dict.fromkeys(prompts)}
         if len(network_sets) > 1:  # the weights differ between these prompts: one run per prompt
             return GenerationResult.join([
@@ -551,18 +574,9 @@ class Engine:
         schedule = NoiseSchedule.from_betas(**self.config.schedule.__dict__)
         sigmas, sample = self._sampling_plan(info, scheduler, schedule, settings.steps,
                                              settings.strength if init_image is not None else None)
-        unet, vae = self.modules["unet"], self.modules["vae"]
-        wrap = info.model_wrapper or (v_denoiser if self.config.prediction == "v" else eps_denoiser)
+        vae = self.modules["vae"]
         first = conditionings[0]
-        uncond = self._cond_schedule(first.negative, width, height, negative=True)
-        per_prompt = {prompt: [self._cond_schedule(part, width, height) for part, _ in unique[prompt].positive]
-                      for prompt in unique}
-        parts = [
-            (stack_schedules([per_prompt[prompt][index] for prompt in prompts]), weight)
-            for index, (_, weight) in enumerate(first.positive)
-        ]
-        denoiser = scheduled_guided_denoiser(wrap(unet, schedule), stack_schedules([uncond] * batch), parts,
-                                             cfg_scale)
+        denoiser = self._guided_denoiser(info, unique, prompts, width, height, schedule, cfg_scale)
         image_noise = ImageNoise(  # A1111's per-image generators: initial noise, then the samplers' draws
             (vae.config.latent_channels, height // factor, width // factor), seeds, subseeds=subseeds,
             subseed_strength=settings.subseed_strength, seed_resize_from=settings.seed_resize_from,
@@ -571,6 +585,7 @@ class Engine:
         with torch.no_grad():
             if init_image is None:
                 x = noise * sigmas[0].to(self.dtype)
+                extra = self._sampler_extras(info, x, sigmas, seeds, schedule, txt2img=True)
             else:
                 pixels = pil_to_tensor(init_image, width=width, height=height).to(self.device, self.dtype)
                 posterior = torch.Generator("cpu").manual_seed(seeds[0])  # the VAE's latent sample
@@ -578,11 +593,17 @@ class Engine:
                 _check_finite(latent, "vae", "the VAE encode of the init image (latents)")
                 if isinstance(info, TimestepSamplerInfo):  # its sigmas already start at A1111's img2img step
                     x = latent + noise * sigmas[0].to(self.dtype)
-                else:
+                    extra = self._sampler_extras(info, x, sigmas, seeds, schedule, txt2img=False)
+                else:  # Brownian noise spans the whole schedule, as A1111's does in img2img too
+                    extra = self._sampler_extras(info, noise, sigmas, seeds, schedule, txt2img=False)
                     sigmas, x = img2img_start(latent, noise, sigmas, settings.strength)
-            extra = self._sampler_extras(info, x, sigmas, seeds, schedule, txt2img=init_image is None)
-            latents = sample(denoiser, x, sigmas, generator=image_noise, callback=callback, **extra)
+            total = None if hires is None else settings.steps + _hires_steps_run(settings)  # steps of both passes
+            latents = sample(denoiser, x, sigmas, generator=image_noise,
+                             callback=callback if total is None else _progress_over(callback, 0, total), **extra)
             _check_finite(latents, "unet", "the UNet (the sampled latents)")
+            if hires is not None:
+                latents = self._hires_pass(hires, settings, prompts, negative_prompt, seeds, subseeds, latents,
+                                           cfg_scale, _progress_over(callback, settings.steps, total))
             decoded = vae.images_from_latents(latents, tiled=settings.vae_tiling)  # (B, 3, H, W)
             _check_finite(decoded, "vae", "the VAE decode (the image)")
             images = tensor_to_pil(decoded)
@@ -596,9 +617,11 @@ class Engine:
             "Size": f"{width}x{height}",
             "Model hash": self.model_hash(),
             "Model": self.model_path.name if self.model_path is not None else None,
-            "Denoising strength": f"{settings.strength:g}" if init_image is not None else None,
+            "Denoising strength": f"{settings.strength:g}" if init_image is not None or hires is not None else None,
             "Clip skip": options.clip_skip if options.clip_skip != 1 else None,
             **dict.fromkeys(NOISE_FIELDS),  # per image, below; placed here as A1111 places them
+            **(hires_infotext(scale=settings.hires_scale, resize=settings.hires_resize, steps=settings.hires_steps,
+                              upscaler=settings.hires_upscaler) if hires is not None else {}),
             "Emphasis": options.emphasis if options.emphasis != "original" else None,
             "Lora hashes": format_name_hashes(first.active_networks.lora_hashes()),
             "TI hashes": None,
@@ -640,6 +663,91 @@ class Engine:
             extra.update(sigma_min=schedule.sigma_min, sigma_max=schedule.sigma_max)
         return extra
 
+    def _guided_denoiser(
+        self, info: SamplerInfo, unique: dict[str, Conditioning], prompts: list[str], width: int, height: int,
+        schedule: NoiseSchedule, cfg_scale: float,
+    ) -> Denoiser:
+        """One sampling run's denoiser: image i follows prompts[i]'s schedules (`unique`: each prompt's
+        conditioning, stackable), every image the first one's negative prompt; SDXL sizes of width x height.
+        The model is wrapped as the sampler needs (LCM: its own wrapper; else by the prediction type)."""
+        wrap = info.model_wrapper or (v_denoiser if self.config.prediction == "v" else eps_denoiser)
+        first = unique[prompts[0]]
+        uncond = self._cond_schedule(first.negative, width, height, negative=True)
+        per_prompt = {prompt: [self._cond_schedule(part, width, height) for part, _ in unique[prompt].positive]
+                      for prompt in unique}
+        parts = [
+            (stack_schedules([per_prompt[prompt][index] for prompt in prompts]), weight)
+            for index, (_, weight) in enumerate(first.positive)
+        ]
+        return scheduled_guided_denoiser(wrap(self.modules["unet"], schedule), stack_schedules([uncond] * len(prompts)),
+                                         parts, cfg_scale)
+
+    # ------------------------------------------------------------------------------ hires fix
+
+    def _hires_size(
+        self, settings: GenerateSettings, width: int, height: int, init_image: Image.Image | None
+    ) -> HiresSize | None:
+        """The hires fix's second-pass size after a first pass of width x height (None: the hires fix is off)."""
+        if not settings.hires:
+            return None
+        if init_image is not None:
+            raise EngineError("the hires fix is a second pass of text to image: img2img takes no hires_scale or "
+                              "hires_resize")
+        factor = self._latent_factor()
+        size = hires_size(width, height, scale=settings.hires_scale, resize=settings.hires_resize,
+                          latent_factor=factor)
+        rows, columns = size.latent
+        if rows < 1 or columns < 1:
+            target = f"{size.upscale_to[0]}x{size.upscale_to[1]}"
+            raise EngineError(f"hires fix: {width}x{height} upscaled to {target} pixels leaves less than one latent "
+                              f"pixel ({factor} pixels) on a side")
+        return size
+
+    def _hires_pass(
+        self, size: HiresSize, settings: GenerateSettings, prompts: list[str], negative_prompt: str,
+        seeds: list[int], subseeds: list[int] | None, latents: torch.Tensor, cfg_scale: float,
+        callback: StepCallback | None,
+    ) -> torch.Tensor:
+        """A1111's hires fix with a latent upscaler (tiengine.diffusion.hires): the first pass's latents (B, C, h, w)
+        resized and cropped to `size`, noised by fresh noise of the new shape from the same seeds (and subseeds),
+        and denoised at `settings.strength` for the hires steps with the conditioning of a second pass; returns
+        the second pass's latents (B, C, H, W)."""
+        info, named_schedule = resolve_sampler(settings.sampler)
+        if isinstance(info, TimestepSamplerInfo):
+            raise EngineError(f"the hires fix with {info.name} (an A1111 timestep sampler) is not reproduced; pick a "
+                              "k-diffusion sampler (Euler a, DPM++ 2M, ...) for hires runs")
+        scheduler = resolve_schedule(info, settings.scheduler or named_schedule)
+        requested = settings.hires_steps or settings.steps
+        schedule_steps, t_enc = img2img_steps(requested, settings.strength, steps_given=True)
+        resized = upscale_latents(latents.float(), size.resized_latent, settings.hires_upscaler)  # (B, C, h', w')
+        x = crop_latents(resized, size.truncate).to(latents.dtype)  # (B, C, H, W)
+        if schedule_steps == 0:  # strength 0: A1111's sigma schedule is [0], no step runs
+            return x
+        unique = {prompt: self._encode(prompt, negative_prompt, settings.steps, info.second_order, settings.encode,
+                                       requested)
+                  for prompt in dict.fromkeys(prompts)}
+        if len(prompts) > 1 and not stackable(list(unique.values())):  # the second pass's texts differ in length
+            return torch.cat([
+                self._hires_pass(size, settings, [prompt], negative_prompt, [seeds[index]],
+                                 None if subseeds is None else [subseeds[index]], latents[index : index + 1],
+                                 cfg_scale, callback)
+                for index, prompt in enumerate(prompts)
+            ])
+        schedule = NoiseSchedule.from_betas(**self.config.schedule.__dict__)
+        full, sample = self._sampling_plan(info, scheduler, schedule, schedule_steps, None)  # (schedule_steps + 1,)
+        sigmas = img2img_sigmas(full, t_enc)  # (t_enc + 2,)
+        denoiser = self._guided_denoiser(info, unique, prompts, *size.upscale_to, schedule, cfg_scale)
+        image_noise = ImageNoise(  # A1111: a new ImageRNG at the new shape, from the same seeds
+            (x.shape[1], *size.latent), seeds, subseeds=subseeds, subseed_strength=settings.subseed_strength,
+            seed_resize_from=settings.seed_resize_from, source=settings.rng,
+            eta_noise_seed_delta=settings.eta_noise_seed_delta, device=self.device)
+        noise = image_noise.first().to(self.dtype)  # (B, C, H, W)
+        extra = self._sampler_extras(info, noise, full, seeds, schedule, txt2img=False)  # Brownian: the whole schedule
+        x = x + noise * sigmas[0].to(self.dtype)
+        latents = sample(denoiser, x, sigmas, generator=image_noise, callback=callback, **extra)
+        _check_finite(latents, "unet", "the UNet in the hires fix's second pass (the sampled latents)")
+        return latents
+
     def _cond_schedule(
         self, scheduled: ScheduledConditioning, width: int, height: int, *, negative: bool = False
     ) -> CondSchedule:
@@ -665,6 +773,24 @@ def _check_finite(tensor: torch.Tensor, stage: str, produced_by: str) -> None:
     what = "all NaN" if bool(torch.isnan(tensor).all()) else f"{bad} of {tensor.numel()} values NaN or inf"
     raise NonFiniteError(f"a tensor with non-finite values ({what}) was produced by {produced_by}; "
                          f"no image was made. This usually means too little precision: {NON_FINITE_ADVICE[stage]}")
+
+
+def _hires_steps_run(settings: GenerateSettings) -> int:
+    """Sampler steps of the hires fix's second pass: the requested steps, none at strength 0."""
+    requested = settings.hires_steps or settings.steps
+    schedule_steps, t_enc = img2img_steps(requested, settings.strength, steps_given=True)
+    return t_enc + 1 if schedule_steps else 0
+
+
+def _progress_over(callback: StepCallback | None, offset: int, total: int) -> StepCallback | None:
+    """`callback` with the step counted from `offset` and the total of every pass of the run."""
+    if callback is None:
+        return None
+
+    def report(step: int, _: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        callback(offset + step, total, x, denoised)
+
+    return report
 
 
 def _fields(settings: TrainEmbeddingSettings) -> dict[str, object]:

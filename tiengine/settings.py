@@ -4,15 +4,17 @@ A frozen dataclass validated once, in `__post_init__`, with messages that name t
 found and what is allowed. The encode options are `tiengine.text.conditioning.EncodeOptions` (clip skip,
 emphasis, comma backtrack, bare names, embeddings on backtrack), validated by that class. What depends
 on the loaded model (sizes on its latent grid, the default size and guidance scale) is checked by the
-Engine. Option names come from `tiengine.diffusion.names` (samplers, schedules) and
-`tiengine.text.chunking.EMPHASIS_MODES`.
+Engine. Option names come from `tiengine.diffusion.names` (samplers, schedules),
+`tiengine.diffusion.hires` (latent upscalers) and `tiengine.text.chunking.EMPHASIS_MODES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
+from tiengine.diffusion.hires import latent_upscale_mode
 from tiengine.diffusion.names import SamplingError, schedule_name, split_sampler_name
 from tiengine.diffusion.rng import RNG_SOURCES
 from tiengine.errors import EngineError
@@ -32,6 +34,12 @@ class GenerateSettings:
     (or "Automatic"): the sampler's own schedule, as A1111's Automatic; else a schedule type's name or
     A1111 label ("karras", "Karras", "SGM Uniform"). seed -1: a random seed; image i of a batch uses seed + i. strength: img2img's denoising
     strength (unused by text to image).
+
+    Hires fix (A1111's "Hires. fix", text to image only; tiengine.diffusion.hires): on when `hires_scale`
+    (the first pass's size times this) or `hires_resize` ((width, height) in pixels; a 0 side keeps the
+    aspect ratio, two nonzero sides are covered and the excess cut off) is given, not both. The first pass's
+    latents are resized by `hires_upscaler`, one of A1111's latent upscale modes, and denoised again at
+    `strength` for `hires_steps` steps (0: as many as the first pass).
 
     Noise, as A1111 makes it (tiengine.diffusion.rng): `rng` is the random source, "cpu" (torch's CPU
     generator), "gpu" (torch.randn on the CUDA card; A1111's default) or "nv" (NVIDIA's Philox stream
@@ -56,6 +64,10 @@ class GenerateSettings:
     subseed_strength: float = 0.0
     seed_resize_from: tuple[int, int] | None = None
     eta_noise_seed_delta: int = 0
+    hires_scale: float | None = None
+    hires_steps: int = 0
+    hires_upscaler: str = "Latent"
+    hires_resize: tuple[int, int] | None = None
     encode: EncodeOptions = field(default_factory=EncodeOptions)
 
     def __post_init__(self) -> None:
@@ -96,6 +108,36 @@ class GenerateSettings:
             raise EngineError(f"eta_noise_seed_delta must be an integer >= 0, got {self.eta_noise_seed_delta!r}")
         if not isinstance(self.encode, EncodeOptions):
             raise EngineError(f"encode must be an EncodeOptions, got {type(self.encode).__name__}")
+        self._check_hires()
+
+    @property
+    def hires(self) -> bool:
+        """Whether the hires fix is on (a hires_scale or a hires_resize is given)."""
+        return self.hires_scale is not None or self.hires_resize is not None
+
+    def _check_hires(self) -> None:
+        if self.hires_scale is not None and (isinstance(self.hires_scale, bool)
+                                             or not isinstance(self.hires_scale, (int, float))
+                                             or not math.isfinite(self.hires_scale) or self.hires_scale <= 0):
+            raise EngineError(f"hires_scale must be a number > 0 (or None: no hires fix), got {self.hires_scale!r}")
+        if self.hires_resize is not None and (
+                not isinstance(self.hires_resize, tuple) or len(self.hires_resize) != 2
+                or not all(_is_int(side) and side >= 0 for side in self.hires_resize) or not any(self.hires_resize)):
+            raise EngineError(f"hires_resize must be (width, height) in pixels, integers >= 0 and not both 0 "
+                              f"(0: that side follows the aspect ratio), or None; got {self.hires_resize!r}")
+        if self.hires_scale is not None and self.hires_resize is not None:
+            raise EngineError(f"give hires_scale ({self.hires_scale!r}) or hires_resize ({self.hires_resize!r}), "
+                              f"not both")
+        if not _is_int(self.hires_steps) or self.hires_steps < 0:
+            raise EngineError(f"hires_steps must be an integer >= 0 (0: as many as the first pass), "
+                              f"got {self.hires_steps!r}")
+        try:
+            latent_upscale_mode(self.hires_upscaler)
+        except SamplingError as error:
+            raise EngineError(str(error)) from None
+        if not self.hires and (self.hires_steps or self.hires_upscaler != "Latent"):
+            raise EngineError("hires_steps and hires_upscaler need the hires fix on: give hires_scale or "
+                              "hires_resize too")
 
 
 ENCODE_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(EncodeOptions))

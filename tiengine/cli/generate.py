@@ -3,7 +3,8 @@
 Images are PNG files carrying the A1111-style `parameters` text (prompt, negative prompt, settings,
 `TI hashes` of the embeddings used), which `tiengine info` and other tools read back. Existing files
 are never replaced unless `--overwrite` is given. Progress bars on stderr ("loading model", then one per
-sampler) are left out with `--json`; `load_engine` is shared with `tiengine encode`.
+sampler) are left out with `--json`; `load_engine` is shared with `tiengine encode`. `--hires-scale` /
+`--hires-resize` turn on A1111's hires fix with a latent upscaler (a second pass at the larger size).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tiengine.cli import (
     network_report_lines,
     resolve_device,
 )
-from tiengine.diffusion.names import SAMPLER_NAMES, SCHEDULE_TYPES
+from tiengine.diffusion.names import LATENT_UPSCALERS, SAMPLER_NAMES, SCHEDULE_TYPES
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SAMPLER_HELP = ", ".join(SAMPLER_NAMES)
@@ -61,7 +62,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_encode_options(parser)
     add_network_options(parser)
     parser.add_argument("--init-image", type=Path, help="image-to-image: start from this picture")
-    parser.add_argument("--strength", type=float, default=0.75, help="image-to-image denoising strength (0..1)")
+    parser.add_argument("--strength", "--denoising", dest="strength", type=float, default=0.75,
+                        help="denoising strength (0..1) of image to image, or with the hires fix of its second pass "
+                             "(A1111's \"Denoising strength\"; default 0.75)")
+    parser.add_argument("--hires-scale", type=float, metavar="X",
+                        help="hires fix: denoise again at the size times X (A1111's \"Upscale by\")")
+    parser.add_argument("--hires-resize", metavar="WxH",
+                        help="hires fix: denoise again at WIDTHxHEIGHT pixels (0 for a side: keep the aspect ratio; "
+                             "two sides: cover and crop)")
+    parser.add_argument("--hires-steps", type=int, default=0,
+                        help="hires fix: steps of the second pass (default 0: as many as --steps)")
+    parser.add_argument("--hires-upscaler", default="Latent",
+                        help=f"hires fix: one of A1111's latent upscalers: {', '.join(LATENT_UPSCALERS)} "
+                             f"(default Latent)")
     parser.add_argument("--compare-samplers", metavar="A,B,C",
                         help="run each sampler with the same seed and write one grid, a labelled column each")
     parser.add_argument("--out", type=Path, default=Path("out.png"), help="output PNG (default out.png)")
@@ -102,7 +115,8 @@ def run_generate(args: argparse.Namespace) -> int:
     settings = GenerateSettings(
         steps=args.steps, sampler=samplers[0], scheduler=args.scheduler, cfg_scale=args.cfg, seed=args.seed,
         width=width, height=height, batch_size=args.batch_size, strength=args.strength, vae_tiling=args.vae_tiling,
-        encode=encode_options(args),
+        hires_scale=args.hires_scale, hires_resize=_parse_hires_resize(args.hires_resize),
+        hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, encode=encode_options(args),
     )
     engine = load_engine(args, getattr(torch, DTYPES[args.dtype]))
     if args.cfg is None:
@@ -205,6 +219,17 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
         width, height = (int(part) for part in size.lower().split("x"))
     except ValueError:
         raise CliError(f"--size must be WIDTHxHEIGHT, e.g. 512x512; got {size!r}") from None
+    return width, height
+
+
+def _parse_hires_resize(size: str | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    try:
+        width, height = (int(part) for part in size.lower().split("x"))
+    except ValueError:
+        raise CliError(f"--hires-resize must be WIDTHxHEIGHT in pixels (0 for a side that keeps the aspect "
+                       f"ratio), e.g. 1024x0; got {size!r}") from None
     return width, height
 
 

@@ -18,6 +18,8 @@ Every lookup here is case-insensitive. Old combined sampler names ("DPM++ 2M Kar
 Exponential") split into a sampler and a schedule as A1111's ``get_sampler_and_scheduler`` does: the
 longest-known schedule label, name or alias at the end after a space. A1111 1.5's "_ka"/"_exp" alias
 suffixes (``k_dpmpp_2m_ka``) mean the Karras/Exponential schedule.
+
+LATENT_UPSCALERS are the hires fix's latent upscale modes (`tiengine.diffusion.hires`).
 """
 
 from __future__ import annotations
@@ -134,3 +136,9 @@ def split_sampler_name(text: str) -> tuple[str, str | None]:
         f"unknown sampler {text!r}; expected one of {', '.join(SAMPLER_NAMES)}, an A1111 alias (k_euler_a, "
         f"k_dpmpp_2m, ...) or a sampler name followed by a schedule type (\"DPM++ 2M Karras\")"
     )
+# A1111's latent upscale modes for the hires fix (`shared.latent_upscale_modes`), in A1111's order; what each
+# one does is tiengine.diffusion.hires.LATENT_UPSCALE_MODES (a test checks the two agree).
+LATENT_UPSCALERS: tuple[str, ...] = (
+    "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
+    "Latent (nearest-exact)",
+)
