@@ -278,6 +278,7 @@ def test_embedding_syntax_encodes_as_a1111_and_the_option_drops_the_prefix(famil
 
 def test_encode_options_and_cli_flags():
     assert EncodeOptions().explicit_embedding_syntax is False
+    assert EncodeOptions(bare_names=False) == EncodeOptions(bare_names=False, explicit_embedding_syntax=True)
     parser = argparse.ArgumentParser()
     add_encode_options(parser)
     flags = {

@@ -106,7 +106,7 @@ def encode_options(args: argparse.Namespace):  # -> tiengine.text.conditioning.E
 
     return EncodeOptions(clip_skip=getattr(args, "clip_skip", 1), emphasis=args.emphasis,
                          comma_backtrack=args.comma_backtrack, bare_names=not args.explicit_only,
-                         explicit_embedding_syntax=args.explicit_embedding_syntax or args.explicit_only,
+                         explicit_embedding_syntax=args.explicit_embedding_syntax,
                          keep_embeddings_on_backtrack=args.keep_embeddings_on_backtrack)
 
 

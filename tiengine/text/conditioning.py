@@ -62,7 +62,7 @@ class EncodeOptions:
     clip_skip: int = 1
     emphasis: str = "original"
     comma_backtrack: int = DEFAULT_COMMA_BACKTRACK
-    # False: embeddings bind only through `embedding:NAME` (this turns the explicit syntax on).
+    # False: embeddings bind only through `embedding:NAME` (so the explicit syntax is set on).
     bare_names: bool = True
     # True: `embedding:NAME` is tiengine's explicit reference (the words "embedding:" are not encoded).
     # False (A1111): it is ordinary text; only a bare name in it binds (tiengine.text.tokenizer).
@@ -77,6 +77,8 @@ class EncodeOptions:
             raise ConditioningError(f"clip skip must be an integer >= 1, got {self.clip_skip!r}")
         if self.comma_backtrack < 0:
             raise ConditioningError(f"comma backtrack must be >= 0, got {self.comma_backtrack}")
+        if not self.bare_names:  # implied: one spelling (and one cache key) per behaviour
+            object.__setattr__(self, "explicit_embedding_syntax", True)
 
 
 @dataclass
