@@ -2,9 +2,15 @@
 
 Follows the web UI's `sd_hijack_clip.FrozenCLIPEmbedderWithCustomWordsBase` step by step: embeddings are
 found on token-id sequences while the chunk is filled and placed as id-0 placeholders plus "fixes"; the
-vectors are patched into the token-embedding output (A1111's `EmbeddingsWithFixes`) at offset + 1;
-SD2/SDXL-G ids after the first EOS become 0; emphasis runs per chunk batch. Only the tokenizer's plain
-BPE ids (tested separately against OpenAI's tokenizer) and the attention parser come from tiengine.
+vectors are patched into the token-embedding output (A1111's `EmbeddingsWithFixes`) at offset + 1,
+whatever ids lie there (a fix that comma backtracking left behind covers the old chunk's EOS and
+padding); SD2/SDXL-G ids after the first EOS become 0; emphasis runs per chunk batch. A1111 has no
+`embedding:` syntax: such text is tokenized like any other and names match on its ids.
+Pooling: SD2 (stablediffusion's `FrozenOpenCLIPEmbedder`) never pools; SDXL's OpenCLIP-bigG
+(generative-models' `FrozenOpenCLIPEmbedder2.pool`) pools the final-norm last layer at
+`text.argmax(dim=-1)` of the ids as passed (placeholders 0, so the first EOS), through the projection.
+Only the tokenizer's plain BPE ids (tested separately against OpenAI's tokenizer) and the attention
+parser come from tiengine.
 """
 
 from __future__ import annotations
@@ -147,7 +153,9 @@ def ref_encode_chunk(encoder: RefEncoder, batch: list[RefChunk], vectors, clip_s
         z = text_model.final_layer_norm(out.hidden_states[-2])
     else:  # SDXL: hidden_states[-2], or -clip_skip when A1111's sdxl_clip_l_skip option is on
         z = out.hidden_states[-clip_skip] if encoder.clip_skip_applies else out.hidden_states[-2]
-    pooled = getattr(out, "text_embeds", None)
+    pooled = None
+    if hasattr(model, "text_projection"):  # OpenCLIP-bigG: x[arange, text.argmax(dim=-1)] @ projection
+        pooled = model.text_projection(out.last_hidden_state[torch.arange(len(batch)), tokens.argmax(dim=-1)])
     multipliers = torch.tensor([c.multipliers for c in batch], dtype=z.dtype)
     if emphasis == "original":
         m0 = z.mean()

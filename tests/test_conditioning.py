@@ -59,20 +59,25 @@ def all_prompts() -> list[str]:
     return prompts
 
 
-def random_vectors(widths: dict[str, int]) -> dict[str, dict[str, torch.Tensor]]:
+def random_vectors(
+    widths: dict[str, int], sizes: dict[str, int] = EMBEDDING_SIZES
+) -> dict[str, dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(7)
     return {
         name: {key: torch.randn(n, width, generator=generator) for key, width in widths.items()}
-        for name, n in EMBEDDING_SIZES.items()
+        for name, n in sizes.items()
     }
 
 
-def make_pair(config: TextEncoderConfig, with_projection: bool = False, seed: int = 0):
+def make_pair(config: TextEncoderConfig, with_projection: bool = False, seed: int = 0, reference_layers: int = 0):
+    """Our encoder and its transformers twin with the same random weights. `reference_layers` > 0 gives the
+    twin that many layers, of which ours keeps the first `config.num_hidden_layers` (diffusers' SD2
+    folders drop OpenCLIP-H's unused last layer)."""
     hf_config = transformers.CLIPTextConfig(
         vocab_size=49408,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers,
+        num_hidden_layers=reference_layers or config.num_hidden_layers,
         num_attention_heads=config.num_attention_heads,
         hidden_act=config.hidden_act,
         projection_dim=config.projection_dim or config.hidden_size,
@@ -89,12 +94,20 @@ def make_pair(config: TextEncoderConfig, with_projection: bool = False, seed: in
                 module.weight.normal_(1.0, 0.2)
                 module.bias.normal_(0.0, 0.2)
     ours = ClipTextEncoder(config)
-    ours.load_state_dict(reference.state_dict())
+    dropped = tuple(f"encoder.layers.{i}." for i in range(config.num_hidden_layers, hf_config.num_hidden_layers))
+    ours.load_state_dict({
+        key: value for key, value in reference.state_dict().items()
+        if not key.removeprefix("text_model.").startswith(dropped)
+    })
     return ours.eval(), reference
 
 
 class Family:
-    def __init__(self, name: str):
+    """Our encoders and their A1111 reference twins for one family: "sd1", "sd2" (OpenCLIP-H with its last
+    layer, read at -2), "sd2_23" (diffusers' 23-layer SD2 layout, read at -1: every layer runs) or "sdxl";
+    `sizes`: embedding name -> vector count, random vectors bound by name."""
+
+    def __init__(self, name: str, sizes: dict[str, int] = EMBEDDING_SIZES):
         self.name = name
         if name == "sd1":
             config = TextEncoderConfig.tiny(num_hidden_layers=4)
@@ -106,6 +119,13 @@ class Family:
                 hidden_act="gelu", num_hidden_layers=4, pad_token_id=0, output_layer=-2, clip_skip_enabled=False
             )
             ours, ref = make_pair(config, seed=1)
+            self.slots = [TextEncoderSlot("text_encoder", "clip_h", ours)]
+            self.refs = [RefEncoder(ref, "penultimate_norm", 0, "clip_h")]
+        elif name == "sd2_23":
+            config = TextEncoderConfig.tiny(
+                hidden_act="gelu", num_hidden_layers=3, pad_token_id=0, output_layer=-1, clip_skip_enabled=False
+            )
+            ours, ref = make_pair(config, seed=1, reference_layers=4)
             self.slots = [TextEncoderSlot("text_encoder", "clip_h", ours)]
             self.refs = [RefEncoder(ref, "penultimate_norm", 0, "clip_h")]
         else:
@@ -127,10 +147,10 @@ class Family:
                 RefEncoder(ref_g, "hidden", 0, "clip_g", clip_skip_applies=False),
             ]
         widths = {slot.embedding_key: slot.encoder.config.hidden_size for slot in self.slots}
-        self.vectors = random_vectors(widths)
+        self.vectors = random_vectors(widths, sizes)
         self.tokenizer = ClipTokenizer.default()
         self.plain = ClipTokenizer.default()
-        for embedding_name, n in EMBEDDING_SIZES.items():
+        for embedding_name, n in sizes.items():
             self.tokenizer.add_embedding(embedding_name, n)
         self.extra_rows = {
             key: torch.cat([self.vectors[n][key] for n in self.tokenizer.embedding_names()]) for key in widths

@@ -122,13 +122,13 @@ def test_a_shadowed_file_binds_only_by_its_path(tmp_path):
     assert torch.equal(rows, torch.cat([vectors(1, 768, 1), vectors(2, 768, 2)]))
 
     def bound(text):
-        return [(span.name, span.explicit) for span in tokenizer.tokenize(text).embeddings]
+        return [(span.name, span.explicit) for span in tokenizer.tokenize(text, explicit_syntax=True).embeddings]
 
     assert bound("a cat") == [("cat", False)]  # bare: the winner
     assert bound("embedding:sub/cat") == [("sub/cat", True)]  # by path: the shadowed file
     assert bound("embedding:cat") == [("cat", True)]  # by name: the winner
     assert bound("sub/cat") == [("cat", False)]  # "sub/cat" typed bare is words; only "cat" binds (A1111)
-    missing = tokenizer.tokenize("embedding:other/cat")  # never falls back to the bare "cat"
+    missing = tokenizer.tokenize("embedding:other/cat", explicit_syntax=True)  # never falls back to the bare "cat"
     assert missing.embeddings == [] and missing.unresolved == ["other/cat"]
     assert vocabulary.near_misses("sub_cat2") == []  # an explicit-only path is never suggested
 

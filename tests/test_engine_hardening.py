@@ -179,19 +179,21 @@ def test_engine_binds_a_shadowed_file_by_its_path(sd1_folder, tmp_path):
     engine = Engine.load(sd1_folder, embeddings=tmp_path)
 
     def applied(prompt):
-        return [(a.name, a.n_vectors) for a in engine.encode(prompt, steps=4).applied]
+        return [(a.name, a.n_vectors) for a in engine.encode(prompt, steps=4, explicit_embedding_syntax=True).applied]
 
     assert applied("a cat") == [("cat", 1)]
+    # A1111 reads `embedding:sub/cat` as words: only the bare "cat" binds, to the winner
+    assert [(a.name, a.slot) for a in engine.encode("a embedding:sub/cat", steps=4).applied] == [("cat", 7)]
     assert applied("a embedding:sub/cat") == [("sub/cat", 2)]
     assert applied("a embedding:cat") == [("cat", 1)]
-    result = engine.encode("a embedding:other/cat", steps=4)
+    result = engine.encode("a embedding:other/cat", steps=4, explicit_embedding_syntax=True)
     assert result.applied == [] and result.warnings == ["embedding:other/cat names no loaded embedding"]
     # the shadowed vectors are the ones encoded: the same conditioning as a model with only that file
     alone = tmp_path / "alone"
     alone.mkdir()
     save_embedding(Embedding("cat", {"clip_l": shadowed}), alone / "cat.pt")
     expected = Engine(engine.config, engine.modules, embeddings=EmbeddingLibrary(alone)).encode("a cat", steps=4)
-    got = engine.encode("a embedding:sub/cat", steps=4)
+    got = engine.encode("a embedding:sub/cat", steps=4, explicit_embedding_syntax=True)
     assert torch.equal(got.positive[0][0].entries[0][1], expected.positive[0][0].entries[0][1])
     # an embedding added in memory keeps the path aliases and the explicit-only entries
     engine.add_embedding(Embedding("dog", {"clip_l": torch.randn(1, 48)}))

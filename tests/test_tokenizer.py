@@ -312,11 +312,38 @@ def test_explicit_binding_never_inside_a_longer_word():
     assert tok.tokenize("embedding:cats", bare_names=False).unresolved == ["cats"]
 
 
-def test_unknown_explicit_name_is_kept_as_text_and_reported():
+@pytest.mark.parametrize("explicit_syntax", [False, True])
+def test_unknown_explicit_name_is_kept_as_text_and_reported(explicit_syntax):
     tok = fresh()
-    result = tok.tokenize("a embedding:missing, b")
+    result = tok.tokenize("a embedding:missing, b", explicit_syntax=explicit_syntax)
     assert result.ids == fresh().encode("a embedding:missing, b")
-    assert result.unresolved == ["missing"]
+    assert result.unresolved == ["missing"] and result.text_references == []
+
+
+def test_embedding_reference_is_text_by_default_as_in_a1111():
+    """A1111 has no `embedding:` syntax: "embedding" and ":" stay tokens, names bind on the ids after them."""
+    tok = fresh()
+    plain = fresh()
+    tok.add_embedding("EasyNegative", 2, aliases=["negatives/EasyNegative"])
+    tok.add_embedding("cat", 1)
+    tok.add_embedding("sub/cat", 3, explicit_only=True)
+    result = tok.tokenize("embedding:EasyNegative, embedding:negatives/EasyNegative embedding:sub/cat")
+    prefix = plain.encode("embedding:")
+    assert prefix == [19703, 796, 281]  # "embed", "ding", ":"
+    assert result.ids == [
+        *prefix, 49408, 49409, *plain.encode(","), *prefix, *plain.encode("negatives/"), 49408, 49409,
+        *prefix, *plain.encode("sub/"), 49410,
+    ]
+    assert [(s.name, s.explicit) for s in result.embeddings] == [("EasyNegative", False)] * 2 + [("cat", False)]
+    assert result.text_references == ["EasyNegative", "negatives/EasyNegative", "sub/cat"]
+    assert result.unresolved == []
+    # a name that is not loaded: words, and a loaded bare name inside still binds (A1111 matches on ids)
+    missing = tok.tokenize("embedding:other/cat")
+    assert missing.ids == plain.encode("embedding:other/") + [49410] and missing.unresolved == ["other/cat"]
+    # the explicit syntax is the opt-in; bare_names=False implies it
+    explicit = tok.tokenize("embedding:EasyNegative, embedding:sub/cat", explicit_syntax=True)
+    assert explicit.ids == [49408, 49409, *plain.encode(","), 49411, 49412, 49413]
+    assert tok.tokenize("embedding:EasyNegative, cat", bare_names=False).ids == [49408, 49409, *plain.encode(", cat")]
 
 
 def test_add_embedding_validation():
@@ -396,13 +423,13 @@ def test_an_unresolved_explicit_reference_never_binds_its_tail_by_bare_name():
     tokenizer = ClipTokenizer.default()
     tokenizer.add_embedding("cat", 2)
     plain = ClipTokenizer.default()
-    result = tokenizer.tokenize("a embedding:sub/cat, and a cat")
+    result = tokenizer.tokenize("a embedding:sub/cat, and a cat", explicit_syntax=True)
     assert result.unresolved == ["sub/cat"]
     assert [span.start for span in result.embeddings] == [len(result.ids) - 2]  # only the bare "cat" at the end
     assert result.ids[: -2] == plain.encode("a embedding:sub/cat, and a")
     # a resolved reference still binds, and bare names elsewhere still bind
     tokenizer.add_embedding("dog", 1, aliases=("sub/dog",))
-    bound = tokenizer.tokenize("embedding:sub/dog cat")
+    bound = tokenizer.tokenize("embedding:sub/dog cat", explicit_syntax=True)
     assert [span.name for span in bound.embeddings] == ["dog", "cat"] and bound.unresolved == []
 
 
@@ -412,8 +439,9 @@ def test_explicit_only_embeddings_never_bind_by_bare_name():
     tokenizer.add_embedding("sub/cat", 2, explicit_only=True)
     tokenizer.add_embedding("cat", 1)
     assert [span.name for span in tokenizer.tokenize("a sub/cat").embeddings] == ["cat"]
-    assert tokenizer.tokenize("embedding:sub/cat, cat").embeddings[0].name == "sub/cat"
+    assert tokenizer.tokenize("embedding:sub/cat, cat", explicit_syntax=True).embeddings[0].name == "sub/cat"
     tokenizer.remove_embedding("first")  # renumbering keeps the flag
     assert tokenizer.embedding_ids("sub/cat") == [49408, 49409]
     assert [span.name for span in tokenizer.tokenize("a sub/cat").embeddings] == ["cat"]
-    assert [span.name for span in tokenizer.copy().tokenize("embedding:sub/cat").embeddings] == ["sub/cat"]
+    copied = tokenizer.copy().tokenize("embedding:sub/cat", explicit_syntax=True)
+    assert [span.name for span in copied.embeddings] == ["sub/cat"]

@@ -60,8 +60,13 @@ def add_encode_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--comma-backtrack", type=int, default=DEFAULT_COMMA_BACKTRACK, metavar="N",
                         help=f"move up to N tokens after the last comma to the next chunk (0 disables; "
                              f"default {DEFAULT_COMMA_BACKTRACK})")
+    parser.add_argument("--explicit-embedding-syntax", action="store_true",
+                        help="read embedding:NAME as a reference to that embedding (names with spaces or "
+                             "sub-folders too); by default it is text, as in A1111: the words 'embedding' and ':' "
+                             "are encoded and only a bare name in it binds")
     parser.add_argument("--explicit-only", action="store_true",
-                        help="bind embeddings only through embedding:NAME, never by bare name")
+                        help="bind embeddings only through embedding:NAME, never by bare name (implies "
+                             "--explicit-embedding-syntax)")
     parser.add_argument("--keep-embeddings-on-backtrack", action="store_true",
                         help="move an embedding with its slots when comma backtracking moves it (A1111 loses it)")
 
@@ -101,6 +106,7 @@ def encode_options(args: argparse.Namespace):  # -> tiengine.text.conditioning.E
 
     return EncodeOptions(clip_skip=getattr(args, "clip_skip", 1), emphasis=args.emphasis,
                          comma_backtrack=args.comma_backtrack, bare_names=not args.explicit_only,
+                         explicit_embedding_syntax=args.explicit_embedding_syntax,
                          keep_embeddings_on_backtrack=args.keep_embeddings_on_backtrack)
 
 

@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
             emphasis=args.emphasis,
             comma_backtrack=args.comma_backtrack,
             bare_names=not args.explicit_only,
+            explicit_embedding_syntax=args.explicit_embedding_syntax or args.explicit_only,
             keep_embeddings_on_backtrack=args.keep_embeddings_on_backtrack,
         )
         chunks = []

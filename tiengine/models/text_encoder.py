@@ -32,7 +32,13 @@ CPU, one thread, 4 layers: 1.6x slower at 32, even at 128-256, 8% faster at 512)
 Numerics: in fp32 this matches transformers to fp32 rounding. In fp16/bf16 the residual stream and the
 linear layers stay in the model dtype (as transformers does); every layer norm computes in fp32 and
 casts back (`_layer_norm_fp32`), and the softmax accumulates in fp32 inside the attention dispatcher
-(tiengine.models.attention). Pooling finds EOS by comparing ids with `eos_token_id`, never by argmax over ids.
+(tiengine.models.attention).
+
+Pooling runs only when asked for (`forward(pool=True)`, `encode(pooled=True)`): a read that needs only
+the context never pools, so ids without an EOS (an embedding written over a chunk's only EOS, as A1111's
+SD2 chunks can have) encode. By default it takes each row's first EOS, found by comparing ids with
+`eos_token_id`, never by argmax over ids; a caller whose ids are not the reference's (embedding
+pseudo-tokens) names the positions instead (`pool_positions`; tiengine.text.conditioning passes A1111's).
 """
 
 from __future__ import annotations
@@ -233,9 +239,10 @@ class ClipTextOutput:
     """What `ClipTextEncoder.forward` computed.
 
     hidden_states: embedding output, then the output of each layer that ran; each (B, T, hidden).
-    pooled_output: (B, hidden) final_layer_norm(last layer) at the first EOS; None if stopped early.
+    pooled_output: (B, hidden) final_layer_norm(last layer) at the first EOS (or the positions given);
+    None when not asked for or stopped early.
     text_embeds: (B, projection_dim) pooled_output @ text_projection.T; None without a projection or
-    when stopped early.
+    without pooled_output.
     """
 
     hidden_states: tuple[torch.Tensor, ...]
@@ -400,6 +407,7 @@ class ClipTextEncoder(nn.Module):
         extra_token_embeddings: torch.Tensor | None = None,
         *,
         num_layers: int | None = None,
+        pool: bool = True,
         pool_positions: torch.Tensor | None = None,
         attention_backend: AttentionBackend = "auto",
         linear_backend: LinearBackend = "auto",
@@ -408,6 +416,7 @@ class ClipTextEncoder(nn.Module):
 
         extra_token_embeddings: (E, hidden) rows for ids vocab_size .. vocab_size + E - 1.
         num_layers: run only the first `num_layers` layers (default all); pooling needs all of them.
+        pool: compute pooled_output / text_embeds when every layer ran (False: never pool).
         pool_positions: (B,) position to pool in each row, default the first EOS (a caller that wrote an
         embedding's ids over the EOS slot, as A1111 can, names the slot it pools at).
         attention_backend: see tiengine.models.attention; linear_backend: see the module docstring.
@@ -426,7 +435,7 @@ class ClipTextEncoder(nn.Module):
             hidden_states.append(x)
 
         pooled = text_embeds = None
-        if run == config.num_hidden_layers:
+        if pool and run == config.num_hidden_layers:
             pooled = self._pool(x, input_ids, pool_positions)
             if self.text_projection is not None:
                 text_embeds = self.text_projection(pooled)
@@ -448,7 +457,8 @@ class ClipTextEncoder(nn.Module):
 
         output_layer / final_norm default to the config's (`config.output_layer_for_clip_skip(n)` gives
         the layer for a clip skip). Only the layers up to `output_layer` run unless `pooled` is asked
-        for; pooled is `text_embeds` when the encoder has a projection, else `pooled_output`.
+        for, and only then does it pool; pooled is `text_embeds` when the encoder has a projection, else
+        `pooled_output`.
         """
         config = self.config
         layer = config.output_layer if output_layer is None else output_layer
@@ -457,6 +467,7 @@ class ClipTextEncoder(nn.Module):
             input_ids,
             extra_token_embeddings,
             num_layers=config.num_hidden_layers if pooled else index,
+            pool=pooled,
             pool_positions=pool_positions,
             attention_backend=attention_backend,
             linear_backend=linear_backend,

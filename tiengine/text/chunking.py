@@ -67,9 +67,10 @@ class TokenizedPrompt:
     text: str
     chunks: list[PromptChunk]
     token_count: int
-    # `embedding:NAME` references naming no registered embedding.
+    # `embedding:NAME` references naming no registered embedding (kept as words in either syntax).
     unresolved: list[str]
-    # Things a user should know, e.g. an embedding displaced by comma backtracking.
+    # Things a user should know, e.g. an embedding displaced by comma backtracking, or an `embedding:NAME`
+    # read as words because the explicit syntax is off.
     warnings: list[str] = field(default_factory=list)
 
 
@@ -85,13 +86,16 @@ def tokenize_prompt(
     emphasis: str = "original",
     comma_backtrack: int = DEFAULT_COMMA_BACKTRACK,
     bare_names: bool = True,
+    explicit_embedding_syntax: bool = False,
     keep_embeddings_on_backtrack: bool = False,
     parse_attention: Callable[[str], list[tuple[str, float]]] | None = None,
     limits: PromptLimits = DEFAULT_LIMITS,
 ) -> TokenizedPrompt:
     """Split one prompt into 77-token chunks with weights and embedding slots, as A1111 does.
 
-    `bare_names=False` binds embeddings only through `embedding:NAME`;
+    `explicit_embedding_syntax=True` reads `embedding:NAME` as a reference to NAME's embedding (A1111, the
+    default, reads it as words; tiengine.text.tokenizer); `bare_names=False` binds embeddings only through
+    `embedding:NAME` (and so implies the explicit syntax);
     `keep_embeddings_on_backtrack=True` fixes A1111's comma-backtrack quirk (module docstring).
     `limits` bounds the attention parse (tiengine.text.prompt.PromptLimits).
     """
@@ -105,15 +109,22 @@ def tokenize_prompt(
         fragments = parse_attention(text) if parse_attention else parse_prompt_attention(text, limits=limits)
     builder = _ChunkBuilder(tokenizer.comma_token_id, comma_backtrack, keep_embeddings_on_backtrack)
     unresolved: list[str] = []
+    read_as_words: dict[str, None] = {}  # `embedding:NAME` references tokenized as text, in order, once each
     for fragment_text, weight in fragments:
         if fragment_text == "BREAK" and weight == -1:
             builder.close_chunk()
             continue
-        tokenized = tokenizer.tokenize(fragment_text, bare_names=bare_names)
+        tokenized = tokenizer.tokenize(fragment_text, bare_names=bare_names, explicit_syntax=explicit_embedding_syntax)
         unresolved.extend(tokenized.unresolved)
+        read_as_words.update(dict.fromkeys(tokenized.text_references))
         builder.add_fragment(tokenized, weight)
     chunks, token_count = builder.finish()
-    return TokenizedPrompt(text, chunks, token_count, unresolved, builder.warnings)
+    warnings = [
+        f"embedding:{name} is text, as in A1111: the words 'embedding' and ':' are encoded and only a bare "
+        f"embedding name in it binds (explicit_embedding_syntax=True makes it a reference to {name!r})"
+        for name in read_as_words
+    ]
+    return TokenizedPrompt(text, chunks, token_count, unresolved, warnings + builder.warnings)
 
 
 def pad_chunk_batch(prompts: Sequence[TokenizedPrompt]) -> list[list[PromptChunk]]:

@@ -5,7 +5,9 @@ chunked (tiengine.text.chunking), shorter texts are padded with empty chunks, ch
 in one batch per text encoder, emphasis is applied to that batch, and the chunks are concatenated along
 the token axis: (B, 77 * chunks, C). SD2's and SDXL-G's zero padding after the first EOS is applied per
 encoder. SDXL concatenates its two encoders' outputs on channels (768 + 1280 = 2048); its pooled output
-comes from encoder 2's chunk 0.
+comes from encoder 2's chunk 0, pooled where OpenCLIP pools (`pool_positions`). No other encoder call
+pools: SD2's OpenCLIP-H reads its context only, so a chunk whose only EOS an embedding's vectors cover
+(comma backtracking, see tiengine.text.chunking) encodes as in A1111.
 
 Emphasis modes (the conditioning spec, applied to each chunk batch z of shape (B, 77, C)):
 - "original": `m0 = z.mean(); z = z * w; z = z * (m0 / z.mean())` (one scalar mean over the batch);
@@ -33,7 +35,7 @@ from tiengine.text.chunking import (
     tokenize_prompt,
 )
 from tiengine.text.prompt import DEFAULT_LIMITS, PromptLimits
-from tiengine.text.tokenizer import EOS_TOKEN_ID, ClipTokenizer
+from tiengine.text.tokenizer import CLIP_VOCAB_SIZE, EOS_TOKEN_ID, ClipTokenizer
 
 if TYPE_CHECKING:
     from tiengine.models.text_encoder import ClipTextEncoder  # called, never built, here
@@ -60,8 +62,11 @@ class EncodeOptions:
     clip_skip: int = 1
     emphasis: str = "original"
     comma_backtrack: int = DEFAULT_COMMA_BACKTRACK
-    # False: embeddings bind only through `embedding:NAME`.
+    # False: embeddings bind only through `embedding:NAME` (so the explicit syntax is set on).
     bare_names: bool = True
+    # True: `embedding:NAME` is tiengine's explicit reference (the words "embedding:" are not encoded).
+    # False (A1111): it is ordinary text; only a bare name in it binds (tiengine.text.tokenizer).
+    explicit_embedding_syntax: bool = False
     # True: fixes A1111's comma-backtrack quirk that misplaces an embedding (see tiengine.text.chunking).
     keep_embeddings_on_backtrack: bool = False
 
@@ -72,6 +77,8 @@ class EncodeOptions:
             raise ConditioningError(f"clip skip must be an integer >= 1, got {self.clip_skip!r}")
         if self.comma_backtrack < 0:
             raise ConditioningError(f"comma backtrack must be >= 0, got {self.comma_backtrack}")
+        if not self.bare_names:  # implied: one spelling (and one cache key) per behaviour
+            object.__setattr__(self, "explicit_embedding_syntax", True)
 
 
 @dataclass
@@ -119,6 +126,7 @@ def tokenize_texts(
             emphasis=options.emphasis,
             comma_backtrack=options.comma_backtrack,
             bare_names=options.bare_names,
+            explicit_embedding_syntax=options.explicit_embedding_syntax,
             keep_embeddings_on_backtrack=options.keep_embeddings_on_backtrack,
             limits=limits,
         )
@@ -169,8 +177,16 @@ def encoder_token_ids(chunks: Sequence[PromptChunk], pad_token_id: int, device: 
 
 
 def pool_positions(chunks: Sequence[PromptChunk]) -> list[int]:
-    """Per chunk, the position of its first EOS before embeddings are written (where A1111 pools)."""
-    return [chunk.tokens.index(EOS_TOKEN_ID) for chunk in chunks]
+    """Per chunk, where A1111 pools SDXL's OpenCLIP-bigG output: `text.argmax(dim=-1)` (generative-models'
+    `FrozenOpenCLIPEmbedder2.pool`) over the ids A1111 passes, in which every embedding slot holds the
+    placeholder 0 (its vectors are written over the token embeddings afterwards). The first highest id
+    wins, as in torch.argmax. Every chunk ends with EOS (49407, the highest id of the vocabulary), so this
+    is the chunk's first EOS, even where a displaced embedding's vectors cover it."""
+    positions = []
+    for chunk in chunks:
+        a1111_ids = [0 if token >= CLIP_VOCAB_SIZE else token for token in chunk.tokens]  # 77 ids
+        positions.append(a1111_ids.index(max(a1111_ids)))
+    return positions
 
 
 def _framed_ids(chunk: PromptChunk, pad_token_id: int) -> list[int]:

@@ -16,15 +16,20 @@ The BPE runs in the `tokenizers` library; the cleaning runs here so that it is e
 Vocabulary extension: `add_embedding(name, n_vectors)` gives an embedding n consecutive ids from
 49408 on; the text encoder maps ids >= 49408 to rows appended after its token-embedding table.
 Embeddings bind to prompt text in two ways:
-- A1111 style (bare names): the name is tokenized like any text, and wherever that id sequence occurs
-  in a tokenized fragment it is replaced by the embedding's ids, longest name first at each position
-  (AUTOMATIC1111 `EmbeddingDatabase.find_embedding_at_position` semantics, quirks included: the match
-  is on ids, so it is case-insensitive and can start inside a hyphenated word).
-- Explicit: `embedding:NAME`, where NAME is the longest registered name or alias at that point (names
-  may hold spaces or sub-folders, `embedding:negatives/EasyNegative`). It must start and end at a word
-  boundary, so it never matches inside a longer word. An unknown name stays text and is reported.
-  An embedding added with `explicit_only=True` (a file whose name another file took, registered under its
-  path) binds only this way, never by bare name.
+- A1111 style (bare names, the default): the name is tokenized like any text, and wherever that id
+  sequence occurs in a tokenized fragment it is replaced by the embedding's ids, longest name first at
+  each position (AUTOMATIC1111 `EmbeddingDatabase.find_embedding_at_position` semantics, quirks
+  included: the match is on ids, so it is case-insensitive and can start inside a hyphenated word).
+  A1111 has no `embedding:` syntax: in `embedding:EasyNegative` the words "embedding" and ":" stay
+  tokens before the embedding's slots, and `embedding:sub/cat` is the words "embedding : sub /" and then
+  whatever `cat` binds by name. Such references are only reported (`TokenizedText.text_references`,
+  `unresolved`).
+- Explicit (`explicit_syntax=True`, opt-in): `embedding:NAME`, where NAME is the longest registered name
+  or alias at that point (names may hold spaces or sub-folders, `embedding:negatives/EasyNegative`), is
+  replaced by the embedding's ids. It must start and end at a word boundary, so it never matches inside
+  a longer word. An unknown name stays text, is reported and never binds by bare name. An embedding
+  added with `explicit_only=True` (a file whose name another file took, registered under its path)
+  binds only this way, never by bare name.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ _NEEDS_FULL_CLEANING = re.compile(r"[&\x00-\x08\x0b\x0e-\x1f\x7f]")
 _SPECIAL_TOKEN_TEXT = re.compile(r"<\|(?:startoftext|endoftext)\|>")
 _EXPLICIT_PREFIX = re.compile(r"(?<![\w])embedding:")
 _WORD_CHAR = re.compile(r"[\w\-./]")
+_REFERENCE_WORD = re.compile(r"[^\s,()\[\]:|]*")  # what an `embedding:` naming nothing is reported as
 
 
 class TokenizerError(TiengineError):
@@ -122,12 +128,16 @@ class EmbeddingSpan:
 
 @dataclass(frozen=True)
 class TokenizedText:
-    """Token ids of one text (no BOS/EOS), the embeddings bound in it, and unresolved references."""
+    """Token ids of one text (no BOS/EOS), the embeddings bound in it, and the `embedding:NAME` references
+    found in it."""
 
     ids: list[int]
     embeddings: list[EmbeddingSpan] = field(default_factory=list)
     # `embedding:NAME` references that named no registered embedding (the text was kept as words).
     unresolved: list[str] = field(default_factory=list)
+    # Without the explicit syntax: `embedding:NAME` references naming a registered embedding (name or
+    # alias, as written) that were tokenized as words, as A1111 does.
+    text_references: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -138,8 +148,15 @@ class _AddedEmbedding:
     explicit_only: bool = False  # binds only through `embedding:NAME`, never by bare name
 
 
-# Marks an `embedding:NAME` reference that named nothing: its text is tokenized, never bound.
-_UNRESOLVED = _AddedEmbedding("", (), ())
+@dataclass(frozen=True)
+class _Reference:
+    """An `embedding:NAME` in a text: text[start:end], `name` as written (the registered name or alias, or
+    the word after the prefix when it names nothing) and the embedding it names (None: nothing)."""
+
+    start: int
+    end: int
+    name: str
+    added: _AddedEmbedding | None
 
 
 class ClipTokenizer:
@@ -280,24 +297,32 @@ class ClipTokenizer:
             return [self._bpe_ids(text) for text in cleaned]
         return [encoding.ids for encoding in self._bpe.encode_batch(cleaned, add_special_tokens=False)]
 
-    def tokenize(self, text: str, *, bare_names: bool = True) -> TokenizedText:
-        """Ids of `text` with embeddings bound (explicit `embedding:NAME`, and bare names unless disabled)."""
+    def tokenize(self, text: str, *, bare_names: bool = True, explicit_syntax: bool = False) -> TokenizedText:
+        """Ids of `text` with embeddings bound (module docstring).
+
+        Default (A1111): the whole text is tokenized as words and bare names bind on its ids; an
+        `embedding:NAME` in it is words too, reported in `unresolved` (NAME names nothing) or
+        `text_references`. `explicit_syntax=True` binds `embedding:NAME` references in place;
+        `bare_names=False` turns bare-name binding off and implies the explicit syntax.
+        """
+        references = self._explicit_references(text)
+        unresolved = [reference.name for reference in references if reference.added is None]
+        if bare_names and not explicit_syntax:
+            ids, spans = self._bind_bare_names(self._encode_plain(text), offset=0)
+            named = [reference.name for reference in references if reference.added is not None]
+            return TokenizedText(ids, spans, unresolved, named)
         ids: list[int] = []
         spans: list[EmbeddingSpan] = []
-        unresolved: list[str] = []
-        for piece, embedding in self._split_explicit(text, unresolved):
-            if embedding is _UNRESOLVED:
-                ids.extend(self._encode_plain(piece))
-                continue
-            if embedding is not None:
-                spans.append(EmbeddingSpan(len(ids), len(embedding.ids), embedding.name, explicit=True))
-                ids.extend(embedding.ids)
-                continue
-            piece_ids = self._encode_plain(piece)
-            if bare_names and self._embeddings:
-                piece_ids, piece_spans = self._bind_bare_names(piece_ids, offset=len(ids))
-                spans.extend(piece_spans)
-            ids.extend(piece_ids)
+        position = 0
+        for reference in references:
+            self._extend_with_words(ids, spans, text[position : reference.start], bare_names)
+            if reference.added is None:  # words, never bound by bare name: `embedding:sub/cat` is not "cat"
+                ids.extend(self._encode_plain(text[reference.start : reference.end]))
+            else:
+                spans.append(EmbeddingSpan(len(ids), len(reference.added.ids), reference.added.name, explicit=True))
+                ids.extend(reference.added.ids)
+            position = reference.end
+        self._extend_with_words(ids, spans, text[position:], bare_names)
         return TokenizedText(ids, spans, unresolved)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -469,45 +494,50 @@ class ClipTokenizer:
             ids.extend(self._bpe.encode(words, is_pretokenized=True, add_special_tokens=False).ids)
         return ids
 
-    def _split_explicit(self, text: str, unresolved: list[str]) -> list[tuple[str, _AddedEmbedding | None]]:
-        """Split text at explicit `embedding:NAME` references into (text, None), ('', embedding) and, for a
-        reference naming nothing, (its text, _UNRESOLVED)."""
+    def _extend_with_words(self, ids: list[int], spans: list[EmbeddingSpan], text: str, bare_names: bool) -> None:
+        """Append the ids of plain `text` (bare names bound unless `bare_names` is False)."""
+        if not text:
+            return
+        piece_ids = self._encode_plain(text)
+        if bare_names:
+            piece_ids, piece_spans = self._bind_bare_names(piece_ids, offset=len(ids))
+            spans.extend(piece_spans)
+        ids.extend(piece_ids)
+
+    def _explicit_references(self, text: str) -> list[_Reference]:
+        """The `embedding:NAME` references of `text`, in order. NAME is the longest registered name or alias
+        that starts right after the prefix and ends at a word boundary; else the reference names nothing
+        and runs to the next space or prompt syntax character."""
         if "embedding:" not in text:
-            return [(text, None)]
+            return []
         by_alias = {alias: added for added in self._embeddings.values() for alias in (added.name, *added.aliases)}
         aliases = sorted(by_alias, key=len, reverse=True)
-        pieces: list[tuple[str, _AddedEmbedding | None]] = []
+        references: list[_Reference] = []
         position = 0
         for match in _EXPLICIT_PREFIX.finditer(text):
             if match.start() < position:
                 continue
-            rest_start = match.end()
+            name_start = match.end()
             found = next(
                 (
                     alias
                     for alias in aliases
-                    if text.startswith(alias, rest_start)
-                    and not _WORD_CHAR.match(text, rest_start + len(alias))
+                    if text.startswith(alias, name_start) and not _WORD_CHAR.match(text, name_start + len(alias))
                 ),
                 None,
             )
             if found is None:
-                word = re.match(r"[^\s,()\[\]:|]*", text[rest_start:])
-                unresolved.append(word.group(0) if word else "")
-                # kept as words, but never bound by bare name: `embedding:sub/cat` must not bind "cat"
-                end = rest_start + (len(word.group(0)) if word else 0)
-                pieces.append((text[position : match.start()], None))
-                pieces.append((text[match.start() : end], _UNRESOLVED))
-                position = end
-                continue
-            pieces.append((text[position : match.start()], None))
-            pieces.append(("", by_alias[found]))
-            position = rest_start + len(found)
-        pieces.append((text[position:], None))
-        return [piece for piece in pieces if (piece[1] is not None and piece[1] is not _UNRESOLVED) or piece[0]]
+                word = _REFERENCE_WORD.match(text, name_start).group(0)  # matches the empty string too
+                references.append(_Reference(match.start(), name_start + len(word), word, None))
+            else:
+                references.append(_Reference(match.start(), name_start + len(found), found, by_alias[found]))
+            position = references[-1].end
+        return references
 
     def _bind_bare_names(self, ids: list[int], offset: int) -> tuple[list[int], list[EmbeddingSpan]]:
         """Replace every bare-name id sequence by the embedding's ids, longest name first."""
+        if not self._embeddings:
+            return ids, []
         index = self._bare_name_index()
         bound: list[int] = []
         spans: list[EmbeddingSpan] = []

@@ -2,9 +2,10 @@
 
 An `EmbeddingVocabulary` registers every embedding name (and its `sub/folder/name` alias) with the
 tokenizer (a file whose name another file of the folder took is registered under its path, `sub/cat`, for
-`embedding:sub/cat` only: it never binds by bare name), builds the (added ids, D) row table per encoder key (`clip_l`, `clip_h`, `clip_g`) in id
-order, and reports prompts' mentions of embeddings that could not be used (e.g. made for another model
-family), so users can tell what happened to each name they typed. A typed word that names no embedding
+the explicit syntax's `embedding:sub/cat` only: it never binds by bare name, so the default (A1111)
+reading never reaches it), builds the (added ids, D) row table per encoder key (`clip_l`, `clip_h`,
+`clip_g`) in id order, and reports prompts' mentions of embeddings that could not be used (e.g. made for
+another model family), so users can tell what happened to each name they typed. A typed word that names no embedding
 but looks like a misspelt or mis-versioned name of a loaded one (`EasyNegativeV2` when `EasyNegative` is
 loaded) is reported the same way, with a "did you mean" note (`near_misses`).
 """
