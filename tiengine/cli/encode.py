@@ -93,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         # the other encode options, where they differ from A1111's
         **{name: value for name, value in (("comma_backtrack", options.comma_backtrack),
                                            ("bare_names", options.bare_names),
+                                           ("explicit_embedding_syntax", options.explicit_embedding_syntax),
                                            ("keep_embeddings_on_backtrack", options.keep_embeddings_on_backtrack))
            if value != getattr(type(options)(), name)},
         "parts": parts,

@@ -295,7 +295,7 @@ class EmbeddingTrainer:
         # The init text is read with the plain vocabulary, before any embedding name can bind in it.
         self.initial = initial_vectors(self.tokenizer, engine.slots, settings.init_text, settings.vectors)
         # the other embeddings bind in captions exactly as in the engine's prompts: their paths, and the
-        # files another file's name shadows only through `embedding:path`
+        # files another file's name shadows only through `embedding:path` (with the explicit syntax)
         bound = engine.vocabulary
         vocabulary = EmbeddingVocabulary.build(self.tokenizer, others, aliases=bound.aliases,
                                                explicit_only=bound.explicit_only)
