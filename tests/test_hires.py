@@ -157,7 +157,7 @@ CASES = {
     "dpmpp-2m-resize-crop-variation": Case("a castle", "DPM++ 2M", "karras", (9,), 32, 24, 4, 0.45,
                                            {"hires_resize": (40, 40), "hires_upscaler": "Latent (bicubic antialiased)"},
                                            (53, 40), (3, 0), {"subseeds": (77,), "subseed_strength": 0.3}),
-    "dpm2-seed-resize": Case("a [red|blue] ball", "DPM2", "normal", (3,), 24, 24, 3, 0.7,
+    "dpm2-seed-resize": Case("a [red|blue] ball", "DPM2", "karras", (3,), 24, 24, 3, 0.7,
                              {"hires_scale": 2.0, "hires_steps": 2, "hires_upscaler": "Latent (nearest-exact)"},
                              (48, 48), (0, 0), {"seed_resize_from": (16, 32)}),
     "sdxl-resize-crop": Case("a [cat:dog:0.5] on a hill", "Euler a", "normal", (8,), 24, 32, 3, 0.5,
