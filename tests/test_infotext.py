@@ -22,10 +22,15 @@ from tiengine.weights_conv.cli import convert_checkpoint
 from tiengine.weights_conv.source import SOURCE_FILE, old_file_hash, read_source
 
 from tiengine.cli import main
+from tiengine.diffusion.names import SCHEDULERS
 from tiengine.embeddings.embedding import Embedding, save_embedding
 from tiengine.engine import Engine
 from tiengine.errors import CheckpointError, EngineError
 from tiengine.infotext import (
+    A1111_SCHEDULES,
+    EMPHASIS_LABELS,
+    SCHEDULE_LABELS,
+    SCHEDULE_OF_A1111,
     EngineFacts,
     hires_fix_available,
     parse_infotext,
@@ -40,6 +45,7 @@ from tiengine.io.metadata import (
     save_png,
     version_key,
 )
+from tiengine.text.chunking import EMPHASIS_MODES
 
 # ------------------------------------------------------------------------ A1111's reader, restated here
 
@@ -321,6 +327,13 @@ def test_sampler_and_schedule_labels(sampler, schedule, expected):
     assert any(note.kind == "not reproduced" for note in notes.values()) == unknown
 
 
+def test_every_tiengine_schedule_and_emphasis_has_an_a1111_label():
+    assert set(SCHEDULE_LABELS) == set(SCHEDULERS) and set(EMPHASIS_LABELS) == set(EMPHASIS_MODES)
+    assert {value for value in SCHEDULE_OF_A1111.values() if value} == set(SCHEDULERS)
+    a1111_labels = {label for _, label, _ in A1111_SCHEDULES}
+    assert set(SCHEDULE_LABELS.values()) <= a1111_labels  # each one written reads back in A1111
+
+
 def test_split_sampler_name_is_a1111s_suffix_rule():
     assert split_sampler_name("DPM++ 2M SDE Karras", "Exponential") == ("DPM++ 2M SDE", "karras")
     assert split_sampler_name("Euler SGMUniform", None) == ("Euler", "sgm_uniform")
@@ -459,6 +472,11 @@ def test_mismatched_hashes_are_warnings_naming_both(setup):
         f"[{ours}]" in notes["TI hashes"].text
     assert "[abcdef0123]" in notes["Model hash"].text and f"[{engine.model_hash()}]" in notes["Model hash"].text
     assert notes["Lora hashes"].kind == "warning" and "gone [" in notes["Lora hashes"].text
+
+
+def test_generate_needs_a_prompt_or_an_infotext(capsys):
+    assert main(["generate", "--steps", "2"]) == 2
+    assert "a prompt is needed (or --from-infotext IMAGE_OR_TEXT_FILE)" in capsys.readouterr().err
 
 
 def test_info_prints_the_reading(setup, tmp_path, capsys):
