@@ -17,7 +17,6 @@ import torch
 from lora_builders import write_kohya_lora
 from packaging import version as packaging_version
 from safetensors.torch import save_file
-from test_weights_conv import ldm_state_dict, states_for
 from tiengine.weights_conv.cli import convert_checkpoint
 from tiengine.weights_conv.source import SOURCE_FILE, old_file_hash, read_source
 
@@ -496,6 +495,11 @@ def test_info_prints_the_reading(setup, tmp_path, capsys):
 # ----------------------------------------------------------------------- the converted checkpoint's hash
 
 def test_converted_folder_answers_with_the_source_files_a1111_hash(tmp_path):
+    from test_weights_conv import (  # the single-file layout; needs diffusers
+        ldm_state_dict,
+        states_for,
+    )
+
     ldm, _ = ldm_state_dict(states_for("sd1"), "sd1")
     source = tmp_path / "my-model_v1.safetensors"
     save_file(ldm, str(source))
