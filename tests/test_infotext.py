@@ -471,6 +471,8 @@ def test_mismatched_hashes_are_warnings_naming_both(setup):
         f"[{ours}]" in notes["TI hashes"].text
     assert "[abcdef0123]" in notes["Model hash"].text and f"[{engine.model_hash()}]" in notes["Model hash"].text
     assert notes["Lora hashes"].kind == "warning" and "gone [" in notes["Lora hashes"].text
+    _, unreadable = settings_of("p\nSteps: 2, Sampler: Euler, TI hashes: nonsense", EngineFacts(embedding_hashes={}))
+    assert unreadable["TI hashes"].kind == "warning" and "'nonsense'" in unreadable["TI hashes"].text
 
 
 def test_generate_needs_a_prompt_or_an_infotext(capsys):

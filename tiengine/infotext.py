@@ -426,6 +426,9 @@ class _Mapping:
 
     def hash_list(self, key: str, loaded: Mapping[str, str | None] | None, missing: str) -> None:
         wanted = parse_ti_hashes(self.written[key])
+        if not wanted:
+            self.note("warning", key, f"not compared: expected 'NAME: HASH, ...', found {self.written[key]!r}")
+            return
         if loaded is None:
             self.note("warning", key, "not compared: no engine to compare with")
             return
