@@ -32,7 +32,7 @@ STAGES = (
     ("tiengine.weights_conv",),
     ("tiengine.networks",),
     ("tiengine.training",),
-    ("tiengine.default_model", "tiengine.settings", "tiengine.results", "tiengine.engine"),
+    ("tiengine.default_model", "tiengine.settings", "tiengine.results", "tiengine.infotext", "tiengine.engine"),
     ("tiengine.toyworld",),
     ("tiengine.cli", "tiengine.__main__"),
 )

@@ -152,7 +152,8 @@ def test_cli_convert_writes_a_loadable_folder_in_diffusers_names(tmp_path, capsy
     out = tmp_path / "converted"
     assert cli_main(["convert", str(tmp_path / "xl.safetensors"), str(out), "--dtype", "fp16"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "text_encoder.safetensors", "text_encoder_2.safetensors", "unet.safetensors", "vae.safetensors",
+        "config.json", "source.json", "text_encoder.safetensors", "text_encoder_2.safetensors", "unet.safetensors",
+        "vae.safetensors",
     ]  # fmt: skip
     for name, state in states.items():
         written = load_file(out / f"{name}.safetensors")  # safetensors' own reader

@@ -73,6 +73,13 @@ from tiengine.embeddings.library import (
     default_embeddings_folder,
 )
 from tiengine.errors import EngineError, NonFiniteError
+from tiengine.infotext import (
+    EMPHASIS_LABELS,
+    InfotextResult,
+    engine_facts,
+    parse_infotext,
+    plan_reproduction,
+)
 from tiengine.io.images import pil_to_tensor, tensor_to_pil
 from tiengine.io.metadata import format_name_hashes
 from tiengine.models.config import ModelConfig, size_time_ids
@@ -109,7 +116,8 @@ from tiengine.training.textual_inversion import (
     TrainResult,
     settings_from_options,
 )
-from tiengine.weights_conv.convert import load_models, model_hash
+from tiengine.weights_conv.convert import load_models
+from tiengine.weights_conv.source import model_hash, model_name
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -616,13 +624,13 @@ class Engine:
             "Seed": None,
             "Size": f"{width}x{height}",
             "Model hash": self.model_hash(),
-            "Model": self.model_path.name if self.model_path is not None else None,
+            "Model": model_name(self.model_path) if self.model_path is not None else None,
             "Denoising strength": f"{settings.strength:g}" if init_image is not None or hires is not None else None,
             "Clip skip": options.clip_skip if options.clip_skip != 1 else None,
             **dict.fromkeys(NOISE_FIELDS),  # per image, below; placed here as A1111 places them
             **(hires_infotext(scale=settings.hires_scale, resize=settings.hires_resize, steps=settings.hires_steps,
                               upscaler=settings.hires_upscaler) if hires is not None else {}),
-            "Emphasis": options.emphasis if options.emphasis != "original" else None,
+            "Emphasis": EMPHASIS_LABELS[options.emphasis] if options.emphasis != "original" else None,
             "Lora hashes": format_name_hashes(first.active_networks.lora_hashes()),
             "TI hashes": None,
             "Version": f"tiengine {__version__}",
@@ -758,10 +766,34 @@ class Engine:
         return unet_schedule(scheduled.entries, unet, sizes, dtype=self.dtype)
 
     def model_hash(self) -> str | None:
-        """First 10 hex digits of the sha256 of the model file (of unet weights for folders), as A1111."""
+        """A1111's "Model hash", the first 10 hex digits of the sha256 of the checkpoint file: a single file's
+        own; a converted folder's source file's, recorded at conversion (without a record, its
+        unet.safetensors'); a diffusers folder's UNet weights file's, as before (tiengine.weights_conv.source)."""
         if self._model_hash is None and self.model_path is not None:
             self._model_hash = model_hash(self.model_path)
         return self._model_hash
+
+    def generate_from_infotext(
+        self,
+        text: str,
+        *,
+        init_image: Image.Image | None = None,
+        callback: StepCallback | None = None,
+        **overrides: object,
+    ) -> InfotextResult:
+        """Make an A1111 picture again from its infotext (the PNG `parameters` text; tiengine.infotext).
+
+        `overrides` (prompt=, negative_prompt=, GenerateSettings and EncodeOptions fields) win over the
+        infotext; with `init_image` the run is img2img. The result's `notes` say what each key became:
+        mapped, checked against this engine (model, embedding and LoRA hashes), or not reproduced and why."""
+        infotext = parse_infotext(text)
+        facts = engine_facts(self, str(overrides.get("prompt", infotext.prompt)))
+        plan = plan_reproduction(infotext, facts, init_image=init_image is not None, **overrides)
+        if init_image is None:
+            run = self.generate(plan.prompt, plan.negative_prompt, settings=plan.settings, callback=callback)
+        else:
+            run = self.img2img(init_image, plan.prompt, plan.negative_prompt, settings=plan.settings, callback=callback)
+        return InfotextResult(run.images, run.seeds, run.parameters, run.conditioning, run.conditionings, plan)
 
 
 def _check_finite(tensor: torch.Tensor, stage: str, produced_by: str) -> None:

@@ -8,7 +8,8 @@ time into modules or safetensors files, with a `tiengine.models.config.ModelConf
 
 Modules, in data-flow order: readers (lazy tensor sources), detect (architecture from shapes), rules
 (declarative renames + named transforms), layouts / sources / folders (what an input is), writer
-(streaming safetensors), convert (checked plans, loading, writing, inspect), cli (`weights-conv`).
+(streaming safetensors), source (the A1111 name and hash of the checkpoint file a folder came from,
+source.json), convert (checked plans, loading, writing, inspect), cli (`weights-conv`).
 
 Public API (resolved lazily so importing this package reads nothing and imports no torch):
 `open_model(path, family=, prediction=, vae=, ema=, ignore_unknown=) -> OpenModel` with `.config`,

@@ -6,8 +6,10 @@
 `inspect --json` prints one JSON object (family, prediction, components {name: {params, dtype, ...}},
 ema, key accounting, how each fact was detected, any mismatch under "problems"); without --json, a
 readable summary. `convert` writes OUTDIR/config.json and one safetensors file per component (unet,
-vae, text_encoder[, text_encoder_2]) in tiengine's tensor names; `Engine.load` reads that folder, as it
-reads every input `inspect` accepts. Exit status: 0 done, 1 inspect found problems, 2 refused input.
+vae, text_encoder[, text_encoder_2]) in tiengine's tensor names, and OUTDIR/source.json with the A1111
+name and hashes of the checkpoint file converted (tiengine.weights_conv.source: a converted model's
+infotext names the file the user has); `Engine.load` reads that folder, as it reads every input `inspect`
+accepts. Exit status: 0 done, 1 inspect found problems, 2 refused input.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tiengine.errors import TiengineError
 DTYPE_CHOICES = ("fp32", "fp16", "bf16")
 # Every file a converted folder can hold (SD1/SD2: no text_encoder_2; the SDXL refiner: no text_encoder).
 FOLDER_FILES = ("unet.safetensors", "vae.safetensors", "text_encoder.safetensors", "text_encoder_2.safetensors",
-                "config.json")
+                "source.json", "config.json")
 
 
 def convert_checkpoint(

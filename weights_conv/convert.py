@@ -11,7 +11,6 @@ a time, transformed, cast and either yielded (`iter_component`), assigned into a
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ from .folders import open_converted_folder, open_diffusers_folder, replace_vae
 from .layouts import CATEGORY_NAMES, ComponentSource, Detection
 from .readers import TensorInfo, dtype_name
 from .rules import TRANSFORMS, Conversion, plan_conversions
+from .source import SOURCE_FILE, model_source, write_source
 from .sources import open_single_file, read_json
 from .writer import write_safetensors
 
@@ -219,22 +219,26 @@ class OpenModel:
         overwrite: bool = False,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> Path:
-        """Write config.json and one `<component>.safetensors` per component (tiengine names), streaming.
+        """Write config.json and one `<component>.safetensors` per component (tiengine names), streaming,
+        and source.json: the A1111 name and hashes of the checkpoint file converted (tiengine.weights_conv.
+        source; one extra read of a single file; carried over from a converted folder; none for diffusers).
 
         Every component is checked before anything is written; config.json is written last, so a folder
-        with a config.json is complete. Existing files are replaced only with `overwrite`.
+        with a config.json is complete. Existing files are replaced only with `overwrite` (a stale
+        source.json is then removed when the input has no source file).
         progress(component, tensors written, total tensors) is called after each tensor (totals over all
         components).
         """
         outdir = Path(outdir)
         names = self.config.components
-        files = [outdir / f"{name}.safetensors" for name in names] + [outdir / "config.json"]
+        files = [outdir / f"{name}.safetensors" for name in names] + [outdir / SOURCE_FILE, outdir / "config.json"]
         existing = [str(file) for file in files if file.exists()]
         if existing and not overwrite:
             raise FileExistsRefusal(
                 f"{outdir}: would replace {', '.join(existing)} ({OVERWRITE_HINT})"
             )
         self.check()
+        source = model_source(self.detection.path)
         plans = {name: self.plan(name) for name in names}
         total = sum(len(conversion.targets) for plan in plans.values() for conversion in plan.conversions)
         written = 0
@@ -258,6 +262,10 @@ class OpenModel:
             metadata = {"format": "pt", "tiengine.component": name}
             write_safetensors(outdir / f"{name}.safetensors", entries, counted(name, self._iterate(plan, None, dtype)),
                               metadata=metadata, overwrite=overwrite)  # fmt: skip
+        if source is not None:
+            write_source(outdir, source, overwrite=overwrite)
+        else:
+            (outdir / SOURCE_FILE).unlink(missing_ok=True)  # a record left by an earlier conversion would lie
         atomic_write_bytes(outdir / "config.json", self.config.to_json().encode("utf-8"), overwrite=overwrite)
         return outdir
 
@@ -374,19 +382,3 @@ def load_models(
         return model.config, modules
     finally:
         model.close()
-
-
-def model_hash(path: str | os.PathLike[str]) -> str | None:
-    """A1111's model hash: the first 10 hex digits of the sha256 of the checkpoint file (for a converted or
-    diffusers folder, of its UNet weights file); None when there is no such file."""
-    path = Path(path)
-    if path.is_dir():
-        candidates = [path / "unet.safetensors", path / "unet" / "diffusion_pytorch_model.safetensors"]
-        path = next((candidate for candidate in candidates if candidate.is_file()), None)
-    if path is None or not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:10]

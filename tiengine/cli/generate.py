@@ -5,6 +5,12 @@ Images are PNG files carrying the A1111-style `parameters` text (prompt, negativ
 are never replaced unless `--overwrite` is given. Progress bars on stderr ("loading model", then one per
 sampler) are left out with `--json`; `load_engine` is shared with `tiengine encode`. `--hires-scale` /
 `--hires-resize` turn on A1111's hires fix with a latent upscaler (a second pass at the larger size).
+
+`generate --from-infotext FILE` (a picture, or a text file holding its parameters) makes an A1111 picture
+again (tiengine.infotext): prompts and settings come from the infotext, and the options in
+INFOTEXT_OPTIONS given on the command line win over it (their parser defaults are None, so that a given
+value is told from a default). `info` prints the text and the same reading: the settings it maps to and
+one line per key (mapped, checked, warning, not reproduced, info).
 """
 
 from __future__ import annotations
@@ -31,6 +37,10 @@ from tiengine.diffusion.names import LATENT_UPSCALERS, SAMPLER_NAMES, SCHEDULE_T
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SAMPLER_HELP = ", ".join(SAMPLER_NAMES)
 SCHEDULE_HELP = ", ".join(kind.label for kind in SCHEDULE_TYPES)
+# Options an infotext also says: given ones win over it. option dest -> setting (None: handled by name).
+INFOTEXT_OPTIONS = {"negative": "negative_prompt", "sampler": "sampler", "scheduler": "scheduler", "steps": "steps",
+                    "cfg": "cfg_scale", "seed": "seed", "size": None, "clip_skip": "clip_skip",
+                    "emphasis": "emphasis", "strength": "strength"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="make images from a prompt (with embeddings, negative prompt, any sampler)",
         description="Generate images. With no --model, the small built-in model is used (see README).",
     )
-    parser.add_argument("prompt", help="the prompt (A1111 syntax: (word:1.2), [from:to:N], [a|b], AND, BREAK)")
+    parser.add_argument("prompt", nargs="?",
+                        help="the prompt (A1111 syntax: (word:1.2), [from:to:N], [a|b], AND, BREAK)")
+    parser.add_argument("--from-infotext", type=Path, metavar="IMAGE_OR_TEXT_FILE",
+                        help="make an A1111 picture again from its parameters (a PNG/JPEG/WebP, or a text file); "
+                             "options given here win over it; prints what was mapped, checked and not reproduced")
     parser.add_argument("--negative", default="", metavar="TEXT", help="negative prompt")
     parser.add_argument("--model", type=Path, help="model: converted folder, diffusers folder or .safetensors/.ckpt")
     parser.add_argument("--embeddings", type=Path, metavar="DIR",
@@ -84,16 +98,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default fp32)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles (less memory)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
-    parser.set_defaults(func=run_generate)
+    parser.set_defaults(func=run_generate,
+                        option_defaults={dest: parser.get_default(dest) for dest in INFOTEXT_OPTIONS})
+    parser.set_defaults(**dict.fromkeys(INFOTEXT_OPTIONS))
 
     info = subparsers.add_parser("info", help="print the generation parameters stored in an image",
-                                 description="Read the `parameters` text that tiengine and A1111 write into PNGs.")
-    info.add_argument("image", type=Path)
-    info.add_argument("--json", action="store_true", help="the parameters as a JSON object")
+                                 description="Read the `parameters` text that tiengine and A1111 write into PNGs, "
+                                             "and what `generate --from-infotext` would make of it.")
+    info.add_argument("image", type=Path, help="a picture (PNG, JPEG, WebP) or a text file of its parameters")
+    info.add_argument("--model", type=Path,
+                      help="compare the Model hash with this model's (a file is hashed, not loaded)")
+    info.add_argument("--device", default="auto",
+                      help="the device generation would run on (for GPU noise: cuda draws it, else nv); default auto")
+    info.add_argument("--json", action="store_true",
+                      help="one JSON object: the parameters, and under \"reproduction\" the reading")
     info.set_defaults(func=run_info)
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    given = _given_options(args)
+    text = None
+    if args.from_infotext is not None:
+        from tiengine.io.metadata import read_parameters_file
+
+        text = read_parameters_file(args.from_infotext)
+    elif args.prompt is None:
+        raise CliError("a prompt is needed (or --from-infotext IMAGE_OR_TEXT_FILE)")
     width, height = _parse_size(args.size)
     samplers = _sampler_list(args)
     outputs = _output_paths(args, samplers)
@@ -119,11 +149,17 @@ def run_generate(args: argparse.Namespace) -> int:
         hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, encode=encode_options(args),
     )
     engine = load_engine(args, getattr(torch, DTYPES[args.dtype]))
-    if args.cfg is None:
-        args.cfg = engine.default_cfg_scale  # the built-in model's own scale, else A1111's
-    settings = dataclasses.replace(settings, cfg_scale=args.cfg)
+    notes = []
+    if text is not None:
+        settings, notes = _infotext_settings(engine, args, text, given, settings, init_image)
+        samplers = samplers if args.compare_samplers else [settings.sampler]
+    if settings.cfg_scale is None:
+        settings = dataclasses.replace(settings, cfg_scale=engine.default_cfg_scale)  # the built-in model's own
+    args.cfg = settings.cfg_scale
     columns = []
     summary = {"images": [], "applied_embeddings": [], "skipped_embeddings": [], "extra_networks": [], "warnings": []}
+    if text is not None:
+        summary["infotext_notes"] = [dataclasses.asdict(note) for note in notes]
     for sampler in samplers:
         settings = dataclasses.replace(settings, sampler=sampler)
         result = _run_one(engine, args, settings, init_image)
@@ -141,7 +177,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
         grid = labelled_grid(columns)
         text = format_parameters(args.prompt, args.negative, {"Samplers": ", ".join(samplers), "Seed": settings.seed,
-                                                              "Steps": args.steps, "CFG scale": f"{args.cfg:g}"})
+                                                              "Steps": settings.steps, "CFG scale": f"{args.cfg:g}"})
         save_png(grid, outputs[0], text, overwrite=args.overwrite)
         summary["images"].append({"path": str(outputs[0]), "seed": settings.seed, "samplers": samplers})
     summary["applied_embeddings"] = [
@@ -151,8 +187,38 @@ def run_generate(args: argparse.Namespace) -> int:
     summary["skipped_embeddings"] = [{"name": m.name, "reason": m.reason} for m in conditioning.skipped]
     summary["extra_networks"] = [report.as_dict() for report in conditioning.networks]
     summary["warnings"] = conditioning.warnings
-    _report(summary, args.json, network_report_lines(conditioning.networks))
+    _report(summary, args.json, network_report_lines(conditioning.networks), [str(note) for note in notes])
     return 0
+
+
+def _given_options(args: argparse.Namespace) -> dict[str, object]:
+    """The INFOTEXT_OPTIONS given on the command line (dest -> value); the others get their defaults."""
+    given = {dest: getattr(args, dest) for dest in INFOTEXT_OPTIONS if getattr(args, dest) is not None}
+    for dest, default in args.option_defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    return given
+
+
+def _infotext_settings(engine, args, text, given, settings, init_image):
+    """The infotext's settings with the given options over them and the command's own (batch size, VAE
+    tiling, encoding) applied; `args.prompt` / `args.negative` set to those run. Returns (settings, notes)."""
+    from tiengine.infotext import engine_facts, parse_infotext, plan_reproduction
+    from tiengine.settings import settings_with
+
+    infotext = parse_infotext(text, where=str(args.from_infotext))
+    overrides = {INFOTEXT_OPTIONS[dest]: value for dest, value in given.items() if INFOTEXT_OPTIONS[dest]}
+    if "size" in given:
+        overrides.update(width=settings.width, height=settings.height)
+    if args.prompt is not None:
+        overrides["prompt"] = args.prompt
+    facts = engine_facts(engine, str(overrides.get("prompt", infotext.prompt)))
+    plan = plan_reproduction(infotext, facts, init_image=init_image is not None, **overrides)
+    args.prompt, args.negative = plan.prompt, plan.negative_prompt
+    own = {"batch_size": settings.batch_size, "vae_tiling": settings.vae_tiling,
+           **{name: getattr(settings.encode, name)
+              for name in ("comma_backtrack", "bare_names", "keep_embeddings_on_backtrack")}}
+    return settings_with(plan.settings, **own), list(plan.notes)
 
 
 @contextmanager
@@ -192,12 +258,14 @@ def _run_one(engine, args, settings, init_image):
         return engine.generate(args.prompt, args.negative, settings=settings, callback=advance)
 
 
-def _report(summary: dict, as_json: bool, network_lines: list[str]) -> None:
+def _report(summary: dict, as_json: bool, network_lines: list[str], note_lines: list[str]) -> None:
     from tiengine.io.metadata import valid_text
 
     if as_json:
         print(valid_text(json.dumps(summary, ensure_ascii=False)))
         return
+    for line in note_lines:
+        print(valid_text(line))
     for image in summary["images"]:
         print(valid_text(f"wrote {image['path']} (seed {image['seed']})"))
     for applied in summary["applied_embeddings"]:
@@ -272,11 +340,21 @@ def _output_paths(args: argparse.Namespace, samplers: list[str]) -> list[Path]:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from tiengine.io.metadata import parse_parameters, read_image_parameters
+    from tiengine.infotext import EngineFacts, parse_infotext, plan_reproduction
+    from tiengine.io.metadata import parse_parameters, read_parameters_file, valid_text
+    from tiengine.weights_conv.source import model_hash, model_name, old_model_hash
 
-    text = read_image_parameters(args.image)
+    text = read_parameters_file(args.image)
+    device_type = resolve_device(args.device).split(":")[0]
+    facts = EngineFacts(device_type=device_type) if args.model is None else EngineFacts(
+        model_hash(args.model), old_model_hash(args.model), model_name(args.model), device_type=device_type)
+    plan = plan_reproduction(parse_infotext(text, where=str(args.image)), facts)
     if args.json:
-        print(json.dumps(parse_parameters(text), ensure_ascii=False))
-    else:
-        print(text)
+        print(valid_text(json.dumps({**parse_parameters(text), "reproduction": plan.as_dict()}, ensure_ascii=False)))
+        return 0
+    print(valid_text(text))
+    settings = plan.as_dict()["settings"]
+    print("\nsettings: " + ", ".join(f"{name}={value!r}" for name, value in settings.items()))
+    for note in plan.notes:
+        print(valid_text(str(note)))
     return 0
