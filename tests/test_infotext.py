@@ -402,7 +402,8 @@ def _lora_hash(setup) -> str:
 
 
 @pytest.mark.parametrize(("scheduler", "label"), [("normal", "Normal"), ("karras", "Karras"),
-                                                  ("exponential", "Exponential"), ("ddim_uniform", "DDIM")])
+                                                  ("exponential", "Exponential"), ("ddim", "DDIM"),
+                                                  ("sgm_uniform", "SGM Uniform")])
 def test_schedule_labels_are_a1111s_and_read_back(setup, scheduler, label):
     engine = setup[0]
     text = engine.generate("a cat", steps=2, sampler="Euler", scheduler=scheduler, seed=1, width=32,
