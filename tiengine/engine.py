@@ -635,7 +635,7 @@ class Engine:
             "TI hashes": None,
             "Version": f"tiengine {__version__}",
         }
-        noise_fields = [infotext_fields(sampler=settings.sampler, source=settings.rng,
+        noise_fields = [infotext_fields(sampler=info.name, source=settings.rng,
                                         subseed=None if subseeds is None else subseeds[index],
                                         subseed_strength=settings.subseed_strength,
                                         seed_resize_from=settings.seed_resize_from,

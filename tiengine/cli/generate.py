@@ -32,7 +32,12 @@ from tiengine.cli import (
     network_report_lines,
     resolve_device,
 )
-from tiengine.diffusion.names import LATENT_UPSCALERS, SAMPLER_NAMES, SCHEDULE_TYPES
+from tiengine.diffusion.names import (
+    LATENT_UPSCALERS,
+    RNG_SOURCES,
+    SAMPLER_NAMES,
+    SCHEDULE_TYPES,
+)
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 SAMPLER_HELP = ", ".join(SAMPLER_NAMES)
@@ -40,7 +45,10 @@ SCHEDULE_HELP = ", ".join(kind.label for kind in SCHEDULE_TYPES)
 # Options an infotext also says: given ones win over it. option dest -> setting (None: handled by name).
 INFOTEXT_OPTIONS = {"negative": "negative_prompt", "sampler": "sampler", "scheduler": "scheduler", "steps": "steps",
                     "cfg": "cfg_scale", "seed": "seed", "size": None, "clip_skip": "clip_skip",
-                    "emphasis": "emphasis", "strength": "strength"}
+                    "emphasis": "emphasis", "strength": "strength", "rng": "rng", "subseed": "subseed",
+                    "subseed_strength": "subseed_strength", "seed_resize_from": "seed_resize_from",
+                    "eta_noise_seed_delta": "eta_noise_seed_delta", "hires_scale": "hires_scale",
+                    "hires_resize": "hires_resize", "hires_steps": "hires_steps", "hires_upscaler": "hires_upscaler"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,6 +79,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              f"{DEFAULT_MODEL_CFG_SCALE:g}, the scale it follows prompts best at)")
     parser.add_argument("--seed", type=int, default=-1, help="seed; image i of a batch uses seed + i (-1: random)")
     parser.add_argument("--size", help="WIDTHxHEIGHT (default: the model's native size)")
+    parser.add_argument("--rng", choices=RNG_SOURCES, default="cpu",
+                        help="random source of the noise: cpu (default), gpu (torch on the CUDA card, A1111's default) "
+                             "or nv (NVIDIA's GPU stream computed on any device: reproduces A1111's GPU seeds on a CPU)")
+    parser.add_argument("--subseed", type=int, default=-1, help="A1111's variation seed (-1: random)")
+    parser.add_argument("--subseed-strength", type=float, default=0.0,
+                        help="A1111's variation strength, 0..1 (default 0: no variation)")
+    parser.add_argument("--seed-resize-from", type=_pixel_size, metavar="WxH",
+                        help="A1111's \"Resize seed from\": keep the noise of this size, centred")
+    parser.add_argument("--ensd", dest="eta_noise_seed_delta", type=int, default=0,
+                        help="A1111's eta noise seed delta (ENSD), added to the seed of the noise drawn during sampling")
     parser.add_argument("--batch-size", type=int, default=1, help="images per run (default 1)")
     parser.add_argument("--clip-skip", type=int, default=1, help="CLIP layers to skip (SD1; default 1 = none)")
     add_encode_options(parser)
@@ -81,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(A1111's \"Denoising strength\"; default 0.75)")
     parser.add_argument("--hires-scale", type=float, metavar="X",
                         help="hires fix: denoise again at the size times X (A1111's \"Upscale by\")")
-    parser.add_argument("--hires-resize", metavar="WxH",
+    parser.add_argument("--hires-resize", type=_hires_resize, metavar="WxH",
                         help="hires fix: denoise again at WIDTHxHEIGHT pixels (0 for a side: keep the aspect ratio; "
                              "two sides: cover and crop)")
     parser.add_argument("--hires-steps", type=int, default=0,
@@ -145,7 +163,9 @@ def run_generate(args: argparse.Namespace) -> int:
     settings = GenerateSettings(
         steps=args.steps, sampler=samplers[0], scheduler=args.scheduler, cfg_scale=args.cfg, seed=args.seed,
         width=width, height=height, batch_size=args.batch_size, strength=args.strength, vae_tiling=args.vae_tiling,
-        hires_scale=args.hires_scale, hires_resize=_parse_hires_resize(args.hires_resize),
+        rng=args.rng, subseed=args.subseed, subseed_strength=args.subseed_strength,
+        seed_resize_from=args.seed_resize_from, eta_noise_seed_delta=args.eta_noise_seed_delta,
+        hires_scale=args.hires_scale, hires_resize=args.hires_resize,
         hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, encode=encode_options(args),
     )
     engine = load_engine(args, getattr(torch, DTYPES[args.dtype]))
@@ -290,15 +310,22 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
     return width, height
 
 
-def _parse_hires_resize(size: str | None) -> tuple[int, int] | None:
-    if size is None:
-        return None
+def _pixel_size(size: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT in pixels, for argparse (its error names the option)."""
     try:
         width, height = (int(part) for part in size.lower().split("x"))
     except ValueError:
-        raise CliError(f"--hires-resize must be WIDTHxHEIGHT in pixels (0 for a side that keeps the aspect "
-                       f"ratio), e.g. 1024x0; got {size!r}") from None
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 512x768; got {size!r}") from None
     return width, height
+
+
+def _hires_resize(size: str) -> tuple[int, int]:
+    """--hires-resize: WIDTHxHEIGHT in pixels, 0 for a side that keeps the aspect ratio."""
+    try:
+        return _pixel_size(size)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels (0 for a side that keeps the aspect "
+                                         f"ratio), e.g. 1024x0; got {size!r}") from None
 
 
 def _sampler_list(args: argparse.Namespace) -> list[str]:

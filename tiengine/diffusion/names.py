@@ -138,6 +138,7 @@ def split_sampler_name(text: str) -> tuple[str, str | None]:
     )
 # A1111's latent upscale modes for the hires fix (`shared.latent_upscale_modes`), in A1111's order; what each
 # one does is tiengine.diffusion.hires.LATENT_UPSCALE_MODES (a test checks the two agree).
+RNG_SOURCES = ("cpu", "gpu", "nv")  # A1111's "Random number generator source" values (tiengine.diffusion.rng)
 LATENT_UPSCALERS: tuple[str, ...] = (
     "Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)", "Latent (nearest)",
     "Latent (nearest-exact)",

@@ -47,9 +47,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
+from tiengine.diffusion.names import RNG_SOURCES
 from tiengine.diffusion.schedules import SamplingError
 
-RNG_SOURCES = ("cpu", "gpu", "nv")  # A1111's "Random number generator source" values, lower case
 ENSD_SAMPLERS = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive")  # A1111's "uses_ensd"
 LATENT_FACTOR = 8  # A1111's seed resize divides the pixel size by 8 (its `opt_f`)
 SLERP_LERP_ABOVE = 0.9995  # mean cosine above which A1111's slerp falls back to a linear blend
