@@ -20,6 +20,8 @@ from tiengine.io.metadata import parse_parameters, read_image_parameters
      {"Sampler": "Euler a", "ENSD": "31337", "RNG": "CPU", "Emphasis": "No norm"}),
     (dict(sampler="DPM++ 2M SDE", scheduler="Exponential", hires_scale=1.5, hires_steps=4, strength=0.5),
      {"Sampler": "DPM++ 2M SDE", "Schedule type": "Exponential", "Hires upscale": "1.5", "Hires steps": "4"}),
+    (dict(sampler="Euler a", eta=0.5), {"Sampler": "Euler a", "Eta": "0.5"}),
+    (dict(sampler="DDIM", eta=0.3), {"Sampler": "DDIM", "Schedule type": "Automatic", "Eta DDIM": "0.3"}),
 ])
 def test_a_picture_comes_back_from_its_infotext(tmp_path, capsys, settings, expected_fields):
     engine = Engine.load(embeddings=False)
@@ -35,3 +37,15 @@ def test_a_picture_comes_back_from_its_infotext(tmp_path, capsys, settings, expe
     assert summary["images"][0]["path"] == str(again)
     with Image.open(path) as made, Image.open(again) as remade:
         assert made.tobytes() == remade.tobytes()
+
+
+def test_eta_is_the_samplers_noise_amount_and_its_default_is_a1111s():
+    engine = Engine.load(embeddings=False)
+
+    def pixels(**settings):
+        return engine.generate("a red circle", steps=8, seed=2, **settings).images[0].tobytes()
+
+    assert pixels(sampler="Euler a", eta=1.0) == pixels(sampler="Euler a")  # k-diffusion's eta_ancestral
+    assert pixels(sampler="Euler a", eta=0.5) != pixels(sampler="Euler a")
+    assert pixels(sampler="DDIM", eta=0.0) == pixels(sampler="DDIM")  # A1111's eta_ddim
+    assert pixels(sampler="Euler", eta=0.5) == pixels(sampler="Euler")  # no eta: ignored, as in A1111

@@ -23,6 +23,7 @@ whatever the environment says). `prompt_limits=PromptLimits(...)` bounds every p
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import random
 from collections import OrderedDict
@@ -593,7 +594,7 @@ class Engine:
         with torch.no_grad():
             if init_image is None:
                 x = noise * sigmas[0].to(self.dtype)
-                extra = self._sampler_extras(info, x, sigmas, seeds, schedule, txt2img=True)
+                extra = self._sampler_extras(info, x, sigmas, seeds, schedule, txt2img=True, eta=settings.eta)
             else:
                 pixels = pil_to_tensor(init_image, width=width, height=height).to(self.device, self.dtype)
                 posterior = torch.Generator("cpu").manual_seed(seeds[0])  # the VAE's latent sample
@@ -601,9 +602,9 @@ class Engine:
                 _check_finite(latent, "vae", "the VAE encode of the init image (latents)")
                 if isinstance(info, TimestepSamplerInfo):  # its sigmas already start at A1111's img2img step
                     x = latent + noise * sigmas[0].to(self.dtype)
-                    extra = self._sampler_extras(info, x, sigmas, seeds, schedule, txt2img=False)
+                    extra = self._sampler_extras(info, x, sigmas, seeds, schedule, txt2img=False, eta=settings.eta)
                 else:  # Brownian noise spans the whole schedule, as A1111's does in img2img too
-                    extra = self._sampler_extras(info, noise, sigmas, seeds, schedule, txt2img=False)
+                    extra = self._sampler_extras(info, noise, sigmas, seeds, schedule, txt2img=False, eta=settings.eta)
                     sigmas, x = img2img_start(latent, noise, sigmas, settings.strength)
             total = None if hires is None else settings.steps + _hires_steps_run(settings)  # steps of both passes
             latents = sample(denoiser, x, sigmas, generator=image_noise,
@@ -631,6 +632,7 @@ class Engine:
             **(hires_infotext(scale=settings.hires_scale, resize=settings.hires_resize, steps=settings.hires_steps,
                               upscaler=settings.hires_upscaler) if hires is not None else {}),
             "Emphasis": EMPHASIS_LABELS[options.emphasis] if options.emphasis != "original" else None,
+            **_eta_field(info, settings.eta),
             "Lora hashes": format_name_hashes(first.active_networks.lora_hashes()),
             "TI hashes": None,
             "Version": f"tiengine {__version__}",
@@ -660,11 +662,13 @@ class Engine:
 
     @staticmethod
     def _sampler_extras(info: SamplerInfo, x: torch.Tensor, sigmas: torch.Tensor, seeds: list[int],
-                        schedule: NoiseSchedule, *, txt2img: bool) -> dict[str, object]:
+                        schedule: NoiseSchedule, *, txt2img: bool, eta: float | None) -> dict[str, object]:
         """A1111's per-sampler extras: Brownian-tree noise seeded with the image seeds for the SDE samplers
         (torchsde, as k-diffusion's BrownianTreeNoiseSampler), the model's sigma range for DPM fast /
-        adaptive in txt2img."""
+        adaptive in txt2img, and a given eta for the samplers that take one (A1111 ignores it elsewhere)."""
         extra: dict[str, object] = {}
+        if eta is not None and _takes_eta(info):
+            extra["eta"] = eta
         if info.brownian_noise:
             extra["noise_sampler"] = brownian_noise_sampler(x, sigmas, seeds)
         if info.name in ("DPM fast", "DPM adaptive") and txt2img:
@@ -750,7 +754,7 @@ class Engine:
             seed_resize_from=settings.seed_resize_from, source=settings.rng,
             eta_noise_seed_delta=settings.eta_noise_seed_delta, device=self.device)
         noise = image_noise.first().to(self.dtype)  # (B, C, H, W)
-        extra = self._sampler_extras(info, noise, full, seeds, schedule, txt2img=False)  # Brownian: the whole schedule
+        extra = self._sampler_extras(info, noise, full, seeds, schedule, txt2img=False, eta=settings.eta)  # Brownian: the whole schedule
         x = x + noise * sigmas[0].to(self.dtype)
         latents = sample(denoiser, x, sigmas, generator=image_noise, callback=callback, **extra)
         _check_finite(latents, "unet", "the UNet in the hires fix's second pass (the sampled latents)")
@@ -794,6 +798,20 @@ class Engine:
         else:
             run = self.img2img(init_image, plan.prompt, plan.negative_prompt, settings=plan.settings, callback=callback)
         return InfotextResult(run.images, run.seeds, run.parameters, run.conditioning, run.conditionings, plan)
+
+
+def _takes_eta(info: SamplerInfo) -> bool:
+    """Whether the sampler has an eta (the ancestral, SDE, DPM fast / adaptive and DDIM samplers)."""
+    return "eta" in inspect.signature(info.sample).parameters
+
+
+def _eta_field(info: SamplerInfo, eta: float | None) -> dict[str, str]:
+    """A1111's infotext field for a given eta that differs from the sampler's default: "Eta DDIM" (default 0)
+    for its timestep samplers, "Eta" (default 1, k-diffusion's eta_ancestral) for the others."""
+    if eta is None or not _takes_eta(info):
+        return {}
+    key, default = ("Eta DDIM", 0.0) if isinstance(info, TimestepSamplerInfo) else ("Eta", 1.0)
+    return {key: f"{eta:g}"} if eta != default else {}
 
 
 def _check_finite(tensor: torch.Tensor, stage: str, produced_by: str) -> None:

@@ -77,8 +77,6 @@ NOT_REPRODUCED = {
     "Schedule max sigma": "custom schedule bounds are not implemented: the model's sigma range is used",
     "Schedule min sigma": "custom schedule bounds are not implemented: the model's sigma range is used",
     "Schedule rho": "a custom Karras rho is not implemented: rho is 7",
-    "Eta": "a custom ancestral eta is not implemented: eta is 1",
-    "Eta DDIM": "a custom DDIM eta is not implemented: eta is 0",
     "SGM noise multiplier": "SGM's noise multiplier is not implemented",
     "Discard penultimate sigma": "dropping the next-to-last sigma is done for DPM2 only (A1111's default)",
     "Pad conds": "padding prompt and negative prompt to one length (pad_cond_uncond) is not implemented",
@@ -215,6 +213,9 @@ class _Mapping:
             raise MetadataError(f'{self.infotext.where}: "Size": expected WIDTHxHEIGHT, found {written["Size"]!r}')
         if "Clip skip" in written:  # A1111 fills in "1", tiengine's default too
             self.mapped("Clip skip", "clip_skip", self.number("Clip skip", int, minimum=1))
+        for key in ("Eta", "Eta DDIM"):  # A1111 writes the one of its sampler when it differs from 1 / 0
+            if key in written:
+                self.mapped(key, "eta", self.number(key, float, minimum=0))
         self.emphasis()
         self.noise()
         self.hires_and_strength()

@@ -47,7 +47,8 @@ class GenerateSettings:
     "nv" reproduces it on a CPU). `subseed` / `subseed_strength`: A1111's variation seed (-1: random) and
     its strength in [0, 1]; `seed_resize_from`: (width, height) in pixels whose noise is kept, centred
     ("Seed resize from"); `eta_noise_seed_delta`: ENSD, added to the seed of the noise drawn after the
-    first."""
+    first. `eta`: the noise amount of the samplers that have one (None: A1111's defaults, 1 for the
+    ancestral and SDE samplers, 0 for DDIM); others ignore it, as in A1111."""
 
     steps: int = 20
     sampler: str = "Euler a"
@@ -64,6 +65,7 @@ class GenerateSettings:
     subseed_strength: float = 0.0
     seed_resize_from: tuple[int, int] | None = None
     eta_noise_seed_delta: int = 0
+    eta: float | None = None
     hires_scale: float | None = None
     hires_steps: int = 0
     hires_upscaler: str = "Latent"
@@ -104,6 +106,9 @@ class GenerateSettings:
                 or not all(_is_int(side) and side > 0 for side in self.seed_resize_from)):
             raise EngineError(f"seed_resize_from must be (width, height) in pixels, positive integers, or None; "
                               f"got {self.seed_resize_from!r}")
+        if self.eta is not None and (isinstance(self.eta, bool) or not isinstance(self.eta, (int, float))
+                                     or not math.isfinite(self.eta) or self.eta < 0):
+            raise EngineError(f"eta must be a finite number >= 0 (or None for the sampler's own), got {self.eta!r}")
         if not _is_int(self.eta_noise_seed_delta) or self.eta_noise_seed_delta < 0:
             raise EngineError(f"eta_noise_seed_delta must be an integer >= 0, got {self.eta_noise_seed_delta!r}")
         if not isinstance(self.encode, EncodeOptions):

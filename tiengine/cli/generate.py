@@ -48,7 +48,8 @@ INFOTEXT_OPTIONS = {"negative": "negative_prompt", "sampler": "sampler", "schedu
                     "emphasis": "emphasis", "strength": "strength", "rng": "rng", "subseed": "subseed",
                     "subseed_strength": "subseed_strength", "seed_resize_from": "seed_resize_from",
                     "eta_noise_seed_delta": "eta_noise_seed_delta", "hires_scale": "hires_scale",
-                    "hires_resize": "hires_resize", "hires_steps": "hires_steps", "hires_upscaler": "hires_upscaler"}
+                    "hires_resize": "hires_resize", "hires_steps": "hires_steps", "hires_upscaler": "hires_upscaler",
+                    "eta": "eta"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -87,6 +88,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="A1111's variation strength, 0..1 (default 0: no variation)")
     parser.add_argument("--seed-resize-from", type=_pixel_size, metavar="WxH",
                         help="A1111's \"Resize seed from\": keep the noise of this size, centred")
+    parser.add_argument("--eta", type=float,
+                        help="noise amount of the ancestral, SDE and DDIM samplers (default: A1111's, 1; DDIM 0)")
     parser.add_argument("--ensd", dest="eta_noise_seed_delta", type=int, default=0,
                         help="A1111's eta noise seed delta (ENSD), added to the seed of the noise drawn during sampling")
     parser.add_argument("--batch-size", type=int, default=1, help="images per run (default 1)")
@@ -164,7 +167,7 @@ def run_generate(args: argparse.Namespace) -> int:
         steps=args.steps, sampler=samplers[0], scheduler=args.scheduler, cfg_scale=args.cfg, seed=args.seed,
         width=width, height=height, batch_size=args.batch_size, strength=args.strength, vae_tiling=args.vae_tiling,
         rng=args.rng, subseed=args.subseed, subseed_strength=args.subseed_strength,
-        seed_resize_from=args.seed_resize_from, eta_noise_seed_delta=args.eta_noise_seed_delta,
+        seed_resize_from=args.seed_resize_from, eta_noise_seed_delta=args.eta_noise_seed_delta, eta=args.eta,
         hires_scale=args.hires_scale, hires_resize=args.hires_resize,
         hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, encode=encode_options(args),
     )
