@@ -235,7 +235,7 @@ def test_img2img_start_follows_a1111(steps, strength, start):
 
 def test_bad_options_raise():
     schedule = NoiseSchedule.from_betas(**SD_BETAS)
-    with pytest.raises(SamplingError, match="schedule type.*Karras.*found 'Karass'"):
+    with pytest.raises(SamplingError, match="unknown schedule type 'Karass'; expected one of .*Karras"):
         get_sigmas(schedule, 10, "Karass")
     with pytest.raises(SamplingError, match="'Automatic' is the sampler's own default"):
         get_sigmas(schedule, 10, "Automatic")

@@ -157,6 +157,7 @@ def _lora_part(engine: Engine, prompts: list[str], base_images: list[Image.Image
         return None
     images: dict[float, list[Image.Image]] = {}
     short_hash = ""
+    report("generating LoRA images", 0, 2 * len(prompts))
     for number, multiplier in enumerate((1.0, 0.0)):
         images[multiplier] = []
         for index, prompt in enumerate(prompts):
