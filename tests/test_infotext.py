@@ -289,7 +289,8 @@ def test_old_hires_fix_ddim_and_face_restoration():
     # pre-v1.9 (no Schedule type): the plain name's Uniform schedule, which A1111's timestep DDIM ignores
     assert (settings.width, settings.height, settings.sampler, settings.scheduler) == (640, 448, "DDIM", "uniform")
     assert notes["Sampler"].kind == "mapped"
-    assert notes["Face restoration"].kind == "not reproduced" and notes["Eta DDIM"].kind == "not reproduced"
+    assert notes["Face restoration"].kind == "not reproduced" and notes["Eta DDIM"].kind == "mapped"
+    assert settings.eta == 0.3
     assert notes["First pass size"].kind == "mapped"
 
 

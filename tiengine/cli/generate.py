@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--subseed", type=int, default=-1, help="A1111's variation seed (-1: random)")
     parser.add_argument("--subseed-strength", type=float, default=0.0,
                         help="A1111's variation strength, 0..1 (default 0: no variation)")
-    parser.add_argument("--seed-resize-from", type=_pixel_size, metavar="WxH",
+    parser.add_argument("--seed-resize-from", metavar="WxH",
                         help="A1111's \"Resize seed from\": keep the noise of this size, centred")
     parser.add_argument("--eta", type=float,
                         help="noise amount of the ancestral, SDE and DDIM samplers (default: A1111's, 1; DDIM 0)")
@@ -102,7 +102,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "(A1111's \"Denoising strength\"; default 0.75)")
     parser.add_argument("--hires-scale", type=float, metavar="X",
                         help="hires fix: denoise again at the size times X (A1111's \"Upscale by\")")
-    parser.add_argument("--hires-resize", type=_hires_resize, metavar="WxH",
+    parser.add_argument("--hires-resize", metavar="WxH",
                         help="hires fix: denoise again at WIDTHxHEIGHT pixels (0 for a side: keep the aspect ratio; "
                              "two sides: cover and crop)")
     parser.add_argument("--hires-steps", type=int, default=0,
@@ -137,6 +137,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    args.seed_resize_from = _pixel_size(args.seed_resize_from, "--seed-resize-from", "512x768")
+    args.hires_resize = _pixel_size(args.hires_resize, "--hires-resize", "1024x0 (0: keep the aspect ratio)")
     given = _given_options(args)
     text = None
     if args.from_infotext is not None:
@@ -313,22 +315,15 @@ def _parse_size(size: str | None) -> tuple[int | None, int | None]:
     return width, height
 
 
-def _pixel_size(size: str) -> tuple[int, int]:
-    """WIDTHxHEIGHT in pixels, for argparse (its error names the option)."""
+def _pixel_size(size: str | None, option: str, example: str) -> tuple[int, int] | None:
+    """WIDTHxHEIGHT in pixels given to `option` (None when not given); a CliError naming the option."""
+    if size is None:
+        return None
     try:
         width, height = (int(part) for part in size.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels, e.g. 512x768; got {size!r}") from None
+        raise CliError(f"{option} must be WIDTHxHEIGHT in pixels, e.g. {example}; got {size!r}") from None
     return width, height
-
-
-def _hires_resize(size: str) -> tuple[int, int]:
-    """--hires-resize: WIDTHxHEIGHT in pixels, 0 for a side that keeps the aspect ratio."""
-    try:
-        return _pixel_size(size)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels (0 for a side that keeps the aspect "
-                                         f"ratio), e.g. 1024x0; got {size!r}") from None
 
 
 def _sampler_list(args: argparse.Namespace) -> list[str]:
