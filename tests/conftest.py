@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from model_builders import tiny_model_folder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -39,3 +40,13 @@ def sd1_folder(tmp_path_factory) -> Path:
     """A converted tiny SD1 model folder (tests.model_builders.tiny_model_folder), shared read-only: tests
     that change a model copy it first."""
     return tiny_model_folder(tmp_path_factory.mktemp("sd1") / "model", "sd1")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests: on a shared CPU a second, waiting thread spins and
+    makes these runs about 10x slower. Used with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -59,13 +59,7 @@ def backtrack_prompt(cats: int) -> str:
     return "a, " + "cat " * cats + ", emb3 dog bird fish horse cow pig hen owl bee ant"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Width-32 encoders run many times faster on one thread than on two busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

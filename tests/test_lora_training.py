@@ -50,13 +50,7 @@ TEXT_LAYER_ENDINGS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
                       "mlp.fc2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared CPU a second, waiting thread spins and makes these runs 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -47,12 +47,7 @@ SHAPE = (2, 4, 8, 8)
 INFO = {info.name: info for info in TIMESTEP_SAMPLERS}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny UNet is ~10x slower on two contended threads
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 # --------------------------------------------------------------------------------------------- references
