@@ -57,6 +57,7 @@ from tiengine.diffusion.hires import (
 )
 from tiengine.diffusion.names import schedule_label
 from tiengine.diffusion.rng import ImageNoise, image_seeds, infotext_fields
+from tiengine.diffusion.sampler_core import SamplingStopped
 from tiengine.diffusion.samplers import SamplerInfo, resolve_sampler, resolve_schedule
 from tiengine.diffusion.schedules import (
     Denoiser,
@@ -419,7 +420,9 @@ class Engine:
         a random seed); cfg_scale None: the engine's default_cfg_scale.
 
         Keyword fields of GenerateSettings or EncodeOptions (steps=20, sampler="DPM++ 2M", clip_skip=2,
-        ...) replace those of `settings` (see `settings_with`)."""
+        ...) replace those of `settings` (see `settings_with`). `callback(step, total, x, denoised)` is called
+        after each step; raising tiengine.diffusion.sampler_core.SamplingStopped(latents) from it ends the run
+        early and decodes those latents (A1111's interrupt: the last `denoised`)."""
         settings = settings_with(settings, **setting_fields)
         seeds, subseeds = self._batch_seeds(settings, settings.batch_size)
         return self._sample(settings, [prompt] * settings.batch_size, negative_prompt, seeds, None, callback,
@@ -607,12 +610,16 @@ class Engine:
                     extra = self._sampler_extras(info, noise, sigmas, seeds, schedule, txt2img=False, eta=settings.eta)
                     sigmas, x = img2img_start(latent, noise, sigmas, settings.strength)
             total = None if hires is None else settings.steps + _hires_steps_run(settings)  # steps of both passes
-            latents = sample(denoiser, x, sigmas, generator=image_noise,
-                             callback=callback if total is None else _progress_over(callback, 0, total), **extra)
-            _check_finite(latents, "unet", "the UNet (the sampled latents)")
-            if hires is not None:
-                latents = self._hires_pass(hires, settings, prompts, negative_prompt, seeds, subseeds, latents,
-                                           cfg_scale, _progress_over(callback, settings.steps, total))
+            try:
+                latents = sample(denoiser, x, sigmas, generator=image_noise,
+                                 callback=callback if total is None else _progress_over(callback, 0, total), **extra)
+                _check_finite(latents, "unet", "the UNet (the sampled latents)")
+                if hires is not None:
+                    latents = self._hires_pass(hires, settings, prompts, negative_prompt, seeds, subseeds, latents,
+                                               cfg_scale, _progress_over(callback, settings.steps, total))
+            except SamplingStopped as stopped:  # the callback ended the run: decode what it kept
+                latents = stopped.latents
+                _check_finite(latents, "unet", "the UNet (the latents kept when sampling was stopped)")
             decoded = vae.images_from_latents(latents, tiled=settings.vae_tiling)  # (B, 3, H, W)
             _check_finite(decoded, "vae", "the VAE decode (the image)")
             images = tensor_to_pil(decoded)

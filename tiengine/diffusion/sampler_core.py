@@ -122,6 +122,15 @@ def lambda_points_float32(sigma: float, sigma_to: float, r: float) -> tuple[floa
     return sigma_t, sigma_mid, sigma_t_to
 
 
+class SamplingStopped(Exception):
+    """Raised by a step callback to end sampling early (a service's interrupt or skip). `latents` (B, C, h, w):
+    what the caller decodes instead of the finished result; A1111 keeps the last denoised prediction."""
+
+    def __init__(self, latents: torch.Tensor) -> None:
+        super().__init__("sampling stopped by its step callback")
+        self.latents = latents
+
+
 def report(callback: StepCallback | None, i: int, n: int | None, x: torch.Tensor, denoised: torch.Tensor) -> None:
     if callback is not None:
         callback(i, n, x, denoised)
