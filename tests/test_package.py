@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "triton", "transformers", "diffusers", "PIL", "ftfy")
+HEAVY = ("torch", "triton", "transformers", "diffusers", "PIL", "ftfy", "fastapi", "uvicorn")
 
 
 def imported_after(code: str) -> list[str]:
@@ -60,6 +60,20 @@ def test_subpackages_install_inside_tiengine():
 
     assert Path(tiengine.kernels.__file__).parent.name == "kernels"
     assert Path(tiengine.weights_conv.__file__).parent.name == "weights_conv"
+
+
+def test_every_package_folder_is_installed():
+    """A non-editable install ships exactly pyproject's `packages`: every folder of the package is listed."""
+    import tomllib
+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    roots = {package: REPO / folder for package, folder in setuptools["package-dir"].items()}
+    folders = set()
+    for package, root in roots.items():
+        for init in root.rglob("__init__.py"):
+            parts = init.parent.relative_to(root).parts
+            folders.add(".".join((package, *parts)))
+    assert sorted(folders - set(setuptools["packages"])) == []
 
 
 def test_triton_is_an_extra_not_a_requirement():
