@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "tiengine.cli.generate",
     "tiengine.cli.train",
     "tiengine.cli.demo",
+    "tiengine.cli.serve",
 )
 
 

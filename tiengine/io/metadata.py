@@ -43,6 +43,7 @@ always reads back.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tiengine.errors import TiengineError
-from tiengine.io.atomic import atomic_write
+from tiengine.io.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -258,10 +259,19 @@ def png_info(parameters: str):  # -> PIL.PngImagePlugin.PngInfo
     return info
 
 
-def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str | None, *, overwrite: bool = False) -> Path:
-    """Write `image` as PNG with its `parameters` chunk, atomically; never replaces a file unless told."""
+def png_bytes(image: Image.Image, parameters: str | None) -> bytes:
+    """`image` encoded as PNG with its `parameters` chunk: the bytes `save_png` writes and `tiengine serve`
+    sends (base64) for the same image, so a picture from the service equals the CLI's file byte for byte."""
     info = png_info(parameters) if parameters is not None else None
-    return atomic_write(path, lambda temporary: image.save(temporary, format="PNG", pnginfo=info), overwrite=overwrite)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path: str | os.PathLike[str], parameters: str | None, *, overwrite: bool = False) -> Path:
+    """Write `image` as PNG with its `parameters` chunk (`png_bytes`), atomically; never replaces a file unless
+    told."""
+    return atomic_write_bytes(path, png_bytes(image, parameters), overwrite=overwrite)
 
 
 def read_image_parameters(path: str | os.PathLike[str]) -> str:
