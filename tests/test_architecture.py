@@ -34,6 +34,7 @@ STAGES = (
     ("tiengine.training",),
     ("tiengine.default_model", "tiengine.settings", "tiengine.results", "tiengine.infotext", "tiengine.engine"),
     ("tiengine.toyworld",),
+    ("tiengine.integrations",),
     ("tiengine.cli", "tiengine.__main__"),
 )
 # Modules whose function-level imports are deliberate: the package's lazy public names, the command lines
