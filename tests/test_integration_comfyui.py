@@ -109,6 +109,12 @@ class SDXLClipModel(nn.Module):
         self.clip_l, self.clip_g = clip_l, clip_g
 
 
+class SDXLRefinerClipModel(nn.Module):
+    def __init__(self, clip_g: SDClipModel):
+        super().__init__()
+        self.clip_g = clip_g
+
+
 class FakeComfyClip:
     """comfy/sd.py CLIP: the text model in `cond_stage_model`; `load_model()` readies it (counted here)."""
 
@@ -245,6 +251,18 @@ def test_half_precision_layers_with_float32_tables_as_comfyui_keeps_them(model):
     assert conditioning[0][0].dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa: a few units of 2^-8 relative through 3 layers on values of order 1-10
     assert (conditioning[0][0].float() - reference).abs().max() <= 0.1 * reference.abs().max()
+
+
+def test_sdxl_refiner_clip_is_encoder_2_alone(model):
+    family, engine, _, _ = model
+    if family != "sdxl":
+        pytest.skip("the refiner is SDXL's")
+    clip = FakeComfyClip(SDXLRefinerClipModel(comfy_tower(engine.modules["text_encoder_2"])))
+    text = "a (red:1.3) circle BREAK on the left"
+    (conditioning,) = TiengineA1111TextEncode().encode(clip, text, "")
+    context, pooled = entry(engine.encode(text))
+    # emphasis is applied per encoder, so encoder 2's channels of the base model's context are the refiner's
+    assert torch.equal(conditioning[0][0], context[..., 32:]) and torch.equal(conditioning[0][1]["pooled_output"], pooled)
 
 
 def test_and_and_changing_schedules_are_refused_for_comfyui(model):
