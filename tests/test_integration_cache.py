@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +93,10 @@ def test_files_signature_names_size_and_time(sd1_folder, tmp_path):
     single = sd1_folder / "config.json"
     assert files_signature(single) == ((single.name, single.stat().st_size, single.stat().st_mtime_ns),)
     assert files_signature(tmp_path / "missing") == ()
+
+
+def test_import_tiengine_and_its_engine_leave_the_integrations_out():
+    probe = "import sys, tiengine, tiengine.engine; print(sorted(m for m in sys.modules if 'integrations' in m))"
+    output = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parent)
+    assert output.stdout.strip().splitlines()[-1] == "[]"

@@ -82,7 +82,8 @@ class PipelineEncoder:
         embeddings: str | os.PathLike[str] | EmbeddingLibrary | None = None,
         prompt_limits: PromptLimits | None = None,
     ) -> PipelineEncoder:
-        """On the pipeline's own text encoders (shared tensors); `embeddings`: a folder or a library."""
+        """On the pipeline's own text encoders (the tensors they hold now: build it after `pipeline.to(...)`);
+        `embeddings`: a folder or a library."""
         library = EmbeddingLibrary(embeddings) if isinstance(embeddings, (str, os.PathLike)) else embeddings
         family, variant, modules = _pipeline_encoders(pipeline)
         encoders = {
