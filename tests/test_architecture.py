@@ -34,6 +34,7 @@ STAGES = (
     ("tiengine.training",),
     ("tiengine.default_model", "tiengine.settings", "tiengine.results", "tiengine.infotext", "tiengine.engine"),
     ("tiengine.toyworld",),
+    ("tiengine.integrations",),
     ("tiengine.serve",),
     ("tiengine.cli", "tiengine.__main__"),
 )
