@@ -8,8 +8,9 @@ JSON output (`--json`): one object per prompt (JSON lines with `--file`): `promp
 `token_count`,
 `chunks` = [{"tokens": [77 ids], "weights": [77 floats], "embeddings": [[slot, name, n_vectors], ...]}],
 slots counted from the chunk start (BOS is 0), embedding slots holding their pseudo-token ids (>= 49408).
-Token ids are those of the family's first encoder; SDXL adds `tokens_2` for its second encoder (ids after
-the first EOS are 0). Also `unresolved` (`embedding:NAME` naming nothing), `skipped` (mentioned embeddings
+With `--model`, the model's family and text encoder widths decide which embeddings bind (the engine's
+reading, also the service's); without, `--family`'s standard widths. Token ids are those of the family's
+first encoder; SDXL adds `tokens_2` for its second encoder (ids after the first EOS are 0). Also `unresolved` (`embedding:NAME` naming nothing), `skipped` (mentioned embeddings
 that cannot be used, with the reason) and `warnings`. Built by tiengine.reports.tokenize_report (the service's
 /tiengine/v1/tokenize answers the same object, with the served model's embeddings).
 """
@@ -40,8 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--file", type=Path, help="a text file with one prompt per line")
     parser.add_argument("--embeddings", type=Path, metavar="DIR",
                         help="folder of embedding files to bind (default: $TIENGINE_EMBEDDINGS, if set)")
-    parser.add_argument("--family", choices=FAMILIES, default="sd1",
-                        help="model family: decides padding and which embeddings fit (default sd1)")
+    parser.add_argument("--family", choices=FAMILIES,
+                        help="model family: decides padding and which embeddings fit (default sd1, or --model's)")
+    parser.add_argument("--model", type=Path, metavar="M",
+                        help="read the embeddings as this model does (model folder or checkpoint): its family and "
+                             "text encoder widths decide which bind, as in `tiengine encode` and `tiengine serve`'s "
+                             "/tiengine/v1/tokenize (default: no model, --family's standard widths)")
     add_encode_options(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
     parser.set_defaults(func=run)
@@ -49,23 +54,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tiengine.reports import tokenize_report
+    from tiengine.text.prompt import DEFAULT_LIMITS
     from tiengine.text.tokenizer import ClipTokenizer
     from tiengine.text.vocabulary import EmbeddingVocabulary
 
     if args.comma_backtrack < 0:
         raise CliError(f"--comma-backtrack must be >= 0, got {args.comma_backtrack}")
     prompts = _read_prompts(args)
-    tokenizer = ClipTokenizer.default()
-    vocabulary = EmbeddingVocabulary(tokenizer)
     folder = embeddings_folder(args.embeddings)
-    if folder is not None:
-        from tiengine.embeddings.library import EmbeddingLibrary
+    family, limits = args.family or "sd1", DEFAULT_LIMITS
+    if args.model is not None:
+        from tiengine.engine import Engine
 
-        vocabulary = EmbeddingVocabulary.from_library(tokenizer, EmbeddingLibrary(folder, args.family))
+        engine = Engine.load(args.model, embeddings=folder if folder is not None else False)
+        if args.family is not None and args.family != engine.config.family:
+            raise CliError(f"--family {args.family}: the model {args.model} is {engine.config.family}")
+        family, tokenizer, vocabulary = engine.config.family, engine.tokenizer, engine.vocabulary
+        limits = engine.prompt_limits
+    else:
+        tokenizer = ClipTokenizer.default()
+        vocabulary = EmbeddingVocabulary(tokenizer)
+        if folder is not None:
+            from tiengine.embeddings.library import EmbeddingLibrary
+
+            vocabulary = EmbeddingVocabulary.from_library(tokenizer, EmbeddingLibrary(folder, family))
 
     options = encode_options(args)
     for prompt in prompts:
-        report = tokenize_report(prompt, tokenizer, vocabulary, family=args.family, options=options)
+        report = tokenize_report(prompt, tokenizer, vocabulary, family=family, options=options, limits=limits)
         if args.json:
             print(json.dumps(report, ensure_ascii=False))
         else:
