@@ -225,7 +225,9 @@ class TrainingJobs:
             path = save_embedding(result.embedding, record.folder / RESULT_FILE)
             if record.load:
                 engine.add_embedding(result.embedding)
-            record.result_path = path
+            with self._lock:
+                record.result_path = path
+                self._forget_old()
         except BaseException:
             shutil.rmtree(record.folder, ignore_errors=True)
             raise
@@ -236,9 +238,10 @@ class TrainingJobs:
         return {"name": record.name, "steps": result.steps_done, "seed": result.seed}
 
     def _forget_old(self) -> None:
-        """Drop the oldest finished jobs beyond the caps (their folders too); never a queued or running one."""
+        """Drop the oldest jobs with a result beyond `max_training_results`, and the oldest finished ones beyond
+        RECENT_RECORDS (their folders too); never a queued or running one. Called with the lock held."""
+        with_files = [job_id for job_id, record in self._jobs.items() if record.result_path is not None]
         finished = [job_id for job_id, record in self._jobs.items() if record.job.future.done()]
-        with_files = [job_id for job_id in finished if self._jobs[job_id].result_path is not None]
         excess = set(with_files[: max(0, len(with_files) - self.limits.max_training_results)])
         excess |= set(finished[: max(0, len(self._jobs) - RECENT_RECORDS)])
         for job_id in excess:
