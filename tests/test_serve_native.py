@@ -201,3 +201,15 @@ def test_auth_guards_the_native_endpoints(sd1_folder):
         assert guarded.post(PARSE, json={"prompt": "a"}).status_code == 401
         assert guarded.post(PARSE, json={"prompt": "a"}, auth=("user", "wrong")).status_code == 401
         assert guarded.post(PARSE, json={"prompt": "a"}, auth=("user", "secret")).status_code == 200
+
+
+def test_tokenize_cli_reads_the_model_family(capsys, sd1_folder, embeddings):
+    """`tiengine tokenize --model` (the reference above): the model decides the family; a contradicting
+    --family is refused."""
+    report = cli_json(capsys, ["tokenize", "toy", "--model", str(sd1_folder), "--embeddings", str(embeddings),
+                               "--family", "sd1", "--json"])
+    assert report["chunks"][0]["embeddings"] == [[1, "toy", 2]]
+    without_model = cli_json(capsys, ["tokenize", "toy", "--embeddings", str(embeddings), "--json"])
+    assert without_model["chunks"][0]["embeddings"] == []  # SD1's standard width is 768, toy's 48
+    assert main(["tokenize", "toy", "--model", str(sd1_folder), "--family", "sdxl"]) == 2
+    assert "--family sdxl: the model" in capsys.readouterr().err
