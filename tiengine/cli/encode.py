@@ -4,7 +4,8 @@ A "loading model" bar goes to stderr unless `--json`. Tensor names: `positive.<p
 (and `.pooled` (1, P) for SDXL), `negative.<entry>.context` / `.pooled`. The safetensors metadata key
 `tiengine` holds JSON: the prompts, steps, per part its weight and schedule ([last_step, text, token
 count] per entry), the embeddings applied (name, short hash, prompt, chunk, slot, vectors, weight), the
-names skipped with the reason, and the model.
+names skipped with the reason, and the model. Built by tiengine.reports, which the service's
+/tiengine/v1/encode shares.
 """
 
 from __future__ import annotations
@@ -64,12 +65,16 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
         raise CliError(f"{args.out} already exists; pass --overwrite to replace it")
     import torch
-    from safetensors.torch import save
 
     from tiengine.cli.generate import load_engine
     from tiengine.diffusion.samplers import get_sampler
     from tiengine.io.atomic import atomic_write_bytes
     from tiengine.io.metadata import valid_text
+    from tiengine.reports import (
+        conditioning_file,
+        conditioning_metadata,
+        conditioning_tensors,
+    )
 
     options = encode_options(args)
     second_order = get_sampler(args.sampler).second_order
@@ -77,41 +82,10 @@ def run(args: argparse.Namespace) -> int:
     engine = load_engine(args, dtype)
     conditioning = engine.encode(args.prompt, args.negative, steps=args.steps, second_order=second_order,
                                  options=options, dtype=dtype)
-    tensors = {}
-    parts = []
-    for part_index, (scheduled, weight) in enumerate(conditioning.positive):
-        parts.append({"weight": weight, "schedule": _schedule(scheduled)})
-        _add_tensors(tensors, f"positive.{part_index}", scheduled)
-    _add_tensors(tensors, "negative", conditioning.negative)
-    metadata = {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative,
-        "steps": args.steps,
-        "second_order": second_order,
-        "clip_skip": args.clip_skip,
-        "emphasis": args.emphasis,
-        # the other encode options, where they differ from A1111's
-        **{name: value for name, value in (("comma_backtrack", options.comma_backtrack),
-                                           ("bare_names", options.bare_names),
-                                           ("explicit_embedding_syntax", options.explicit_embedding_syntax),
-                                           ("keep_embeddings_on_backtrack", options.keep_embeddings_on_backtrack))
-           if value != getattr(type(options)(), name)},
-        "parts": parts,
-        "negative": {"schedule": _schedule(conditioning.negative)},
-        "applied_embeddings": [
-            {"name": a.name, "short_hash": a.short_hash, "prompt": a.prompt, "part": a.part,
-             "schedule_entry": a.schedule_entry, "chunk": a.chunk, "slot": a.slot, "vectors": a.n_vectors,
-             "weight": a.weight}
-            for a in conditioning.applied
-        ],
-        "skipped_embeddings": [{"name": m.name, "reason": m.reason} for m in conditioning.skipped],
-        "extra_networks": [report.as_dict() for report in conditioning.networks],
-        "lora_hashes": conditioning.active_networks.lora_hashes(),
-        "warnings": conditioning.warnings,
-        "model": valid_text(str(engine.model_path)) if engine.model_path else None,
-        "model_hash": engine.model_hash(),
-    }
-    payload = save(tensors, metadata={"tiengine": json.dumps(metadata, ensure_ascii=False)})
+    tensors = conditioning_tensors(conditioning)
+    metadata = conditioning_metadata(engine, conditioning, args.prompt, args.negative, steps=args.steps,
+                                     second_order=second_order, options=options)
+    payload = conditioning_file(tensors, metadata)
     atomic_write_bytes(args.out, payload, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(metadata, ensure_ascii=False))
@@ -127,14 +101,3 @@ def run(args: argparse.Namespace) -> int:
             print(valid_text(line))
     return 0
 
-
-def _schedule(scheduled) -> list:
-    return [[last_step, text, count] for (last_step, _, _), text, count in
-            zip(scheduled.entries, scheduled.texts, scheduled.token_counts)]
-
-
-def _add_tensors(tensors: dict, prefix: str, scheduled) -> None:
-    for entry_index, (_, context, pooled) in enumerate(scheduled.entries):
-        tensors[f"{prefix}.{entry_index}.context"] = context.detach().contiguous().cpu()
-        if pooled is not None:
-            tensors[f"{prefix}.{entry_index}.pooled"] = pooled.detach().contiguous().cpu()

@@ -4,13 +4,15 @@ Shows what the encoder sees, in the order `Engine.encode` works: extra-network t
 tiengine.text.extra_networks) are removed first and listed; the rest (`text`) is split on AND into parts
 (text, weight); each part's text has a schedule over the sampling steps (until step, text); each scheduled
 text is read into attention fragments (text, weight; BREAK as ("BREAK", -1)). `--json` writes one object
-per prompt (JSON lines with `--file`, which reads one prompt per line):
+per prompt (JSON lines with `--file`, which reads one prompt per line), built by tiengine.reports.parse_report
+(the service's /tiengine/v1/parse answers the same object):
 
     {"prompt": str, "text": str, "extra_networks": [tag, ...],
      "parts": [{"text": str, "weight": float,
                 "schedule": [{"until_step": int, "text": str, "fragments": [[str, float], ...]}]}]}
 
-Each tag (`extra_network_report`, shared with `tiengine tokenize`) is {"kind", "name", "where" ("positive"),
+Each tag (tiengine.reports.extra_network_report, shared with `tiengine tokenize`) is {"kind", "name", "where"
+("positive"),
 "text" (as written), "start", "end" (its character offsets in the prompt)} plus, for lora/lyco,
 "te_multiplier", "unet_multiplier", "dyn_dim" (null: the file's rank); for hypernet, "multiplier"; for other
 kinds, "items" (the ":"-split arguments). A "note" says why a tag will not be applied (unknown kind, no
@@ -26,15 +28,6 @@ import sys
 from pathlib import Path
 
 from tiengine.cli import CliError
-from tiengine.text.extra_networks import (
-    HYPERNET_KINDS,
-    LORA_KINDS,
-    ExtraNetworkTag,
-    hypernet_arguments,
-    lora_arguments,
-    strip_extra_networks,
-)
-from tiengine.text.prompt import parse_prompt_attention, prompt_schedule, split_and
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,6 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tiengine.reports import parse_report
+
     if args.steps < 1:
         raise CliError(f"--steps must be at least 1, got {args.steps}")
     prompts = [args.text] if args.file is None else _read_prompts(args.file)
@@ -72,49 +67,6 @@ def run(args: argparse.Namespace) -> int:
                 print()
             _print_table(report)
     return 0
-
-
-def parse_report(prompt: str, steps: int, *, second_order: bool = False) -> dict:
-    """Tags removed -> AND parts -> per-part schedule -> per-entry attention fragments, as the encoder reads
-    `prompt`."""
-    stripped = strip_extra_networks(prompt)
-    parts = []
-    for text, weight in split_and(stripped.text):
-        schedule = [
-            {
-                "until_step": until_step,
-                "text": scheduled_text,
-                "fragments": [list(fragment) for fragment in parse_prompt_attention(scheduled_text)],
-            }
-            for until_step, scheduled_text in prompt_schedule(text, steps, second_order=second_order)
-        ]
-        parts.append({"text": text, "weight": weight, "schedule": schedule})
-    return {
-        "prompt": prompt,
-        "text": stripped.text,
-        "extra_networks": [extra_network_report(tag) for tag in stripped.tags],
-        "parts": parts,
-    }
-
-
-def extra_network_report(tag: ExtraNetworkTag) -> dict:
-    """One tag as the JSON object described in the module docstring (raises NetworkError on a bad value)."""
-    record: dict = {"kind": tag.kind, "name": tag.name, "where": tag.where, "text": tag.text,
-                    "start": tag.start, "end": tag.end}
-    if tag.kind in LORA_KINDS:
-        arguments = lora_arguments(tag)
-        record.update(te_multiplier=arguments.te_multiplier, unet_multiplier=arguments.unet_multiplier,
-                      dyn_dim=arguments.dyn_dim)
-    elif tag.kind in HYPERNET_KINDS:
-        name, multiplier = hypernet_arguments(tag)
-        record.update(name=name, multiplier=multiplier)  # A1111's hypernet name is items[0], "=" or not
-    else:
-        record["items"] = list(tag.items)
-        known = ", ".join(LORA_KINDS + HYPERNET_KINDS)
-        record["note"] = f"unknown extra network kind {tag.kind!r} (known: {known}): removed, not applied"
-    if not record["name"] and "note" not in record:
-        record["note"] = "names no network (the first argument that is not key=value is the name): not applied"
-    return record
 
 
 def extra_network_line(record: dict) -> str:

@@ -2,15 +2,17 @@
 
 Extra-network tags (`<lora:name:0.8>`, tiengine.text.extra_networks) are removed first, as A1111 does, and
 never tokenized: `text` is the prompt without them and `extra_networks` lists them (the objects of
-`tiengine parse`, tiengine.cli.parse.extra_network_report; no network file is read).
+`tiengine parse`, tiengine.reports.extra_network_report; no network file is read).
 
 JSON output (`--json`): one object per prompt (JSON lines with `--file`): `prompt`, `text`, `extra_networks`,
 `token_count`,
 `chunks` = [{"tokens": [77 ids], "weights": [77 floats], "embeddings": [[slot, name, n_vectors], ...]}],
 slots counted from the chunk start (BOS is 0), embedding slots holding their pseudo-token ids (>= 49408).
-Token ids are those of the family's first encoder; SDXL adds `tokens_2` for its second encoder (ids after
-the first EOS are 0). Also `unresolved` (`embedding:NAME` naming nothing), `skipped` (mentioned embeddings
-that cannot be used, with the reason) and `warnings`.
+With `--model`, the model's family and text encoder widths decide which embeddings bind (the engine's
+reading, also the service's); without, `--family`'s standard widths. Token ids are those of the family's
+first encoder; SDXL adds `tokens_2` for its second encoder (ids after the first EOS are 0). Also `unresolved` (`embedding:NAME` naming nothing), `skipped` (mentioned embeddings
+that cannot be used, with the reason) and `warnings`. Built by tiengine.reports.tokenize_report (the service's
+/tiengine/v1/tokenize answers the same object, with the served model's embeddings).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import json
 import sys
 from pathlib import Path
 
-from tiengine.cli import CliError, add_encode_options, embeddings_folder
-from tiengine.cli.parse import extra_network_line, extra_network_report
+from tiengine.cli import CliError, add_encode_options, embeddings_folder, encode_options
+from tiengine.cli.parse import extra_network_line
 
-FAMILY_PAD_IDS = {"sd1": (49407,), "sd2": (0,), "sdxl": (49407, 0)}
+FAMILIES = ("sd1", "sd2", "sdxl")  # the keys of tiengine.reports.FAMILY_PAD_IDS (not imported here: it needs torch)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,67 +41,47 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--file", type=Path, help="a text file with one prompt per line")
     parser.add_argument("--embeddings", type=Path, metavar="DIR",
                         help="folder of embedding files to bind (default: $TIENGINE_EMBEDDINGS, if set)")
-    parser.add_argument("--family", choices=sorted(FAMILY_PAD_IDS), default="sd1",
-                        help="model family: decides padding and which embeddings fit (default sd1)")
+    parser.add_argument("--family", choices=FAMILIES,
+                        help="model family: decides padding and which embeddings fit (default sd1, or --model's)")
+    parser.add_argument("--model", type=Path, metavar="M",
+                        help="read the embeddings as this model does (model folder or checkpoint): its family and "
+                             "text encoder widths decide which bind, as in `tiengine encode` and `tiengine serve`'s "
+                             "/tiengine/v1/tokenize (default: no model, --family's standard widths)")
     add_encode_options(parser)
     parser.add_argument("--json", action="store_true", help="machine-readable output (JSON lines)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tiengine.text.chunking import tokenize_prompt
-    from tiengine.text.conditioning import encoder_token_ids
-    from tiengine.text.extra_networks import strip_extra_networks
+    from tiengine.reports import tokenize_report
+    from tiengine.text.prompt import DEFAULT_LIMITS
     from tiengine.text.tokenizer import ClipTokenizer
     from tiengine.text.vocabulary import EmbeddingVocabulary
 
     if args.comma_backtrack < 0:
         raise CliError(f"--comma-backtrack must be >= 0, got {args.comma_backtrack}")
     prompts = _read_prompts(args)
-    tokenizer = ClipTokenizer.default()
-    vocabulary = EmbeddingVocabulary(tokenizer)
     folder = embeddings_folder(args.embeddings)
-    if folder is not None:
-        from tiengine.embeddings.library import EmbeddingLibrary
+    family, limits = args.family or "sd1", DEFAULT_LIMITS
+    if args.model is not None:
+        from tiengine.engine import Engine
 
-        vocabulary = EmbeddingVocabulary.from_library(tokenizer, EmbeddingLibrary(folder, args.family))
+        engine = Engine.load(args.model, embeddings=folder if folder is not None else False)
+        if args.family is not None and args.family != engine.config.family:
+            raise CliError(f"--family {args.family}: the model {args.model} is {engine.config.family}")
+        family, tokenizer, vocabulary = engine.config.family, engine.tokenizer, engine.vocabulary
+        limits = engine.prompt_limits
+    else:
+        tokenizer = ClipTokenizer.default()
+        vocabulary = EmbeddingVocabulary(tokenizer)
+        if folder is not None:
+            from tiengine.embeddings.library import EmbeddingLibrary
 
-    import torch
+            vocabulary = EmbeddingVocabulary.from_library(tokenizer, EmbeddingLibrary(folder, family))
 
+    options = encode_options(args)
     for prompt in prompts:
-        stripped = strip_extra_networks(prompt)
-        result = tokenize_prompt(
-            stripped.text,
-            tokenizer,
-            emphasis=args.emphasis,
-            comma_backtrack=args.comma_backtrack,
-            bare_names=not args.explicit_only,
-            explicit_embedding_syntax=args.explicit_embedding_syntax or args.explicit_only,
-            keep_embeddings_on_backtrack=args.keep_embeddings_on_backtrack,
-        )
-        chunks = []
-        for chunk in result.chunks:
-            record = {}
-            for index, pad_id in enumerate(FAMILY_PAD_IDS[args.family]):
-                ids = encoder_token_ids([chunk], pad_id, torch.device("cpu"))[0].tolist()
-                record["tokens" if index == 0 else f"tokens_{index + 1}"] = ids
-            record["weights"] = [round(weight, 6) for weight in chunk.weights]
-            record["embeddings"] = [[e.slot, e.name, e.n_vectors] for e in chunk.embeddings]
-            chunks.append(record)
-        extra_networks = [extra_network_report(tag) for tag in stripped.tags]
-        for record in extra_networks:
-            if "items" in record and record["kind"] in vocabulary.embeddings:
-                record["note"] += f"; {record['kind']} is an embedding: write it without <...> to use it"
-        report = {
-            "prompt": prompt,
-            "text": stripped.text,
-            "extra_networks": extra_networks,
-            "token_count": result.token_count,
-            "chunks": chunks,
-            "unresolved": result.unresolved,
-            "skipped": [[m.name, m.reason] for m in vocabulary.skipped_mentions(stripped.text)],
-            "warnings": result.warnings,
-        }
+        report = tokenize_report(prompt, tokenizer, vocabulary, family=family, options=options, limits=limits)
         if args.json:
             print(json.dumps(report, ensure_ascii=False))
         else:

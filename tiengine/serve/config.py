@@ -34,10 +34,14 @@ class ServeLimits:
     max_n_iter: int = 16  # sampling runs per request
     max_prompt_chars: int = 32_768  # each of prompt and negative prompt
     queue_size: int = 16  # jobs waiting for the model; one more is answered 503 with Retry-After
+    max_training_images: int = 64  # images of one textual-inversion training job
+    max_training_steps: int = 10_000  # optimizer steps of one training job
+    max_training_results: int = 8  # finished training jobs whose files are kept; the oldest is dropped first
 
     def __post_init__(self) -> None:
         for name in ("max_request_bytes", "max_pixels", "max_steps", "max_batch_size", "max_n_iter",
-                     "max_prompt_chars", "queue_size"):
+                     "max_prompt_chars", "queue_size", "max_training_images", "max_training_steps",
+                     "max_training_results"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ServeError(f"serve limit {name}: expected an integer >= 1, found {value!r}")

@@ -189,6 +189,11 @@ class ModelWorker:
     def waiting(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def closing(self) -> bool:
+        """Whether `close` was called: long jobs (training) stop at their next step instead of running on."""
+        return self._closed.is_set()
+
     def interrupt(self) -> bool:
         """Stop the running job (its runs end early with what they have); False when none runs."""
         job = self.current()
