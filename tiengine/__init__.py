@@ -54,6 +54,8 @@ _EXPORTS = {
     "TrainingInterrupted": "tiengine.training.textual_inversion",
     "KernelInputError": "tiengine.kernels.common",
     "DemoError": "tiengine.toyworld.demo",
+    "IntegrationError": "tiengine.integrations.shared_encoders",
+    "ServeError": "tiengine.serve.config",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
         TiengineError,
         UnsafePickleError,
     )
+    from tiengine.integrations.shared_encoders import IntegrationError
     from tiengine.io.atomic import FileExistsRefusal, WriteError
     from tiengine.io.lock import LockHeldError
     from tiengine.io.metadata import MetadataError
@@ -80,6 +83,7 @@ if TYPE_CHECKING:
     from tiengine.networks.active import NetworkReport
     from tiengine.networks.library import NetworkLibrary
     from tiengine.results import AppliedEmbedding, Conditioning, GenerationResult, ScheduledConditioning
+    from tiengine.serve.config import ServeError
     from tiengine.settings import GenerateSettings
     from tiengine.text.conditioning import ConditioningError, EncodeOptions
     from tiengine.text.prompt import PromptError, PromptLimits

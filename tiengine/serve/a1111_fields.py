@@ -31,8 +31,8 @@ from PIL import Image, UnidentifiedImageError
 
 from tiengine.diffusion.hires import hires_size, latent_upscale_mode
 from tiengine.diffusion.names import SamplingError, schedule_name, split_sampler_name
-from tiengine.errors import TiengineError
 from tiengine.infotext import EMPHASIS_LABELS
+from tiengine.serve.config import RequestRefused
 from tiengine.settings import GenerateSettings
 from tiengine.text.chunking import DEFAULT_COMMA_BACKTRACK
 from tiengine.text.conditioning import EncodeOptions
@@ -73,10 +73,6 @@ NEUTRAL_OPTIONS = frozenset({
     "sd_checkpoint_cache", "sd_vae_checkpoint_cache", "grid_only_if_multiple", "save_to_dirs",
 })
 NEUTRAL_PREFIXES = ("outdir_", "save_", "live_preview", "show_", "directories_")
-
-
-class RequestRefused(TiengineError):
-    """A request field that tiengine cannot honour (answered 422, naming the field, the value and why)."""
 
 
 def refuse(field: str, value: object, why: str) -> RequestRefused:

@@ -22,6 +22,11 @@ class ServeError(TiengineError):
     """A start-up choice of the service that cannot be used (a public host without auth, a bad credential)."""
 
 
+class RequestRefused(TiengineError):
+    """A request the service will not run: over one of its caps, with a field it cannot honour or content it
+    cannot use (answered 422; the message names the field or cap, the value and why)."""
+
+
 @dataclass(frozen=True)
 class ServeLimits:
     """Caps on what one request may ask for; a request over a cap is answered 422 (413 for the body size)

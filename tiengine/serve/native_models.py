@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tiengine.errors import TiengineError
-from tiengine.serve.config import ServeLimits
+from tiengine.serve.config import RequestRefused, ServeLimits
 from tiengine.text.chunking import DEFAULT_COMMA_BACKTRACK
 from tiengine.text.conditioning import EncodeOptions
 from tiengine.training.data import BUILTIN_TEMPLATES
@@ -22,10 +21,6 @@ from tiengine.training.textual_inversion import TrainEmbeddingSettings
 
 TEMPLATE_CHOICES = ("auto", *BUILTIN_TEMPLATES)  # a template file is a path: the service takes template_lines
 _DEFAULTS = TrainEmbeddingSettings()
-
-
-class RequestRefused(TiengineError):
-    """A request over one of the service's caps, or with content it cannot use (answered 422)."""
 
 
 class StrictBody(BaseModel):

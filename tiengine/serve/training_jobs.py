@@ -38,7 +38,8 @@ from PIL import Image, UnidentifiedImageError
 
 from tiengine.embeddings.embedding import save_embedding
 from tiengine.errors import TiengineError
-from tiengine.serve.native_models import JobStatus, RequestRefused
+from tiengine.serve.config import RequestRefused
+from tiengine.serve.native_models import JobStatus
 from tiengine.training.data import CAPTION_SUFFIX
 
 if TYPE_CHECKING:
