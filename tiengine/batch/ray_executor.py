@@ -54,6 +54,7 @@ def run_ray(pending: list[Job], spec: WorkerSpec, *, address: str | None, actors
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's own bar counts rows
     try:
         dataset = ray.data.from_items([{"job": job.to_json()} for job in pending])
         results = dataset.map_batches(
