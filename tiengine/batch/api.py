@@ -11,6 +11,7 @@ row, in JOBS order. The model is loaded only when some row is left to run.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from tiengine.batch.manifest import (
     read_journal,
     write_final,
 )
+from tiengine.batch.outputs import EMBEDDINGS_FOLDER, IMAGES_FOLDER
 from tiengine.batch.ray_executor import run_ray
 from tiengine.batch.worker import DTYPES, RowResult, WorkerSpec
 from tiengine.batch.writer import RunWriter, failure_record, plan
@@ -34,6 +36,7 @@ from tiengine.io.atomic import ensure_folder
 from tiengine.io.lock import acquire_lock
 
 EXECUTORS = ("local", "ray")
+STALE_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")  # tiengine.io.atomic's temporary names
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ def run(
     folder = ensure_folder(out)
     lock, lock_warning = acquire_lock(folder / ".batch.lock")
     try:
+        _remove_stale_temporaries(folder)
         spec = WorkerSpec(model=_text(model), embeddings=_text(embeddings), loras=_text(loras),
                           hypernetworks=_text(hypernetworks), device=device, dtype=dtype,
                           threads=threads if threads is not None or executor == "local"
@@ -129,6 +133,15 @@ def _check_arguments(kind: str, executor: str, dtype: str, batch_size: int, shar
     if not cpus_per_actor > 0 or not gpus_per_actor >= 0:
         raise JobError(f"cpus_per_actor must be > 0 and gpus_per_actor >= 0, got {cpus_per_actor!r} and "
                        f"{gpus_per_actor!r}")
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files a killed run left (tiengine.io.atomic's `.NAME.HEX.tmp`); the lock keeps any
+    other run out of this folder, so none of them is being written."""
+    for where in (folder, folder / IMAGES_FOLDER, folder / EMBEDDINGS_FOLDER):
+        for path in where.glob(".*.tmp"):
+            if STALE_TEMPORARY.fullmatch(path.name):
+                path.unlink(missing_ok=True)
 
 
 def _text(path: str | os.PathLike[str] | None) -> str | None:

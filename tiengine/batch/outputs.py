@@ -6,7 +6,8 @@
   `<name>` those of `tiengine encode` (`positive.<part>.<entry>.context`, ...); the metadata key
   `tiengine.batch` holds JSON {id: that row's `tiengine encode` report}.
 - generate: `images/<safe id>.png` with the infotext (`parameters` chunk) inside.
-- train: `embeddings/<safe id>.safetensors`.
+- train: `embeddings/<safe id>.safetensors`, the file `tiengine train-embedding` writes with its header's
+  keys sorted (`canonical_safetensors`), so the bytes do not change between runs.
 
 `<safe id>` (`safe_stem`) keeps letters, digits, "-", "_" and "." of the id (at most 64 characters, no leading
 dot) and adds 8 hex digits of sha256(id), so two ids never share a file and no id is a path. Every file is
@@ -58,6 +59,20 @@ def shard_bytes(rows: Mapping[str, tuple[bytes, dict]]) -> bytes:
             tensors[f"{row_id}/{name}"] = tensor
     reports = {row_id: report for row_id, (_, report) in rows.items()}
     return save(tensors, metadata={SHARD_METADATA_KEY: json.dumps(reports, ensure_ascii=False)})
+
+
+def canonical_safetensors(payload: bytes) -> bytes:
+    """The same safetensors file with its header's keys sorted: safetensors writes the metadata keys in a
+    hash-map order that changes between processes, so an embedding file with several metadata keys would
+    differ run to run. The data section is unchanged (its offsets are relative to it); the header is padded
+    with spaces to a multiple of 8 bytes, as safetensors pads it."""
+    length = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + length])
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(dict(sorted(header.items())), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + payload[8 + length :]
 
 
 def write_output(path: Path, payload: bytes) -> str:

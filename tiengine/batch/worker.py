@@ -8,7 +8,7 @@ row's bytes are the same on both by construction.
 Each row is computed alone, from its own fields: encode by `Engine.encode` (the bytes of `tiengine encode
 --out`), generate by `Engine.generate` with the row's seed and batch size 1 (the PNG bytes `tiengine generate`
 writes), train by `Engine.train_embedding` (the embedding file `tiengine train-embedding` writes, without its
-checkpoints). Encoding several rows in one forward pass changes the last bits of most rows on the CPU (396
+checkpoints; its header's keys sorted, tiengine.batch.outputs). Encoding several rows in one forward pass changes the last bits of most rows on the CPU (396
 of 400 wild prompts differed, grouped by chunk count; benchmarks/batch.py), so rows are never batched
 together: a row's output never depends on its neighbours. Identical encode rows (same prompt, negative and
 settings) are encoded once per worker (`ENCODE_MEMO_ROWS` most recent). A row that raises becomes a failed
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from tiengine.batch.jobs import Job, job_settings
-from tiengine.embeddings.embedding import save_embedding
+from tiengine.batch.outputs import canonical_safetensors
 from tiengine.engine import Engine
 from tiengine.errors import TiengineError
 from tiengine.io.metadata import png_bytes
@@ -149,12 +149,11 @@ class RowWorker:
 
     def _train(self, job: Job) -> tuple[bytes, dict]:
         settings = job_settings("train", job.fields)
-        result = self.engine.train_embedding(job.fields["images"], job.fields["name"], settings)
-        if result.embedding is None:
-            raise TiengineError("this model's text encoders fit no embedding file format")
-        with tempfile.TemporaryDirectory(prefix="tiengine-batch-") as folder:
-            path = save_embedding(result.embedding, Path(folder) / "embedding.safetensors")
-            payload = path.read_bytes()
+        with tempfile.TemporaryDirectory(prefix="tiengine-batch-") as folder:  # checkpoints and log: dropped
+            out = Path(folder) / "embedding.safetensors"
+            result = self.engine.train_embedding(job.fields["images"], job.fields["name"], settings, out=out,
+                                                 work_dir=Path(folder) / "work")
+            payload = canonical_safetensors(out.read_bytes())  # `tiengine train-embedding`'s file, keys sorted
         report = {"name": result.name, "steps": result.steps_done, "seed": result.seed,
                   "final_loss": result.losses[-1].loss if result.losses else None, "warnings": result.warnings}
         return payload, report
