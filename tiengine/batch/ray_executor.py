@@ -2,7 +2,8 @@
 
 read -> map_batches -> write: the pending Jobs become a dataset (`ray.data.from_items`, one JSON text per
 row: the driver has read and checked the JOBS file, since duplicate ids and resume need every row), then
-`map_batches(RayRowActor, concurrency=actors, num_cpus=/num_gpus= per actor, batch_size=...)` runs them on
+`map_batches(RayRowActor, compute=ActorPoolStrategy(size=actors), num_cpus=/num_gpus= per actor,
+batch_size=...)` runs them on
 an actor pool in which each actor loads the model once (`RowWorker`, the local executor's very function),
 and the results stream back to the driver, whose RunWriter writes shards, files and the manifest. Writing
 stays in one process, so atomic writes and the journal work the same for both executors, and a cluster
@@ -58,7 +59,8 @@ def run_ray(pending: list[Job], spec: WorkerSpec, *, address: str | None, actors
     try:
         dataset = ray.data.from_items([{"job": job.to_json()} for job in pending])
         results = dataset.map_batches(
-            RayRowActor, fn_constructor_kwargs={"spec_json": spec.to_json()}, concurrency=actors,
+            RayRowActor, fn_constructor_kwargs={"spec_json": spec.to_json()},
+            compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, batch_size=batch_size, batch_format="pyarrow",
         )
         for row in results.iter_rows():
