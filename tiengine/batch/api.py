@@ -86,6 +86,9 @@ def run(
     function (and per Ray batch). `shard_rows`: encode rows per shard (changing it between a run and its
     re-run recomputes the shards). `executor="ray"`: `actors` actors with `cpus_per_actor` /
     `gpus_per_actor` each, on the cluster at `ray_address` (None: see tiengine.batch.ray_executor).
+    `threads`: torch CPU threads of the local worker (None: torch's choice); a Ray actor uses
+    int(`cpus_per_actor`). The thread count can change the last bits of CPU convolutions (generate, train),
+    so local and Ray bytes are equal when the counts are (e.g. threads=1 and cpus_per_actor=1).
     `progress`: a bar on stderr with rows/s and the time left. A failing row is recorded and the run goes
     on; a re-run runs only the rows without a verified output."""
     _check_arguments(kind, executor, dtype, batch_size, shard_rows, manifest_format, actors, cpus_per_actor,
