@@ -240,3 +240,11 @@ def test_kill_minus_9_then_rerun_equals_an_uninterrupted_run(tmp_path, kind):
     manifests = [[json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
                  for folder in (killed_out, whole_out)]
     assert comparable(manifests[0]) == comparable(manifests[1])
+
+
+def test_importing_tiengine_or_the_batch_package_leaves_ray_out():
+    code = ("import sys, tiengine, tiengine.batch, tiengine.cli.batch; "
+            "print(sorted(name for name in sys.modules if name.split('.')[0] in ('ray', 'pyarrow')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    code = "import sys, tiengine; tiengine.Engine; print('tiengine.batch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
