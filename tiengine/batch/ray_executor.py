@@ -3,8 +3,7 @@
 read -> map_batches -> write: the pending Jobs become a dataset (`ray.data.from_items`, one JSON text per
 row: the driver has read and checked the JOBS file, since duplicate ids and resume need every row), then
 `map_batches(RayRowActor, compute=ActorPoolStrategy(size=actors), num_cpus=/num_gpus= per actor,
-batch_size=...)` runs them on
-an actor pool in which each actor loads the model once (`RowWorker`, the local executor's very function),
+batch_size=...)` runs them on an actor pool in which each actor loads the model once (`RowWorker`, the local executor's very function),
 and the results stream back to the driver, whose RunWriter writes shards, files and the manifest. Writing
 stays in one process, so atomic writes and the journal work the same for both executors, and a cluster
 needs no shared output folder (train rows' images folders must be readable where the actors run).
