@@ -36,6 +36,7 @@ STAGES = (
      "tiengine.reports"),
     ("tiengine.toyworld",),
     ("tiengine.integrations",),
+    ("tiengine.batch",),
     ("tiengine.serve",),
     ("tiengine.cli", "tiengine.__main__"),
 )

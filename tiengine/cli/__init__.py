@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "tiengine.cli.train",
     "tiengine.cli.demo",
     "tiengine.cli.serve",
+    "tiengine.cli.batch",
 )
 
 
