@@ -85,7 +85,7 @@ def test_triton_is_an_extra_not_a_requirement():
     assert [spec for spec in extras["cuda"] if spec.startswith("triton")]
     # the kernel interpreter tests: the README's test command (and CI) install [cuda] with [test]
     # (and k-diffusion, the sampler reference, without its declared torchvision)
-    command = 'pip install -e ".[test,cuda,serve]" && pip install --no-deps k-diffusion==0.0.16 && python -m pytest'
+    command = 'pip install -e ".[test,cuda,serve,ray]" && pip install --no-deps k-diffusion==0.0.16 && python -m pytest'
     assert command in (REPO / "README.md").read_text(encoding="utf-8")
     assert command in (REPO / ".ci" / "run").read_text(encoding="utf-8")
 
