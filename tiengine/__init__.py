@@ -56,11 +56,15 @@ _EXPORTS = {
     "DemoError": "tiengine.toyworld.demo",
     "IntegrationError": "tiengine.integrations.shared_encoders",
     "ServeError": "tiengine.serve.config",
+    "BatchJobError": "tiengine.batch.jobs",
+    "BatchRayError": "tiengine.batch.ray_executor",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from tiengine.batch.jobs import BatchJobError
+    from tiengine.batch.ray_executor import BatchRayError
     from tiengine.diffusion.schedules import SamplingError
     from tiengine.embeddings.embedding import Embedding, load_embedding, save_embedding
     from tiengine.embeddings.library import EmbeddingLibrary

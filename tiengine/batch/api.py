@@ -20,7 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tiengine.batch.jobs import KINDS, JobError, RowFailure, read_jobs
+from tiengine.batch.jobs import KINDS, BatchJobError, RowFailure, read_jobs
 from tiengine.batch.local import run_local
 from tiengine.batch.manifest import (
     MANIFEST_FORMATS,
@@ -127,14 +127,14 @@ def _check_arguments(kind: str, executor: str, dtype: str, batch_size: int, shar
                "manifest_format": (manifest_format, MANIFEST_FORMATS)}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
-            raise JobError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+            raise BatchJobError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
     for name, value in (("batch_size", batch_size), ("shard_rows", shard_rows), ("actors", actors)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise JobError(f"{name} must be an integer >= 1, got {value!r}")
+            raise BatchJobError(f"{name} must be an integer >= 1, got {value!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise JobError(f"threads must be an integer >= 1 (or None), got {threads!r}")
+        raise BatchJobError(f"threads must be an integer >= 1 (or None), got {threads!r}")
     if not cpus_per_actor > 0 or not gpus_per_actor >= 0:
-        raise JobError(f"cpus_per_actor must be > 0 and gpus_per_actor >= 0, got {cpus_per_actor!r} and "
+        raise BatchJobError(f"cpus_per_actor must be > 0 and gpus_per_actor >= 0, got {cpus_per_actor!r} and "
                        f"{gpus_per_actor!r}")
 
 

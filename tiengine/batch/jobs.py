@@ -48,7 +48,7 @@ TUPLE_SETTINGS = ("seed_resize_from", "hires_resize")  # GenerateSettings fields
 MAX_SEED = 2**32 - 1
 
 
-class JobError(TiengineError):
+class BatchJobError(TiengineError):
     """A JOBS file that cannot be read at all (missing, unknown format, Parquet without pyarrow)."""
 
 
@@ -108,7 +108,7 @@ def read_jobs(jobs: str | os.PathLike[str] | Sequence[Mapping[str, Any]], kind: 
     """The rows of a JOBS file (.jsonl / .json lines, or .parquet), or of a list of row objects (train's images
     then relative to the working folder), checked for `kind`."""
     if kind not in KINDS:
-        raise JobError(f"unknown job kind {kind!r}; expected one of: {', '.join(KINDS)}")
+        raise BatchJobError(f"unknown job kind {kind!r}; expected one of: {', '.join(KINDS)}")
     if isinstance(jobs, (str, os.PathLike)):
         path = Path(jobs)
         raw = _parquet_rows(path) if path.suffix.lower() == ".parquet" else _jsonl_rows(path)
@@ -123,11 +123,11 @@ def read_jobs(jobs: str | os.PathLike[str] | Sequence[Mapping[str, Any]], kind: 
         row_id = value.get("id") if isinstance(value, dict) and isinstance(value.get("id"), str) else None
         try:
             if isinstance(value, Unreadable):
-                raise JobError(f"{where}: {value.reason}")
+                raise BatchJobError(f"{where}: {value.reason}")
             fields = check_row(value, kind, where, base)
             row_id = fields.pop("id")
             if row_id in first_line:
-                raise JobError(f"{where}: duplicate id {row_id!r} (first on line {first_line[row_id]}); "
+                raise BatchJobError(f"{where}: duplicate id {row_id!r} (first on line {first_line[row_id]}); "
                                f"ids must be unique")
             first_line[row_id] = line
             rows.append(Job(row_id, line, position, kind, fields))
@@ -140,24 +140,24 @@ def read_jobs(jobs: str | os.PathLike[str] | Sequence[Mapping[str, Any]], kind: 
 def check_row(value: object, kind: str, where: str, base: Path) -> dict[str, Any]:
     """A row's fields, checked for `kind` (defaults filled in, images resolved against `base`)."""
     if not isinstance(value, dict):
-        raise JobError(f"{where}: a row must be a JSON object, got {type(value).__name__}")
+        raise BatchJobError(f"{where}: a row must be a JSON object, got {type(value).__name__}")
     unknown = sorted(set(value) - set(ROW_FIELDS[kind]))
     if unknown:
-        raise JobError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} for {kind} rows; expected some "
+        raise BatchJobError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))} for {kind} rows; expected some "
                        f"of: {', '.join(ROW_FIELDS[kind])}")
     row_id = value.get("id")
     if not isinstance(row_id, str) or not row_id:
-        raise JobError(f"{where}: field 'id' must be a non-empty string, got {row_id!r}")
+        raise BatchJobError(f"{where}: field 'id' must be a non-empty string, got {row_id!r}")
     settings = value.get("settings", {})
     if isinstance(settings, str):  # a Parquet column of JSON text
         try:
             settings = json.loads(settings)
         except json.JSONDecodeError as error:
-            raise JobError(f"{where}: field 'settings' is not valid JSON ({error})") from None
+            raise BatchJobError(f"{where}: field 'settings' is not valid JSON ({error})") from None
     if settings is None:
         settings = {}
     if not isinstance(settings, dict):
-        raise JobError(f"{where}: field 'settings' must be an object, got {type(settings).__name__}")
+        raise BatchJobError(f"{where}: field 'settings' must be an object, got {type(settings).__name__}")
     fields: dict[str, Any] = {"id": row_id, "settings": settings}
     if kind in ("encode", "generate"):
         fields["prompt"] = _text(value, "prompt", where, required=True)
@@ -181,21 +181,21 @@ def job_settings(kind: str, fields: Mapping[str, Any]) -> Any:
     if kind == "encode":
         unknown = sorted(set(settings) - set(ENCODE_SETTING_NAMES))
         if unknown:
-            raise JobError(f"unknown encode setting(s) {', '.join(unknown)}; expected some of: "
+            raise BatchJobError(f"unknown encode setting(s) {', '.join(unknown)}; expected some of: "
                            f"{', '.join(ENCODE_SETTING_NAMES)}")
         steps = settings.pop("steps", 20)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise JobError(f"setting 'steps' must be an integer >= 1, got {steps!r}")
+            raise BatchJobError(f"setting 'steps' must be an integer >= 1, got {steps!r}")
         second_order = get_sampler(str(settings.pop("sampler", "Euler a"))).second_order
         try:
             return steps, second_order, EncodeOptions(**settings)
         except TypeError as error:  # a mistyped value the dataclass compares against a number
-            raise JobError(f"bad encode setting: {error}") from None
+            raise BatchJobError(f"bad encode setting: {error}") from None
     if kind == "generate":
         if "batch_size" in settings:
-            raise JobError("setting 'batch_size' is not a row setting: each row makes one image")
+            raise BatchJobError("setting 'batch_size' is not a row setting: each row makes one image")
         if "seed" in settings:
-            raise JobError("the seed is the row's own field 'seed', not a setting")
+            raise BatchJobError("the seed is the row's own field 'seed', not a setting")
         for name in TUPLE_SETTINGS:
             if isinstance(settings.get(name), list):
                 settings[name] = tuple(settings[name])
@@ -205,7 +205,7 @@ def job_settings(kind: str, fields: Mapping[str, Any]) -> Any:
     try:
         result: TrainEmbeddingSettings = settings_from_options(**settings)
     except TypeError as error:
-        raise JobError(f"bad training setting: {error}") from None
+        raise BatchJobError(f"bad training setting: {error}") from None
     return result
 
 
@@ -220,7 +220,7 @@ def _text(value: dict, name: str, where: str, *, required: bool) -> str:
         return ""
     if not isinstance(text, str):
         expected = "a string" if required else "a string (or absent)"
-        raise JobError(f"{where}: field {name!r} must be {expected}, got {text!r}")
+        raise BatchJobError(f"{where}: field {name!r} must be {expected}, got {text!r}")
     return text
 
 
@@ -229,7 +229,7 @@ def _seed(value: dict, where: str, row_id: str) -> int:
     if seed is None:
         return row_seed(row_id)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise JobError(f"{where}: field 'seed' must be an integer in 0..{MAX_SEED} (absent: derived from the id), "
+        raise BatchJobError(f"{where}: field 'seed' must be an integer in 0..{MAX_SEED} (absent: derived from the id), "
                        f"got {seed!r}")
     return seed
 
@@ -237,11 +237,11 @@ def _seed(value: dict, where: str, row_id: str) -> int:
 def _images_folder(value: dict, where: str, base: Path) -> Path:
     images = value.get("images")
     if not isinstance(images, str) or not images:
-        raise JobError(f"{where}: field 'images' must be a folder path (a string), got {images!r}")
+        raise BatchJobError(f"{where}: field 'images' must be a folder path (a string), got {images!r}")
     folder = (base / images).resolve()
     if not folder.is_dir():
         found = "a file" if folder.exists() else "nothing"
-        raise JobError(f"{where}: field 'images': {folder} must be a folder of training images, found {found}")
+        raise BatchJobError(f"{where}: field 'images': {folder} must be a folder of training images, found {found}")
     return folder
 
 
@@ -250,11 +250,11 @@ def _jsonl_rows(path: Path) -> list[tuple[int, object]]:
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise JobError(f"{path}: no such JOBS file") from None
+        raise BatchJobError(f"{path}: no such JOBS file") from None
     except UnicodeDecodeError as error:
-        raise JobError(f"{path}: not UTF-8 text ({error})") from None
+        raise BatchJobError(f"{path}: not UTF-8 text ({error})") from None
     except OSError as error:
-        raise JobError(f"{path}: cannot read the JOBS file ({error.strerror or error})") from None
+        raise BatchJobError(f"{path}: cannot read the JOBS file ({error.strerror or error})") from None
     rows: list[tuple[int, object]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -270,10 +270,10 @@ def _parquet_rows(path: Path) -> list[tuple[int, object]]:
     try:
         import pyarrow.parquet
     except ImportError:
-        raise JobError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow, or the [ray] extra)") from None
+        raise BatchJobError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow, or the [ray] extra)") from None
     try:
         table = pyarrow.parquet.read_table(path)
     except (OSError, pyarrow.ArrowException) as error:
-        raise JobError(f"{path}: cannot read the Parquet file ({error})") from None
+        raise BatchJobError(f"{path}: cannot read the Parquet file ({error})") from None
     return [(index + 1, {key: item for key, item in row.items() if item is not None})
             for index, row in enumerate(table.to_pylist())]

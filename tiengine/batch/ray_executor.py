@@ -22,7 +22,7 @@ from tiengine.batch.worker import RowResult, RowWorker, WorkerSpec
 from tiengine.errors import TiengineError
 
 
-class RayError(TiengineError):
+class BatchRayError(TiengineError):
     """Ray is missing, or the Ray run failed as a whole (a failing row is recorded, not raised)."""
 
 
@@ -50,7 +50,7 @@ def run_ray(pending: list[Job], spec: WorkerSpec, *, address: str | None, actors
         import ray
         import ray.data
     except ImportError:
-        raise RayError("--ray needs Ray Data: pip install 'tiengine[ray]' (or pip install -e \".[ray]\")") from None
+        raise BatchRayError("--ray needs Ray Data: pip install 'tiengine[ray]' (or pip install -e \".[ray]\")") from None
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
@@ -64,9 +64,9 @@ def run_ray(pending: list[Job], spec: WorkerSpec, *, address: str | None, actors
         )
         for row in results.iter_rows():
             accept(RowResult.from_json(row["result"], bytes(row["payload"])))
-    except (ray.exceptions.RayError, ValueError, TypeError) as error:
+    except (ray.exceptions.BatchRayError, ValueError, TypeError) as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise RayError(f"the Ray run failed: {first_line}") from error
+        raise BatchRayError(f"the Ray run failed: {first_line}") from error
     finally:
         if started:
             ray.shutdown()
