@@ -25,8 +25,7 @@ import torch
 from safetensors.torch import save
 
 from tiengine.io.metadata import valid_text
-from tiengine.text.chunking import tokenize_prompt
-from tiengine.text.conditioning import EncodeOptions, encoder_token_ids
+from tiengine.text.conditioning import EncodeOptions, encoder_token_ids, tokenize_texts
 from tiengine.text.extra_networks import (
     HYPERNET_KINDS,
     LORA_KINDS,
@@ -104,16 +103,7 @@ def tokenize_report(prompt: str, tokenizer: ClipTokenizer, vocabulary: Embedding
     Token ids are those of the family's first encoder; SDXL adds `tokens_2` for its second encoder's padding.
     `options.clip_skip` plays no part (it changes the encoder's output, not its input)."""
     stripped = strip_extra_networks(prompt, limits=limits)
-    result = tokenize_prompt(
-        stripped.text,
-        tokenizer,
-        emphasis=options.emphasis,
-        comma_backtrack=options.comma_backtrack,
-        bare_names=options.bare_names,
-        explicit_embedding_syntax=options.explicit_embedding_syntax,
-        keep_embeddings_on_backtrack=options.keep_embeddings_on_backtrack,
-        limits=limits,
-    )
+    result = tokenize_texts([stripped.text], tokenizer, options, limits=limits)[0]
     chunks = []
     for chunk in result.chunks:
         record = {}
