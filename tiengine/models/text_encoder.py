@@ -283,12 +283,20 @@ def _linear(layer: nn.Linear, x: torch.Tensor, onednn: bool, residual: torch.Ten
     return y if residual is None else residual + y
 
 
+def _embedding(rows: int, width: int, device: torch.device | str | None, dtype: torch.dtype | None) -> nn.Embedding:
+    """nn.Embedding(rows, width); on the meta device (a model about to be loaded) without its normal_ init,
+    which torch runs there through its Python reference ops and the first time imports torch._dynamo (about
+    3 s of every model load)."""
+    if device is not None and torch.device(device).type == "meta":
+        return nn.Embedding(rows, width, _weight=torch.empty(rows, width, device="meta", dtype=dtype))
+    return nn.Embedding(rows, width, device=device, dtype=dtype)
+
+
 class ClipTextEmbeddings(nn.Module):
     def __init__(self, config: TextEncoderConfig, device: torch.device | str | None, dtype: torch.dtype | None):
         super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size, **factory)
+        self.token_embedding = _embedding(config.vocab_size, config.hidden_size, device, dtype)
+        self.position_embedding = _embedding(config.max_position_embeddings, config.hidden_size, device, dtype)
 
     def forward(self, input_ids: torch.Tensor, extra_token_embeddings: torch.Tensor | None) -> torch.Tensor:
         """(B, T) ids -> (B, T, hidden): token rows (base table or extra rows) plus position rows."""
