@@ -66,9 +66,13 @@ def wait_until_idle(threshold: float, patience_s: float) -> float:
     return load
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
 def clean_environment() -> dict[str, str]:
-    """This process's environment without the thread-count variables (each process makes its own choice)."""
-    return {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    """This process's environment without the OpenMP / MKL thread variables (each process makes its own
+    choice: the neighbour runs as any PyTorch program does by default)."""
+    return {key: value for key, value in os.environ.items() if key not in THREAD_VARIABLES}
 
 
 @contextmanager

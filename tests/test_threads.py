@@ -5,6 +5,8 @@ never touching a program's own thread count. No timing here: the speed it buys i
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from model_builders import tiny_model_config
@@ -53,11 +55,14 @@ def test_policy_one_thread_for_small_work_every_cpu_for_large():
     assert choose_threads(tiny_model_config("sdxl"), cpus=8) == ThreadChoice(1, "small work")
     assert choose_threads(ModelConfig.sd15(), cpus=2) == ThreadChoice(2, "large work")
     assert choose_threads(ModelConfig.sdxl_base(), cpus=16) == ThreadChoice(16, "large work")
-    # the size decides too: SD1.5 on a 64x64 image is below the bound, the built-in model at 1024x1024 above
-    assert widest_conv_macs(ModelConfig.sd15(), 64, 64) < SMALL_WORK_MACS
-    assert choose_threads(ModelConfig.sd15(), 64, 64, cpus=2).threads == 1
-    assert widest_conv_macs(builtin, 1024, 1024) >= SMALL_WORK_MACS
-    assert choose_threads(builtin, 1024, 1024, cpus=2).threads == 2
+    # the size decides too: SD1.5 on a 32x32 image and the built-in model at 128x128 are below the bound,
+    # SD1.5 at 64x64 and the built-in model at 256x256 above
+    assert widest_conv_macs(ModelConfig.sd15(), 32, 32) < SMALL_WORK_MACS
+    assert choose_threads(ModelConfig.sd15(), 32, 32, cpus=2).threads == 1
+    assert choose_threads(ModelConfig.sd15(), 64, 64, cpus=2).threads == 2
+    assert widest_conv_macs(builtin, 128, 128) < SMALL_WORK_MACS <= widest_conv_macs(builtin, 256, 256)
+    assert choose_threads(builtin, 128, 128, cpus=2).threads == 1
+    assert choose_threads(builtin, 256, 256, cpus=2).threads == 2
 
 
 def test_apply_requested_wins_then_environment_then_policy():
@@ -76,6 +81,17 @@ def test_apply_requested_wins_then_environment_then_policy():
     with pytest.raises(TiengineError, match="--threads must be >= 1, got 0"):
         apply_cpu_threads(0, builtin, environ={})
     assert torch.get_num_threads() == 3
+
+
+def test_the_command_line_asks_openmp_for_passive_waiting(monkeypatch, capsys):
+    # OpenMP reads the variable when torch loads: main sets it first, and keeps a value the user set
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main([]) == 2  # no command: the help, and no torch import
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main([]) == 2
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    capsys.readouterr()
 
 
 def test_model_config_reads_converted_folders_only(sd1_folder, tmp_path):

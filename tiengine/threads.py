@@ -4,18 +4,25 @@ torch's CPU ops run on an OpenMP pool of one thread per core. Every convolution,
 parallel region that ends at a barrier, so an op takes as long as its slowest thread. On a machine where
 another program is busy, one of the pool's threads is often descheduled and the others spin-wait for it
 at the barrier: with the built-in model (16x16 latents, 32-64 channels, thousands of ops of a few
-microseconds each per image) a 20-step generation with torch's default 2 threads went from under a
-second to 10-25 s beside one busy process, while 1 thread stayed within a small factor of its idle
-time (benchmarks/contention.py; figures in benchmarks/RESULTS.md). Such small ops gain nothing from a
-second thread even on an idle machine; large ones (SD1.5 at 512x512: 3.8 G multiply-adds in the widest
-convolution) do, by about the core count, and suffer far less from a busy neighbour because each op's
-work dwarfs a late thread's delay.
+microseconds each per image) one UNet call took 2.8 s on torch's default 2 threads beside one busy
+process, against 27 ms on 1 thread (22 ms idle; benchmarks/threads.py, figures in
+benchmarks/RESULTS.md, "CPU threads"). Such small ops gain nothing from a second thread even on an
+idle machine. The other half of the cause is OpenMP's wait policy: GNU
+OpenMP (the runtime torch's CPU wheels ship) spins a waiting thread for a while before sleeping, so a
+thread that finished its share keeps a core busy that the late thread, or the neighbour, needed. With
+OMP_WAIT_POLICY=PASSIVE (waiting threads sleep at once) a full-size SD1.5 UNet call at 128x128 beside
+the busy neighbour took 2.4 s on 2 threads instead of 10.1 s (1 thread: 2.2-2.6 s); on an idle machine
+2 threads still gain 1.3-1.8x from the built-in model at 128x128 up.
 
-The policy: one thread when the model's widest full-resolution convolution is below SMALL_WORK_MACS
-multiply-adds per image, else every CPU this process may run on. It is applied by the `tiengine`
-command lines (after `--threads N` and $OMP_NUM_THREADS / $MKL_NUM_THREADS, which win, in that order),
-never by the library on its own: a program that imports tiengine keeps whatever torch thread count it
-set, and may call `apply_cpu_threads` itself.
+The policy, in two parts:
+- the wait policy: the `tiengine` command line sets OMP_WAIT_POLICY=PASSIVE (unless the user set it)
+  before torch is imported (tiengine.cli.PASSIVE_WAIT_ENVIRONMENT); OpenMP reads it once, when torch
+  loads, so only a process's entry point can set it: a program importing tiengine decides for itself.
+- the thread count: one thread when the model's widest full-resolution convolution is below
+  SMALL_WORK_MACS multiply-adds per image, else every CPU this process may run on. It is applied by
+  the `tiengine` command lines (after `--threads N` and $OMP_NUM_THREADS / $MKL_NUM_THREADS, which win,
+  in that order), never by the library on its own: a program that imports tiengine keeps whatever
+  torch thread count it set, and may call `apply_cpu_threads` itself.
 """
 
 from __future__ import annotations
@@ -30,10 +37,11 @@ from tiengine.errors import TiengineError
 from tiengine.models.config import ModelConfig
 
 # Below this many multiply-adds per image in the UNet's widest full-resolution 3x3 convolution, a second
-# thread costs more in fork/join and barrier waits than it saves (measured crossover on a 2-core machine in
-# benchmarks/RESULTS.md, "CPU threads": the built-in model at 256x256 (38 M) is still faster on 1 thread,
-# SD1.5 at 128x128 (236 M) faster on 2).
-SMALL_WORK_MACS = 100_000_000
+# thread costs more in fork/join and barrier waits than it saves once another process is busy (measured
+# on a 2-core machine with passive waiting, benchmarks/threads.py, RESULTS.md "CPU threads": the built-in
+# model at 128x128 (9.4 M) is 1.37x slower on 2 threads beside a busy neighbour, at 256x256 (38 M) 1.16x
+# faster; idle, 2 threads are 0.8x at 64x64 (2.4 M) and 1.3x at 128x128).
+SMALL_WORK_MACS = 20_000_000
 # environment variables through which a user already told OpenMP / MKL how many threads to use
 THREAD_ENVIRONMENT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,9 @@ COMMAND_MODULES = (
     "tiengine.cli.demo",
     "tiengine.cli.serve",
 )
+# set by `main` before any command imports torch, unless the user set them: waiting OpenMP threads sleep at
+# once instead of spinning (tiengine.threads says why; OpenMP reads these only when torch loads)
+PASSIVE_WAIT_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class CliError(TiengineError):
@@ -158,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for name, value in PASSIVE_WAIT_ENVIRONMENT.items():  # before any command imports torch (tiengine.threads)
+        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
