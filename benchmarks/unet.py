@@ -19,17 +19,13 @@ import gc
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tiengine.io.atomic import atomic_write_bytes  # noqa: E402
+from tiengine.io.atomic import atomic_write_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
