@@ -1,13 +1,15 @@
 """UNet step time: tiengine's UNet2DConditionModel vs diffusers' UNet2DConditionModel, same weights.
 
-Full-size SD1.5 UNet (random weights, shared by both models), CFG batch 2, 77-token context, reduced
-latents (16x16, 32x32) so CPU runs stay short; fp32 and bf16. The two models are timed interleaved
+Full-size SD1.5 UNet (random weights, shared by both models), CFG batch 2, 77-token context, latents
+16x16 and 32x32 by default (short CPU runs) and 64x64 (512x512 images) with `--latents 64`; fp32 and bf16.
+`--channels-last` / `--weights-layout channels_last` run tiengine on NHWC activations / weights. The two models are timed interleaved
 (alternating which goes first) so load from other processes hits both alike; the median is reported,
 with the speedup (diffusers / tiengine), each model's useful FLOP rate as a fraction of the measured
 matmul ceiling, and the max difference between the two outputs relative to max |diffusers output|.
 
     python benchmarks/unet.py [--latents 16 32] [--dtypes fp32 bf16] [--repeats 7] [--threads 2]
-                              [--clock wall|cpu] [--profile] [--json out.json]
+                              [--clock wall|cpu] [--channels-last] [--weights-layout nchw|channels_last]
+                              [--profile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,17 +19,13 @@ import gc
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tiengine.io.atomic import atomic_write_bytes  # noqa: E402
+from tiengine.io.atomic import atomic_write_bytes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -84,11 +82,15 @@ def dtype_passes(
     ours: torch.nn.Module, reference: torch.nn.Module, args: argparse.Namespace, header: dict[str, str]
 ) -> Iterator[tuple[str, torch.dtype, float]]:
     """Per dtype of args.dtypes: both models cast to it on the same tensors (the reference is loaded with
-    assign=True, no copy), and the matmul ceiling in FLOP/s, also recorded in header."""
+    assign=True, no copy), and the matmul ceiling in FLOP/s, also recorded in header. With
+    args.weights_layout "channels_last", tiengine's 4-d weights are then copied to NHWC strides (the
+    reference keeps its NCHW tensors)."""
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         ours.to(dtype)
         reference.load_state_dict(ours.state_dict(), assign=True)
+        if getattr(args, "weights_layout", "nchw") == "channels_last":
+            channels_last_weights_(ours)
         gc.collect()
         ceiling = matmul_ceiling(dtype, args.clock)
         header[f"matmul_ceiling_{dtype_name}"] = f"{ceiling / 1e9:.0f} GFLOP/s (2048^3 torch.mm)"
@@ -160,6 +162,14 @@ def print_table(header: dict[str, str], rows: list[dict]) -> None:
         )
 
 
+def channels_last_weights_(module: torch.nn.Module) -> None:
+    """Give every 4-d parameter (convolution weights) NHWC strides, as new tensors."""
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.ndim == 4:
+                param.data = param.data.contiguous(memory_format=torch.channels_last)
+
+
 def randomize_(module: torch.nn.Module, seed: int) -> None:
     """Seeded uniform weights with unit fan-in variance, norm scales near 1, small biases."""
     generator = torch.Generator().manual_seed(seed)
@@ -192,6 +202,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (use --threads 1)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per model and row")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="run tiengine on NHWC activations (UNet2DConditionModel(channels_last=True))")
+    parser.add_argument("--weights-layout", choices=("nchw", "channels_last"), default="nchw",
+                        help="tiengine's convolution weights' strides (diffusers keeps NCHW)")
     parser.add_argument("--json", type=Path, help="also write header and rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -201,12 +215,13 @@ def main() -> None:
     from tiengine.models.unet import UNet2DConditionModel, UNetConfig
 
     config = UNetConfig.sd15()
-    ours = UNet2DConditionModel(config).eval().requires_grad_(False)
+    ours = UNet2DConditionModel(config, channels_last=args.channels_last).eval().requires_grad_(False)
     randomize_(ours, seed=0)
     with torch.device("meta"):
         reference = diffusers.UNet2DConditionModel(**config.to_diffusers()).eval().requires_grad_(False)
     header = versions_header(args.threads, args.clock)
-    header["model"] = "SD1.5 UNet (859.5M parameters, random weights shared by both models)"
+    header["model"] = ("SD1.5 UNet (859.5M parameters, random weights shared by both models), tiengine "
+                       f"channels_last={args.channels_last}, weights {args.weights_layout}")
     rows = []
     for dtype_name, dtype, ceiling in dtype_passes(ours, reference, args, header):
         for side in args.latents:

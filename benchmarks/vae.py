@@ -6,7 +6,7 @@ interleaved runs, medians, speedup = diffusers / tiengine, FLOP rate as a fracti
 ceiling, and the max output difference relative to max |diffusers output|.
 
     python benchmarks/vae.py [--latents 16 32] [--dtypes fp32 bf16] [--repeats 7] [--threads 2]
-                             [--clock wall|cpu] [--nchw] [--profile] [--json out.json]
+                             [--clock wall|cpu] [--nchw] [--weights-layout nchw|channels_last] [--profile] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (use --threads 1)")
     parser.add_argument("--nchw", action="store_true", help="run tiengine with channels_last=False")
+    parser.add_argument("--weights-layout", choices=("nchw", "channels_last"), default="nchw",
+                        help="tiengine's convolution weights' strides (diffusers keeps NCHW)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table per model and row")
     parser.add_argument("--json", type=Path, help="also write header and rows here")
     args = parser.parse_args()
@@ -56,7 +58,8 @@ def main() -> None:
     with torch.device("meta"):
         reference = diffusers.AutoencoderKL(**config.to_diffusers()).eval().requires_grad_(False)
     header = versions_header(args.threads, args.clock)
-    header["model"] = f"SD VAE decoder (random weights shared by both models), tiengine channels_last={not args.nchw}"
+    header["model"] = (f"SD VAE decoder (random weights shared by both models), tiengine channels_last={not args.nchw}, "
+                       f"weights {args.weights_layout}")
     rows = []
     for dtype_name, dtype, ceiling in dtype_passes(ours, reference, args, header):
         for side in args.latents:

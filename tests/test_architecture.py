@@ -33,7 +33,7 @@ STAGES = (
     ("tiengine.networks",),
     ("tiengine.training",),
     ("tiengine.default_model", "tiengine.settings", "tiengine.results", "tiengine.infotext", "tiengine.engine",
-     "tiengine.reports"),
+     "tiengine.reports", "tiengine.threads"),
     ("tiengine.toyworld",),
     ("tiengine.integrations",),
     ("tiengine.batch",),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -26,21 +27,49 @@ COMMAND_MODULES = (
     "tiengine.cli.serve",
     "tiengine.cli.batch",
 )
+# set by `main` before any command imports torch, unless the user set them: waiting OpenMP threads sleep at
+# once instead of spinning (tiengine.threads says why; OpenMP reads these only when torch loads)
+PASSIVE_WAIT_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class CliError(TiengineError):
     """A usage failure found by the CLI itself: printed to stderr as one line, exit status 2."""
 
 
-def apply_threads(threads: int | None) -> None:
-    """`--threads N`: torch's CPU thread count (None: torch's own choice)."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise CliError(f"--threads must be >= 1, got {threads}")
-    import torch
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """`--threads N`, the same on every command that runs a model."""
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: $OMP_NUM_THREADS if set, else 1 for small models such as "
+                             "the built-in one and every CPU for full-size ones; see tiengine.threads)")
 
-    torch.set_num_threads(threads)
+
+def check_threads(threads: int | None) -> None:
+    """`--threads N` is refused before any model loads when N < 1."""
+    if threads is not None and threads < 1:
+        raise CliError(f"--threads must be >= 1, got {threads}")
+
+
+def apply_threads(threads: int | None, config=None, width: int | None = None, height: int | None = None) -> None:
+    """torch's CPU thread count for this command: `--threads N` when given, else as $OMP_NUM_THREADS /
+    $MKL_NUM_THREADS set it, else tiengine.threads' choice for the model `config` (a ModelConfig) at width x
+    height pixels (None: its native size). The policy is applied here, by the command line that owns the
+    process, and never by the library (see tiengine.threads)."""
+    check_threads(threads)
+    from tiengine.threads import apply_cpu_threads
+
+    apply_cpu_threads(threads, config, width, height)
+
+
+def model_config(path: Path | None):  # -> tiengine.models.config.ModelConfig | None
+    """The ModelConfig of a converted model folder (None: the built-in model) from its config.json, without
+    loading weights; None for anything else or a config that cannot be read (the loader names the problem)."""
+    from tiengine.default_model import default_model_path
+    from tiengine.models.config import read_model_config
+
+    try:
+        return read_model_config(default_model_path() if path is None else path)
+    except (TiengineError, OSError):
+        return None
 
 
 def resolve_device(name: str) -> str:
@@ -134,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for name, value in PASSIVE_WAIT_ENVIRONMENT.items():  # before any command imports torch (tiengine.threads)
+        os.environ.setdefault(name, value)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

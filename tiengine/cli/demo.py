@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from tiengine.cli import apply_threads
+from tiengine.cli import add_threads_option, apply_threads, check_threads, model_config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=TRAIN_STEPS, metavar="N",
                         help=f"training steps (default {TRAIN_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images, the training and the sampling")
-    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    add_threads_option(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo in --out")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON instead of text")
     parser.set_defaults(func=run_demo_command)
@@ -45,7 +45,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     from tiengine.toyworld.demo import STAGES, run_demo
 
-    apply_threads(args.threads)
+    check_threads(args.threads)
+    apply_threads(args.threads, model_config(args.model))  # the demo runs at the model's native size
     bars: dict[str, tqdm] = {}
     units = {"training": "step", "scoring and writing": "item"}
 

@@ -18,6 +18,7 @@ from tiengine.cli import (
     CliError,
     add_encode_options,
     add_network_options,
+    add_threads_option,
     encode_options,
     network_report_lines,
 )
@@ -45,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--clip-skip", type=int, default=1)
     add_encode_options(parser)
     add_network_options(parser)
+    add_threads_option(parser)
     parser.add_argument("--device", default="auto",
                         help="torch device of the model and the tensors, e.g. cpu or cuda (default auto: cuda if "
                              "available, else cpu); the file holds CPU tensors")

@@ -27,6 +27,9 @@ from tiengine.cli import (
     CliError,
     add_encode_options,
     add_network_options,
+    add_threads_option,
+    apply_threads,
+    check_threads,
     embeddings_folder,
     encode_options,
     network_report_lines,
@@ -118,6 +121,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                                         "available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default fp32)")
     parser.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles (less memory)")
+    add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     parser.set_defaults(func=run_generate,
                         option_defaults={dest: parser.get_default(dest) for dest in INFOTEXT_OPTIONS})
@@ -173,7 +177,7 @@ def run_generate(args: argparse.Namespace) -> int:
         hires_scale=args.hires_scale, hires_resize=args.hires_resize,
         hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler, encode=encode_options(args),
     )
-    engine = load_engine(args, getattr(torch, DTYPES[args.dtype]))
+    engine = load_engine(args, getattr(torch, DTYPES[args.dtype]), width, height)
     notes = []
     if text is not None:
         settings, notes = _infotext_settings(engine, args, text, given, settings, init_image)
@@ -260,14 +264,20 @@ def loading_bar(disable: bool) -> Iterator:
         yield advance
 
 
-def load_engine(args: argparse.Namespace, dtype):  # -> tiengine.engine.Engine
-    """The Engine of `--model`, `--embeddings`, `--device` and `dtype`, with a loading bar unless `--json`."""
+def load_engine(args: argparse.Namespace, dtype, width: int | None = None, height: int | None = None):
+    """The Engine of `--model`, `--embeddings`, `--device` and `dtype`, with a loading bar unless `--json`;
+    then torch's CPU threads for it (`--threads`, else the environment's, else tiengine.threads' choice for
+    the model at width x height pixels, None: its native size)."""
     from tiengine.engine import Engine
 
+    threads = getattr(args, "threads", None)
+    check_threads(threads)
     with loading_bar(args.json) as progress:
-        return Engine.load(args.model, embeddings=embeddings_folder(args.embeddings),
-                           device=resolve_device(args.device), dtype=dtype, progress=progress,
-                           loras=getattr(args, "loras", None), hypernetworks=getattr(args, "hypernetworks", None))
+        engine = Engine.load(args.model, embeddings=embeddings_folder(args.embeddings),
+                             device=resolve_device(args.device), dtype=dtype, progress=progress,
+                             loras=getattr(args, "loras", None), hypernetworks=getattr(args, "hypernetworks", None))
+    apply_threads(threads, engine.config, width, height)
+    return engine
 
 
 def _run_one(engine, args, settings, init_image):

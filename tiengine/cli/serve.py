@@ -14,7 +14,8 @@ from pathlib import Path
 from tiengine.cli import (
     CliError,
     add_network_options,
-    apply_threads,
+    add_threads_option,
+    check_threads,
     embeddings_folder,
     resolve_device,
 )
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="HTTP basic auth on every request (A1111's --api-auth)")
     parser.add_argument("--device", default="auto", help="torch device (default auto: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="weights dtype (default fp32)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    add_threads_option(parser)
     parser.add_argument("--queue-size", type=int, default=defaults.queue_size,
                         help=f"jobs that may wait for the model; one more is answered 503 (default {defaults.queue_size})")
     parser.add_argument("--max-request-mb", type=float, default=defaults.max_request_bytes / MEBIBYTE,
@@ -81,6 +82,6 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CliError(f"the serve extra is not installed ({error.name} is missing): pip install -e \".[serve]\"") \
             from None
     config = serve_config(args)  # checked before the model loads
-    apply_threads(args.threads)
-    serve(config)
+    check_threads(args.threads)
+    serve(config, threads=args.threads)
     return 0

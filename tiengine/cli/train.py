@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from tiengine.cli import apply_threads
+from tiengine.cli import add_threads_option, check_threads
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # argparse destination -> TrainEmbeddingSettings field, for every option that is a training setting.
@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="torch device, e.g. cpu or cuda (default auto: cuda if "
                                                         "available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="model weights dtype (default fp32)")
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    add_threads_option(parser)
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of a progress bar")
     parser.set_defaults(func=run_train_embedding)
 
@@ -93,7 +93,7 @@ def run_train_embedding(args: argparse.Namespace) -> int:
         settings_from_options,
     )
 
-    apply_threads(args.threads)
+    check_threads(args.threads)  # applied by load_engine once the model is known
     also = [fmt.strip() for fmt in (args.also or "").split(",") if fmt.strip()]
     given = {field: getattr(args, dest) for dest, field in SETTING_OPTIONS.items() if getattr(args, dest) is not None}
     settings = settings_from_options(**given)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from tiengine.engine import Engine
 from tiengine.serve.app import create_app
 from tiengine.serve.config import ServeConfig, ServeError
+from tiengine.threads import apply_cpu_threads
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -34,9 +35,12 @@ def load_engine(config: ServeConfig, *, show_progress: bool = True) -> Engine:
                            hypernetworks=config.hypernetworks)
 
 
-def serve(config: ServeConfig, *, log_level: str = "info") -> None:
-    """Load the model and serve it on config.host:config.port until stopped."""
+def serve(config: ServeConfig, *, log_level: str = "info", threads: int | None = None) -> None:
+    """Load the model and serve it on config.host:config.port until stopped. torch's CPU threads are then set
+    as the command line sets them (tiengine.threads.apply_cpu_threads: `threads`, else the environment's,
+    else the policy's choice for the model at its native size)."""
     engine = load_engine(config)
+    apply_cpu_threads(threads, engine.config)
     app = create_app(config, engine)
     print(f"tiengine serve: http://{config.host}:{config.port}/sdapi/v1 (A1111 API), /tiengine/v1, /docs",
           file=sys.stderr)
