@@ -13,7 +13,13 @@ import argparse
 import json
 from pathlib import Path
 
-from tiengine.cli import CliError, embeddings_folder, resolve_device
+from tiengine.cli import (
+    CliError,
+    apply_threads,
+    embeddings_folder,
+    model_config,
+    resolve_device,
+)
 
 JOBS_HELP = {
     "encode": "JSONL (or Parquet) rows {\"id\", \"prompt\", \"negative\", \"settings\": {\"steps\", \"sampler\", "
@@ -71,7 +77,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--device", default="auto",
                          help="torch device of each worker (default auto: cuda if this machine sees one, else cpu)")
         sub.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="model dtype (default fp32)")
-        sub.add_argument("--threads", type=int, metavar="N", help="local: torch CPU threads")
+        sub.add_argument("--threads", type=int, metavar="N",
+                         help="local: torch CPU threads (default: $OMP_NUM_THREADS if set, else 1 for small models "
+                              "such as the built-in one and every CPU for full-size ones; see tiengine.threads)")
         sub.add_argument("--json", action="store_true",
                          help="no progress bar; print {ran, kept, failed, manifest} as JSON")
         sub.set_defaults(func=run_batch)
@@ -82,6 +90,8 @@ def run_batch(args: argparse.Namespace) -> int:
 
     if args.ray is None and (args.actors != 1 or args.cpus_per_actor != 1.0 or args.gpus_per_actor != 0.0):
         raise CliError("--actors, --cpus-per-actor and --gpus-per-actor need --ray")
+    if args.ray is None:  # the local worker runs in this process: the command line's thread policy
+        apply_threads(args.threads, model_config(args.model))
     manifest = run(
         args.jobs, args.out, kind=args.kind, executor="local" if args.ray is None else "ray",
         model=args.model, embeddings=embeddings_folder(args.embeddings), loras=args.loras,
