@@ -98,7 +98,7 @@ def test_ctrl_c_during_the_update_waits_for_it(engine, images, whole, tmp_path, 
     def update_with_signal(self):
         if self.step == 1 and not sent:
             sent.append(1)
-            os.kill(os.getpid(), signal.SIGINT)  # delivered now; deferred until the step's bookkeeping is done
+            signal.raise_signal(signal.SIGINT)  # to this thread, now (os.kill could reach another thread later)
         original(self)
 
     monkeypatch.setattr(EmbeddingTrainer, "_update", update_with_signal)
