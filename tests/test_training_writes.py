@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,10 +89,16 @@ def test_ctrl_c_saves_a_resumable_state_and_resume_is_bit_identical(engine, imag
     assert [r.loss for r in resumed.losses] == [r.loss for r in whole.losses]
 
 
-def test_ctrl_c_during_the_update_waits_for_it(engine, images, whole, tmp_path, monkeypatch):
-    """A SIGINT arriving inside the optimizer update is held back until the step is whole."""
-    import signal
+@pytest.fixture
+def python_ctrl_c_handler():
+    """Python's own Ctrl-C handler (KeyboardInterrupt) for one test, whatever this process had installed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
+
+def test_ctrl_c_during_the_update_waits_for_it(engine, images, whole, tmp_path, monkeypatch, python_ctrl_c_handler):
+    """A SIGINT arriving inside the optimizer update is held back until the step is whole."""
     original = EmbeddingTrainer._update
     sent = []
 
