@@ -1,8 +1,12 @@
-"""Peak memory (and time) of reading a full-size SD1.5-shaped checkpoint: tiengine vs diffusers.
+"""Peak memory (and time) of converting and loading full-size single-file checkpoints: tiengine vs diffusers.
 
-The checkpoint: random fp16 weights of the real SD1.5 architecture (UNet 859.5M, VAE 83.7M, CLIP-L
-123.1M parameters: 2.13 GB) in the original single-file layout (names from the tests' independent
-inverse mapping, tests/test_weights_conv.py), plus the schedule buffers. Written once into --workdir.
+One checkpoint per family (--family, default all three), random fp16 weights of the real architecture
+in the original single-file layout (names from the tests' independent inverse mapping,
+tests/test_weights_conv.py), plus the schedule buffers, written once into --workdir:
+- sd1: SD1.5 (UNet 859.5M, VAE 83.7M, CLIP-L 123.1M parameters: 2.13 GB);
+- sd2-v: SD2.x 768-v (UNet 865.9M, VAE, OpenCLIP ViT-H text tower of 24 layers as the files hold it,
+  with its fused in_proj and transposed projection: 2.58 GB);
+- sdxl: SDXL base (UNet 2.57G, VAE, CLIP-L and OpenCLIP bigG: 6.94 GB).
 
 Each row runs in a fresh Python process. After its imports it records its resident set (baseline),
 resets the kernel's peak counter (/proc/self/clear_refs "5") and reports the peak (VmHWM) reached by the
@@ -11,9 +15,11 @@ then read in full (a sum over every parameter), so lazily mapped weights are cou
 they would be by the first generation. Rows:
 - tiengine convert: `weights-conv convert` to a folder (tensors streamed one at a time).
 - tiengine load fp16 / fp32: `tiengine.weights_conv.convert.load_models(..., dtype=...)`: modules in memory.
-- diffusers fp16 / fp32: `StableDiffusionPipeline.from_single_file(..., torch_dtype=...)` with local
+- diffusers fp16 / fp32: the family's pipeline `.from_single_file(..., torch_dtype=...)` with local
   configs (offline), the peer; the ratio column compares each row with the diffusers row of its dtype
-  (fp16 for convert).
+  (fp16 for convert). fp32 rows are measured for sd1 only (--fp32 adds them for every family).
+The "bound" column is the conversion target: added memory at most 1.5x the file + 0.8 GB (shown for the
+rows that keep the file's dtype; an fp32 load of an fp16 file holds twice its bytes by definition).
 With --ckpt the same file is also saved as a pickled .ckpt ({"state_dict": ...}) and the tiengine
 convert and diffusers rows are repeated on it.
 
@@ -21,7 +27,7 @@ The file is read once before measuring so every row starts with it in the page c
 median of --repeat runs, memory the largest peak. Prints a table (ratio to diffusers last) and, with
 --json PATH, writes the numbers.
 
-    python benchmarks/convert.py [--workdir DIR] [--repeat 3] [--ckpt] [--json out.json]
+    python benchmarks/convert.py [--family sd1,sd2-v,sdxl] [--workdir DIR] [--repeat 3] [--ckpt] [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,24 +46,48 @@ from pathlib import Path
 from tiengine.io.atomic import atomic_write_bytes
 
 REPO = Path(__file__).resolve().parent.parent
+BOUND_FILE_RATIO, BOUND_EXTRA_BYTES = 1.5, 0.8e9  # the conversion target: added peak <= 1.5 x file + 0.8 GB
 
 SD15_UNET = dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
                  attention_head_dim=8, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
                  up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, sample_size=64, in_channels=4,
                  out_channels=4, norm_num_groups=32, _class_name="UNet2DConditionModel")  # fmt: skip
+SD2_UNET = dict(SD15_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
+                sample_size=96)  # fmt: skip
+SDXL_UNET = dict(block_out_channels=[320, 640, 1280], layers_per_block=2, cross_attention_dim=2048,
+                 attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10],
+                 down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                 up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816, sample_size=128, in_channels=4, out_channels=4,
+                 norm_num_groups=32, _class_name="UNet2DConditionModel")  # fmt: skip
 SD15_VAE = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, in_channels=3,
                 out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
                 norm_num_groups=32, sample_size=512, scaling_factor=0.18215, _class_name="AutoencoderKL")  # fmt: skip
-SD15_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                 num_attention_heads=12, hidden_act="quick_gelu", max_position_embeddings=77,
-                 projection_dim=768, model_type="clip_text_model", architectures=["CLIPTextModel"])  # fmt: skip
-SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                 num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)  # fmt: skip
-MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-               "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-               "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"],
-               "safety_checker": [None, None], "feature_extractor": [None, None],
-               "requires_safety_checker": False}  # fmt: skip
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, hidden_act="quick_gelu", max_position_embeddings=77,
+              projection_dim=768, model_type="clip_text_model", architectures=["CLIPTextModel"])  # fmt: skip
+OPEN_CLIP_H = dict(CLIP_L, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   hidden_act="gelu", projection_dim=1024)  # fmt: skip
+OPEN_CLIP_BIG_G = dict(CLIP_L, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                       hidden_act="gelu", projection_dim=1280,
+                       architectures=["CLIPTextModelWithProjection"])  # fmt: skip
+# One OpenCLIP-H layer (width 1024, MLP 4096): q/k/v/out projections, two MLP projections, two LayerNorms.
+OPEN_CLIP_H_LAYER_PARAMETERS = 4 * (1024 * 1024 + 1024) + (2 * 1024 * 4096 + 4096 + 1024) + 2 * 2 * 1024
+SCHEDULER = dict(_class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012,
+                 beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1)  # fmt: skip
+
+# family -> the pipeline class, UNet config, and (component, transformers config, single-file prefix) per text
+# encoder; the prefixes are the tests' TEXT_PREFIXES (OpenCLIP towers end in ".model.").
+FAMILIES = {
+    "sd1": ("StableDiffusionPipeline", SD15_UNET,
+            [("text_encoder", CLIP_L, "cond_stage_model.transformer.")]),
+    "sd2-v": ("StableDiffusionPipeline", SD2_UNET,
+              [("text_encoder", OPEN_CLIP_H, "cond_stage_model.model.")]),
+    "sdxl": ("StableDiffusionXLPipeline", SDXL_UNET,
+             [("text_encoder", CLIP_L, "conditioner.embedders.0.transformer."),
+              ("text_encoder_2", OPEN_CLIP_BIG_G, "conditioner.embedders.1.model.")]),
+}  # fmt: skip
 
 
 def memory_status() -> dict[str, int]:
@@ -77,38 +107,52 @@ def reset_peak() -> None:
 # Building the inputs (parent process) ---------------------------------------------------------------
 
 
-def write_checkpoint(path: Path) -> None:
-    """Stream random fp16 tensors of the SD1.5 shapes into `path` in the original layout."""
-    import diffusers
-    import torch
+def text_model(config: dict):
     import transformers
 
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_weights_conv import ldm_unet_name, ldm_vae_name
-    from tiengine.weights_conv.readers import TensorInfo
-    from tiengine.weights_conv.writer import write_safetensors
+    fields = {key: value for key, value in config.items() if key not in ("model_type", "architectures")}
+    model_class = getattr(transformers, config["architectures"][0])
+    return model_class(transformers.CLIPTextConfig(**fields))
 
+
+def checkpoint_entries(family: str) -> list:
+    """(single-file name, TensorInfo) of every tensor of `family`'s checkpoint, from meta-device models."""
+    import diffusers
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_weights_conv import hf_state, ldm_unet_name, ldm_vae_name, open_clip_state
+    from tiengine.weights_conv.readers import TensorInfo
+
+    _, unet_config, texts = FAMILIES[family]
     with torch.device("meta"):
-        unet = diffusers.UNet2DConditionModel(**{k: v for k, v in SD15_UNET.items() if not k.startswith("_")})
+        unet = diffusers.UNet2DConditionModel(**{k: v for k, v in unet_config.items() if not k.startswith("_")})
         vae = diffusers.AutoencoderKL(**{k: v for k, v in SD15_VAE.items() if not k.startswith("_")})
-        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_CLIP))
-    entries: list[tuple[str, TensorInfo]] = []
-    for key, value in unet.state_dict().items():
-        entries.append(
-            (f"model.diffusion_model.{ldm_unet_name(key, SD15_UNET)}", TensorInfo(torch.float16, tuple(value.shape)))
-        )
+        towers = [(text_model(config), prefix) for _, config, prefix in texts]
+    fp16 = torch.float16
+    entries = [(f"model.diffusion_model.{ldm_unet_name(key, unet_config)}", TensorInfo(fp16, tuple(value.shape)))
+               for key, value in unet.state_dict().items()]  # fmt: skip
     for key, value in vae.state_dict().items():
         name, as_conv = ldm_vae_name(key, 4)
         shape = (*value.shape, 1, 1) if as_conv else tuple(value.shape)
-        entries.append((f"first_stage_model.{name}", TensorInfo(torch.float16, shape)))
-    for key, value in text.state_dict().items():
-        if not key.endswith("position_ids"):
-            entries.append(
-                (f"cond_stage_model.transformer.text_model.{key}", TensorInfo(torch.float16, tuple(value.shape)))
-            )
+        entries.append((f"first_stage_model.{name}", TensorInfo(fp16, shape)))
+    for model, prefix in towers:
+        state = hf_state(model)
+        if prefix.endswith(".model."):  # OpenCLIP names; only shapes are used (the few real tensors are small)
+            state = open_clip_state(state, torch.Generator().manual_seed(0))
+        entries += [(prefix + key, TensorInfo(fp16, tuple(value.shape))) for key, value in state.items()]
     entries += [
         (name, TensorInfo(torch.float32, (1000,))) for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev")
     ]
+    return entries
+
+
+def write_checkpoint(family: str, path: Path) -> None:
+    """Stream random fp16 tensors of `family`'s shapes into `path` in the original layout."""
+    import torch
+    from tiengine.weights_conv.writer import write_safetensors
+
+    entries = checkpoint_entries(family)
     generator = torch.Generator().manual_seed(0)
 
     def tensors():
@@ -125,18 +169,32 @@ def write_ckpt(safetensors_path: Path, path: Path) -> None:
     torch.save({"state_dict": load_file(safetensors_path), "global_step": 0}, path)
 
 
-def write_diffusers_configs(folder: Path) -> None:
-    for name, config in (("unet", SD15_UNET), ("vae", SD15_VAE), ("text_encoder", SD15_CLIP), ("scheduler", SCHEDULER)):
+def write_diffusers_configs(family: str, folder: Path) -> None:
+    """The offline config folder diffusers' from_single_file reads (no tokenizers, no safety checker)."""
+    pipeline, unet_config, texts = FAMILIES[family]
+    index = {"_class_name": pipeline, "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", SCHEDULER["_class_name"]]}  # fmt: skip
+    files = [("unet", "config.json", unet_config), ("vae", "config.json", SD15_VAE),
+             ("scheduler", "scheduler_config.json", SCHEDULER)]  # fmt: skip
+    for name, config, _ in texts:
+        if config is OPEN_CLIP_H:  # diffusers keeps the 23 layers SD2 reads; the file and tiengine have all 24
+            config = dict(config, num_hidden_layers=23)
+        files.append((name, "config.json", config))
+        index[name] = ["transformers", config["architectures"][0]]
+        index["tokenizer" + name.removeprefix("text_encoder")] = ["transformers", "CLIPTokenizer"]
+    if family != "sdxl":
+        index |= {"safety_checker": [None, None], "feature_extractor": [None, None],
+                  "requires_safety_checker": False}  # fmt: skip
+    for name, file, config in files:
         (folder / name).mkdir(parents=True, exist_ok=True)
-        file = "scheduler_config.json" if name == "scheduler" else "config.json"
         (folder / name / file).write_text(json.dumps(config))
-    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX))
+    (folder / "model_index.json").write_text(json.dumps(index))
 
 
 # Measured runs (child processes) ----------------------------------------------------------------------
 
 
-def child(kind: str, checkpoint: str, scratch: str) -> None:
+def child(kind: str, family: str, checkpoint: str, scratch: str) -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     import torch
 
@@ -158,27 +216,32 @@ def child(kind: str, checkpoint: str, scratch: str) -> None:
         _, loaded = load_models(checkpoint, dtype=torch.float16 if kind.endswith("fp16") else torch.float32)
         modules = list(loaded.values())
     elif kind.startswith("diffusers"):
-        pipe = diffusers.StableDiffusionPipeline.from_single_file(
+        pipeline_class, _, texts = FAMILIES[family]
+        no_tokenizers = {"tokenizer" + name.removeprefix("text_encoder"): None for name, _, _ in texts}
+        if family != "sdxl":
+            no_tokenizers |= {"safety_checker": None, "feature_extractor": None}
+        pipe = getattr(diffusers, pipeline_class).from_single_file(
             checkpoint, config=str(Path(scratch) / "configs"), local_files_only=True,
-            torch_dtype=torch.float16 if kind.endswith("fp16") else torch.float32,
-            tokenizer=None, safety_checker=None, feature_extractor=None,
+            torch_dtype=torch.float16 if kind.endswith("fp16") else torch.float32, **no_tokenizers,
         )  # fmt: skip
-        modules = [pipe.unet, pipe.vae, pipe.text_encoder]
+        modules = [pipe.unet, pipe.vae] + [getattr(pipe, name) for name, _, _ in texts]
     else:
         raise SystemExit(f"unknown kind {kind}")
     wall = time.perf_counter() - start
+    parameters = sum(p.numel() for m in modules for p in m.parameters())
     if modules:  # use every weight once
-        assert sum(p.numel() for m in modules for p in m.parameters()) == 1_066_235_307
         with torch.no_grad():
             sum(float(p.sum(dtype=torch.float32)) for m in modules for p in m.parameters())
-    print(json.dumps({"peak": memory_status()["VmHWM"], "baseline": baseline, "wall_s": wall}))
+    print(json.dumps({"peak": memory_status()["VmHWM"], "baseline": baseline, "wall_s": wall,
+                      "parameters": parameters}))  # fmt: skip
 
 
-def measure(kind: str, checkpoint: Path, scratch: Path, repeat: int) -> dict:
+def measure(kind: str, family: str, checkpoint: Path, scratch: Path, repeat: int) -> dict:
     runs = []
     for _ in range(repeat):
         out = subprocess.run(
-            [sys.executable, __file__, "--child", kind, "--checkpoint", str(checkpoint), "--workdir", str(scratch)],
+            [sys.executable, __file__, "--child", kind, "--family", family, "--checkpoint", str(checkpoint),
+             "--workdir", str(scratch)],
             check=True, capture_output=True, text=True, cwd=REPO,
         )  # fmt: skip
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -186,6 +249,7 @@ def measure(kind: str, checkpoint: Path, scratch: Path, repeat: int) -> dict:
         "peak_bytes": max(r["peak"] for r in runs),
         "baseline_bytes": max(r["baseline"] for r in runs),
         "wall_s": statistics.median(r["wall_s"] for r in runs),
+        "parameters": runs[0]["parameters"],
         "runs": len(runs),
     }
 
@@ -196,18 +260,56 @@ def read_through(path: Path) -> None:
             pass
 
 
+def measure_family(family: str, workdir: Path, args: argparse.Namespace) -> list[dict]:
+    """Every row for one family's checkpoint (and its .ckpt with --ckpt)."""
+    checkpoint = workdir / f"{family}-random-fp16.safetensors"
+    if not checkpoint.is_file():
+        write_checkpoint(family, checkpoint)
+    scratch = workdir / family
+    write_diffusers_configs(family, scratch / "configs")
+    inputs = [checkpoint]
+    if args.ckpt:
+        ckpt = checkpoint.with_suffix(".ckpt")
+        if not ckpt.is_file():
+            write_ckpt(checkpoint, ckpt)
+        inputs.append(ckpt)
+    rows = []
+    for path in inputs:
+        read_through(path)
+        kinds = ["tiengine-convert", "tiengine-load-fp16", "diffusers-fp16"]
+        if path.suffix != ".ckpt" and (family == "sd1" or args.fp32):
+            kinds += ["tiengine-load-fp32", "diffusers-fp32"]
+        results = {kind: measure(kind, family, path, scratch, args.repeat) for kind in kinds}
+        for kind, result in results.items():
+            peer = results["diffusers-fp32" if kind.endswith("fp32") else "diffusers-fp16"]
+            expected = peer["parameters"] + (OPEN_CLIP_H_LAYER_PARAMETERS if family == "sd2-v" else 0)
+            if kind.startswith("tiengine-load") and result["parameters"] != expected:
+                raise SystemExit(f"{family} {kind}: {result['parameters']} parameters, expected {expected} "
+                                 f"(diffusers: {peer['parameters']})")  # fmt: skip
+            size = path.stat().st_size
+            rows.append({"family": family, "input": path.suffix, "file_bytes": size, "kind": kind, **result,
+                         "ratio_to_diffusers": result["peak_bytes"] / peer["peak_bytes"],
+                         "bound_bytes": BOUND_FILE_RATIO * size + BOUND_EXTRA_BYTES})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", type=Path, help="where the 2 GB checkpoint (and outputs) go; default: a temp dir")
+    parser.add_argument("--family", default="sd1,sd2-v,sdxl", help="comma-separated: sd1, sd2-v, sdxl")
+    parser.add_argument("--workdir", type=Path, help="where the checkpoints (2-7 GB each) and outputs go")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--ckpt", action="store_true", help="also measure a pickled .ckpt of the same weights")
+    parser.add_argument("--fp32", action="store_true", help="fp32 load rows for every family (sd1 always has them)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.checkpoint, str(args.workdir))
+        child(args.child, args.family, args.checkpoint, str(args.workdir))
         return
+    families = args.family.split(",")
+    if unknown := sorted(set(families) - set(FAMILIES)):
+        parser.error(f"unknown family {', '.join(unknown)}; expected some of {', '.join(FAMILIES)}")
 
     import diffusers
     import safetensors
@@ -215,50 +317,27 @@ def main() -> None:
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tiengine-convert-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint = workdir / "sd15-random-fp16.safetensors"
-    if not checkpoint.is_file():
-        write_checkpoint(checkpoint)
-    write_diffusers_configs(workdir / "configs")
-    inputs = [checkpoint]
-    if args.ckpt:
-        ckpt = workdir / "sd15-random-fp16.ckpt"
-        if not ckpt.is_file():
-            write_ckpt(checkpoint, ckpt)
-        inputs.append(ckpt)
+    rows = [row for family in families for row in measure_family(family, workdir, args)]
 
-    size = checkpoint.stat().st_size
-    rows = []
-    for path in inputs:
-        read_through(path)
-        kinds = ["tiengine-convert", "tiengine-load-fp16", "diffusers-fp16", "tiengine-load-fp32", "diffusers-fp32"]
-        if path.suffix == ".ckpt":
-            kinds = ["tiengine-convert", "tiengine-load-fp16", "diffusers-fp16"]
-        results = {kind: measure(kind, path, workdir, args.repeat) for kind in kinds}
-        for kind, result in results.items():
-            peer = results["diffusers-fp32" if kind.endswith("fp32") else "diffusers-fp16"]["peak_bytes"]
-            rows.append(
-                {"input": path.suffix, "kind": kind, **result, "ratio_to_diffusers": result["peak_bytes"] / peer}
-            )
-
-    gib = 1024**3
-    print(
-        f"# weights_conv peak memory: SD1.5-shaped random fp16 checkpoint, {size / 1e9:.2f} GB ({size / gib:.2f} GiB)"
-    )
+    print("# weights_conv peak memory: full-size random fp16 single-file checkpoints")
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     versions = (f"python {platform.python_version()}, torch {torch.__version__}, "
                 f"safetensors {safetensors.__version__}, diffusers {diffusers.__version__}")  # fmt: skip
     print(f"# cpu: {machine}; {versions}; peak = VmHWM of a fresh process after its imports; median of {args.repeat}")
-    header = (f"{'input':<13} {'run':<20} {'imports GiB':>12} {'peak GiB':>9} {'added GiB':>10} {'added/file':>11} "
-              f"{'wall s':>8} {'peak vs diffusers':>18}")  # fmt: skip
+    header = (f"{'family':<6} {'input':<12} {'file GB':>8} {'run':<19} {'peak GB':>8} {'added GB':>9} "
+              f"{'added/file':>11} {'bound GB':>9} {'wall s':>7} {'peak vs diffusers':>18}")  # fmt: skip
     print(header)
     print("-" * len(header))
     for row in rows:
         added = row["peak_bytes"] - row["baseline_bytes"]
-        print(f"{row['input']:<13} {row['kind']:<20} {row['baseline_bytes'] / gib:>12.2f} "
-              f"{row['peak_bytes'] / gib:>9.2f} {added / gib:>10.2f} {added / size:>11.2f} {row['wall_s']:>8.1f} "
-              f"{row['ratio_to_diffusers']:>18.2f}")  # fmt: skip
+        bound = "-"  # fp32 loads hold twice the fp16 file's bytes by definition: the bound is for the file's dtype
+        if not row["kind"].endswith("fp32"):
+            bound = f"{row['bound_bytes'] / 1e9:.2f}" + ("" if added <= row["bound_bytes"] else " OVER")
+        print(f"{row['family']:<6} {row['input']:<12} {row['file_bytes'] / 1e9:>8.2f} {row['kind']:<19} "
+              f"{row['peak_bytes'] / 1e9:>8.2f} {added / 1e9:>9.2f} {added / row['file_bytes']:>11.2f} "
+              f"{bound:>9} {row['wall_s']:>7.1f} {row['ratio_to_diffusers']:>18.2f}")  # fmt: skip
     if args.json:
-        report = {"file_bytes": size, "rows": rows, "torch": torch.__version__, "diffusers": diffusers.__version__}
+        report = {"rows": rows, "torch": torch.__version__, "diffusers": diffusers.__version__}
         atomic_write_bytes(args.json, json.dumps(report, indent=2).encode(), overwrite=True)
 
 

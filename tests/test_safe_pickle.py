@@ -323,6 +323,24 @@ def test_big_endian_and_deflated_archives(tmp_path):
     assert_same(dict(iter_tensors(deflated)), expected)
 
 
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_copied_views_read_only_their_own_span(tmp_path, zipped):
+    """load(copy=True) of a view into a big shared storage reads just the elements the view spans (a model
+    saved as views of one flat buffer streams in one tensor's memory), with the same values and strides."""
+    flat = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
+    views = {"head": flat[:12].view(3, 4), "middle": flat[5000:5060].view(6, 10), "strided": flat[100:130].view(5, 6).t(),
+             "tail": flat[-7:], "whole": flat}  # fmt: skip
+    path = tmp_path / "flat.pt"
+    torch.save(views, path, _use_new_zipfile_serialization=zipped)
+    reference = torch.load(path, weights_only=True)
+    lazy = load_pickle(path, lazy=True)
+    for key, tensor in reference.items():
+        copied = lazy[key].load(copy=True)
+        assert_same(copied, tensor, key)
+        span = 1 + sum((size - 1) * step for size, step in zip(tensor.shape, tensor.stride()))
+        assert copied.untyped_storage().nbytes() == span * tensor.element_size(), key
+
+
 # -- corrupt and malformed files -----------------------------------------------------------
 def test_corrupt_wild_zip_gives_clear_error(wild_dir):
     path = wild_dir / "embeddings/fgjd4j23423f_sd/EasyNegative_alt_7620f06.pt"

@@ -637,23 +637,28 @@ class TorchArchive:
         _check_view(self.path, shape, strides, offset, storage.numel, f"{storage.key!r} ")
         return TensorRef(storage, offset + storage.element_offset, shape, strides, self)
 
-    def _root_tensor(self, key: str, dtype: torch.dtype, *, copy: bool) -> torch.Tensor:
-        """The whole storage `key` as a 1-D tensor of `dtype` (storage offset 0)."""
+    def _root_tensor(self, key: str, dtype: torch.dtype, *, copy: bool,
+                     span: tuple[int, int] | None = None) -> torch.Tensor:
+        """Storage `key` as a 1-D tensor of `dtype`: whole (storage offset 0), or with copy=True and
+        span=(first element, element count) just those elements, read into memory of their own."""
         root = self._storages[key]
         nbytes = root.numel * root.dtype.itemsize
         offset, stored = self._data_location(key, nbytes)
         if stored and not copy and nbytes and offset % dtype.itemsize == 0:
             data = torch.frombuffer(self._map(), dtype=torch.uint8, count=nbytes, offset=offset)
         else:
-            data = torch.empty(nbytes, dtype=torch.uint8)
-            if nbytes and stored:
+            # Uncompressed bytes can be read from any position; a compressed entry is inflated whole.
+            first, count = span if (span is not None and stored) else (0, nbytes // dtype.itemsize)
+            data = torch.empty(count * dtype.itemsize, dtype=torch.uint8)
+            if data.numel() and stored:
                 with open(self.path, "rb") as file:
-                    file.seek(offset)
+                    file.seek(offset + first * dtype.itemsize)
                     _read_into(file, data.numpy(), f"{self.path}: storage {key!r}")
-            elif nbytes:
+            elif data.numel():
                 assert self._zip is not None
                 with self._zip.open(self._zip_prefix + "data/" + key) as entry:
                     _read_into(entry, data.numpy(), f"{self.path}: storage {key!r}")
+            nbytes = data.numel()
         if self._big_endian and dtype.itemsize > 1:
             # (numel, itemsize) bytes, each element's bytes reversed -> native little-endian
             data = data.view(-1, dtype.itemsize).flip(-1).reshape(-1)
@@ -700,8 +705,16 @@ class TorchArchive:
         return self._mapped
 
     def _tensor(self, ref: TensorRef, *, copy: bool) -> torch.Tensor:
-        root = self._root_tensor(ref.storage.key, ref.dtype, copy=copy)
-        return root.as_strided(ref.shape, ref.stride, ref.storage_offset)
+        if not copy:
+            root = self._root_tensor(ref.storage.key, ref.dtype, copy=False)
+            return root.as_strided(ref.shape, ref.stride, ref.storage_offset)
+        # Only the elements the view spans: a tensor that shares one big storage with others (a whole
+        # model saved as views of one flat buffer) costs its own bytes, not the storage's.
+        extent = _view_extent(ref.shape, ref.stride)
+        data = self._root_tensor(ref.storage.key, ref.dtype, copy=True, span=(ref.storage_offset, extent))
+        if data.numel() == extent:
+            return data.as_strided(ref.shape, ref.stride, 0)
+        return data.as_strided(ref.shape, ref.stride, ref.storage_offset)  # a compressed storage, read whole
 
     # -- public
     def tensors(self) -> Iterator[tuple[str, TensorRef]]:
