@@ -8,7 +8,7 @@ Both sides read that same folder.
 
 Each side runs in a fresh process, timed from its start to the PNG on disk (imports, model load, text
 encoding, 20 Euler steps with CFG 7, VAE decode, writing the image), its peak resident memory taken from
-the kernel's accounting of the finished child (wait4's ru_maxrss):
+its own VmHWM read every 50 ms while it runs:
 - tiengine: the `tiengine generate` command line (`--model FOLDER --sampler Euler --steps 20 --size
   512x512 --seed S --cfg 7 --out FILE`), the default thread policy;
 - diffusers: a Python process that loads `StableDiffusionPipeline.from_pretrained(FOLDER)` (fp32, no
@@ -43,6 +43,7 @@ WILD_TOKENIZER = REPO.parent / "shared" / "wild" / "models" / "sd15_runwayml_mir
 PROMPT = "a photograph of an astronaut riding a horse, highly detailed"
 NEGATIVE = "blurry, low quality"
 CFG_SCALE = 7.0
+POLL_SECONDS = 0.05  # how often a running side's peak resident set is read
 SCHEDULER = dict(_class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1,
                  timestep_spacing="linspace", prediction_type="epsilon")  # fmt: skip
@@ -111,19 +112,35 @@ def diffusers_child(folder: str, out: str, steps: int, size: int, seed: int) -> 
     image.save(out)
 
 
+def peak_resident_bytes(pid: int) -> int | None:
+    """VmHWM of a running process (its peak resident set since its exec), None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
 def run_side(command: list[str], env: dict[str, str]) -> dict[str, float]:
-    """Run one side to completion: wall seconds and peak resident bytes (the child's ru_maxrss)."""
+    """Run one side to completion: wall seconds and peak resident bytes.
+
+    The peak is the child's own VmHWM, read every POLL_SECONDS until it exits (wait4's ru_maxrss would
+    also count this process's resident set, which a forked child inherits until its exec)."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, cwd=tempfile.gettempdir(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-    output = process.stdout.read() if process.stdout is not None else b""
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        sys.stderr.write(output.decode(errors="replace"))
-        raise SystemExit(f"{command[0]} ... exited with {process.returncode}")
-    return {"wall_s": wall, "peak_bytes": usage.ru_maxrss * 1024}  # ru_maxrss: kB on Linux
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, env=env, cwd=tempfile.gettempdir(), stdout=log, stderr=subprocess.STDOUT)
+        peak = 0
+        while process.poll() is None:
+            peak = max(peak, peak_resident_bytes(process.pid) or 0)
+            time.sleep(POLL_SECONDS)
+        wall = time.perf_counter() - start
+        if process.returncode:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace"))
+            raise SystemExit(f"{command[0]} ... exited with {process.returncode}")
+    return {"wall_s": wall, "peak_bytes": peak}
 
 
 def image_difference(a: Path, b: Path) -> dict[str, float]:

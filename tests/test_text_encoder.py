@@ -436,6 +436,22 @@ def test_linear_backend_choice() -> None:
     assert max_diff(fused, plain) <= FP32_BOUND
 
 
+def test_bf16_linear_backend_follows_the_cpu(monkeypatch) -> None:
+    """oneDNN has no bf16 kernels on CPUs without AVX-512/AMX: "auto" runs F.linear there (bit for bit the
+    "torch" backend) and a forced "onednn" says why it cannot run; on this CPU, whatever it is, bf16 runs."""
+    config = TextEncoderConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4)
+    model = ClipTextEncoder(config, dtype=torch.bfloat16)  # from hidden 256 on, "auto" considers oneDNN
+    ids = chunk_ids([10], config.pad_token_id, seed=0)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).hidden_states[-1].float()).all()  # "auto" on the real CPU
+        monkeypatch.setattr("tiengine.models.text_encoder._onednn_bf16_supported", lambda: False)
+        auto = model(ids).hidden_states[-1]
+        plain = model(ids, linear_backend="torch").hidden_states[-1]
+        assert torch.equal(auto, plain)
+        with pytest.raises(ValueError, match="no oneDNN bfloat16 kernels"):
+            model(ids, linear_backend="onednn")
+
+
 @pytest.mark.slow
 def test_full_size_clip_l_matches_transformers() -> None:
     """F.linear path: within 1e-5 of transformers. oneDNN path (another fp32 summation order): its error

@@ -25,7 +25,8 @@ Linear layers: `linear_backend="onednn"` calls PyTorch's oneDNN inner product
 residual add fused into it; "torch" calls F.linear (MKL sgemm for fp32 on CPU). Same math in fewer
 passes: in fp32 oneDNN's small-M kernels beat MKL's at 77 tokens, in bf16 both run oneDNN and only the
 fused passes differ (benchmarks/encode.py times both). The op has no autograd formula, so "auto" picks
-it for CPU fp32/bf16 only when no gradient is needed, and F.linear otherwise; and only from hidden size
+it for CPU fp32, and bf16 where the CPU has oneDNN's bf16 kernels (AVX-512 or AMX), only when no
+gradient is needed, and F.linear otherwise; and only from hidden size
 256 on, since on narrow models its per-call overhead outweighs the gain (measured on a 2-core AVX-512
 CPU, one thread, 4 layers: 1.6x slower at 32, even at 128-256, 8% faster at 512).
 
@@ -270,7 +271,14 @@ def _onednn_linear_unsupported(x: torch.Tensor, needs_grad: bool) -> str | None:
         return "torch.backends.mkldnn is disabled or unavailable"
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return "this PyTorch build has no mkldnn::_linear_pointwise"
+    if x.dtype == torch.bfloat16 and not _onednn_bf16_supported():
+        return "this CPU has no oneDNN bfloat16 kernels (they need AVX-512 or AMX; an AVX2 CPU has none)"
     return None
+
+
+def _onednn_bf16_supported() -> bool:
+    """Whether oneDNN can run bfloat16 inner products on this CPU (without it the op fails to build)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor, onednn: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
