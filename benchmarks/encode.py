@@ -16,7 +16,8 @@ also given as a multiple of that floor.
 
 Rows: one per (dtype, batch); the "penultimate" rows time the SD2/SDXL-style read (hidden_states[-2]),
 where transformers must run every layer and tiengine stops after the one it needs. Columns are listed in
-COLUMNS: tiengine is the default ("auto") linear backend, then each backend forced; the speedup
+COLUMNS: tiengine is the default ("auto") linear backend, then each backend forced ("n/a" where it cannot
+run, as oneDNN bf16 on a CPU without AVX-512/AMX); the speedup
 (transformers / tiengine) comes last.
 
 Adding a measurement (for example the prompt-processing share: parsing, chunking and weights as a
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from tiengine.io.atomic import atomic_write_bytes
-from tiengine.models.text_encoder import ClipTextEncoder, TextEncoderConfig
+from tiengine.models.text_encoder import ClipTextEncoder, TextEncoderConfig, _onednn_linear_unsupported
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EOS = 49407
@@ -227,20 +228,20 @@ def _measure(read, dtype_name, batch, ids, reference, model, config, args) -> di
         def outputs_diff():
             return _diff(ours()[0], peer())
 
+    functions = {"transformers": peer, "tiengine": ours, "tiengine_onednn": lambda: ours("onednn"),
+                 "tiengine_torch": lambda: ours("torch")}  # fmt: skip
+    probe = torch.empty(1, 1, config.hidden_size, dtype=DTYPES[dtype_name])
+    if _onednn_linear_unsupported(probe, needs_grad=False) is not None:  # e.g. bf16 on an AVX2 CPU
+        del functions["tiengine_onednn"]
     with torch.inference_mode():
         diff = outputs_diff()
         timings = time_interleaved(
-            {
-                "transformers": peer,
-                "tiengine": ours,
-                "tiengine_onednn": lambda: ours("onednn"),
-                "tiengine_torch": lambda: ours("torch"),
-            },
+            functions,
             warmup=args.warmup,
             repeats=args.repeats,
             clock=CLOCKS[args.clock],
         )
-    row = {"read": read, "dtype": dtype_name, "batch": batch, "max_abs_diff": diff}
+    row = {"read": read, "dtype": dtype_name, "batch": batch, "max_abs_diff": diff, "tiengine_onednn_ms": None}
     for name, timing in timings.items():
         row[f"{name}_ms"] = 1e3 * timing.median_s
     row["speedup"] = row["transformers_ms"] / row["tiengine_ms"]
@@ -313,7 +314,7 @@ def _transformers_version() -> str:
 
 
 def _format_row(row: dict) -> str:
-    return " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS)
+    return " | ".join("n/a" if row[key] is None else fmt.format(row[key]) for key, _, fmt in COLUMNS)
 
 
 def main() -> None:
