@@ -30,6 +30,7 @@ from typing import Any
 
 from tiengine.diffusion.samplers import get_sampler
 from tiengine.errors import TiengineError
+from tiengine.io.text_files import read_utf8_text
 from tiengine.settings import settings_with
 from tiengine.text.conditioning import EncodeOptions
 from tiengine.training.textual_inversion import (
@@ -247,14 +248,7 @@ def _images_folder(value: dict, where: str, base: Path) -> Path:
 
 def _jsonl_rows(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed value, or Unreadable with the reason) per non-blank line."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise BatchJobError(f"{path}: no such JOBS file") from None
-    except UnicodeDecodeError as error:
-        raise BatchJobError(f"{path}: not UTF-8 text ({error})") from None
-    except OSError as error:
-        raise BatchJobError(f"{path}: cannot read the JOBS file ({error.strerror or error})") from None
+    text = read_utf8_text(path, "a JOBS file: one JSON object per line", BatchJobError)
     rows: list[tuple[int, object]] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

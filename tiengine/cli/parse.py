@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from tiengine.cli import CliError
+from tiengine.io.text_files import read_utf8_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -85,16 +86,7 @@ def extra_network_line(record: dict) -> str:
 
 
 def _read_prompts(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CliError(f"{path}: no such file (expected a text file with one prompt per line)") from None
-    except IsADirectoryError:
-        raise CliError(f"{path}: is a folder (expected a text file with one prompt per line)") from None
-    except UnicodeDecodeError as error:
-        raise CliError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except OSError as error:
-        raise CliError(f"{path}: cannot be read ({error.strerror})") from None
+    text = read_utf8_text(path, "a text file with one prompt per line", CliError)
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
