@@ -276,6 +276,7 @@ def measure_family(family: str, workdir: Path, args: argparse.Namespace) -> list
     rows = []
     for path in inputs:
         read_through(path)
+        size = path.stat().st_size
         kinds = ["tiengine-convert", "tiengine-load-fp16", "diffusers-fp16"]
         if path.suffix != ".ckpt" and (family == "sd1" or args.fp32):
             kinds += ["tiengine-load-fp32", "diffusers-fp32"]
@@ -286,7 +287,6 @@ def measure_family(family: str, workdir: Path, args: argparse.Namespace) -> list
             if kind.startswith("tiengine-load") and result["parameters"] != expected:
                 raise SystemExit(f"{family} {kind}: {result['parameters']} parameters, expected {expected} "
                                  f"(diffusers: {peer['parameters']})")  # fmt: skip
-            size = path.stat().st_size
             rows.append({"family": family, "input": path.suffix, "file_bytes": size, "kind": kind, **result,
                          "ratio_to_diffusers": result["peak_bytes"] / peer["peak_bytes"],
                          "bound_bytes": BOUND_FILE_RATIO * size + BOUND_EXTRA_BYTES})  # fmt: skip

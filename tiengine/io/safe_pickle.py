@@ -647,17 +647,22 @@ class TorchArchive:
         if stored and not copy and nbytes and offset % dtype.itemsize == 0:
             data = torch.frombuffer(self._map(), dtype=torch.uint8, count=nbytes, offset=offset)
         else:
-            # Uncompressed bytes can be read from any position; a compressed entry is inflated whole.
-            first, count = span if (span is not None and stored) else (0, nbytes // dtype.itemsize)
-            data = torch.empty(count * dtype.itemsize, dtype=torch.uint8)
-            if data.numel() and stored:
-                with open(self.path, "rb") as file:
-                    file.seek(offset + first * dtype.itemsize)
-                    _read_into(file, data.numpy(), f"{self.path}: storage {key!r}")
-            elif data.numel():
-                assert self._zip is not None
-                with self._zip.open(self._zip_prefix + "data/" + key) as entry:
-                    _read_into(entry, data.numpy(), f"{self.path}: storage {key!r}")
+            first, count = span if span is not None else (0, nbytes // dtype.itemsize)
+            begin, end = first * dtype.itemsize, (first + count) * dtype.itemsize  # bytes of the storage
+            if stored:  # uncompressed bytes are read from their position
+                data = torch.empty(end - begin, dtype=torch.uint8)
+                if data.numel():
+                    with open(self.path, "rb") as file:
+                        file.seek(offset + begin)
+                        _read_into(file, data.numpy(), f"{self.path}: storage {key!r}")
+            else:  # a compressed entry is inflated whole, then the span keeps memory of its own
+                data = torch.empty(nbytes, dtype=torch.uint8)
+                if data.numel():
+                    assert self._zip is not None
+                    with self._zip.open(self._zip_prefix + "data/" + key) as entry:
+                        _read_into(entry, data.numpy(), f"{self.path}: storage {key!r}")
+                if (begin, end) != (0, nbytes):
+                    data = data[begin:end].clone()
             nbytes = data.numel()
         if self._big_endian and dtype.itemsize > 1:
             # (numel, itemsize) bytes, each element's bytes reversed -> native little-endian
@@ -712,9 +717,7 @@ class TorchArchive:
         # model saved as views of one flat buffer) costs its own bytes, not the storage's.
         extent = _view_extent(ref.shape, ref.stride)
         data = self._root_tensor(ref.storage.key, ref.dtype, copy=True, span=(ref.storage_offset, extent))
-        if data.numel() == extent:
-            return data.as_strided(ref.shape, ref.stride, 0)
-        return data.as_strided(ref.shape, ref.stride, ref.storage_offset)  # a compressed storage, read whole
+        return data.as_strided(ref.shape, ref.stride, 0)
 
     # -- public
     def tensors(self) -> Iterator[tuple[str, TensorRef]]:
