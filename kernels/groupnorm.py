@@ -18,8 +18,12 @@ Kernels. In NCHW each (batch, group) is one contiguous run of (C / G) * H * W el
 1. `_group_stats_kernel`, grid (B * G, splits): each program reduces one chunk of a run to
    (count, mean, M2) with Chan et al.'s pairwise merge of per-block statistics (no E[x^2] - E[x]^2
    cancellation). Splitting a run keeps the GPU busy when B * G is small (2 * 32 for SD).
+   The statistics are of the run shifted by its first element, s = x - x[0]: for data far from zero
+   (a mean of 300 with a spread of 2) a mean rounded at x's magnitude would put an error of
+   eps * |mean| * rstd into every output; s is exact wherever x is within a factor 2 of x[0] (Sterbenz),
+   so the mean's rounding is at the spread's magnitude instead.
 2. `_group_apply_kernel`, grid (B * G, cdiv(run, BLOCK)): merges the run's split statistics, then
-   y = silu((x - mean) * rstd * weight[c] + bias[c]).
+   y = silu(((x - x[0]) - mean_s) * rstd * weight[c] + bias[c]).
 Backward: `group_norm_silu` is differentiable through a documented fallback: the backward pass recomputes
 the forward with PyTorch ops (F.group_norm + F.silu) under autograd, and differentiates that.
 """
@@ -105,12 +109,16 @@ def supports(
 def _group_stats_kernel(
     X, Count, Mean, M2, run_length, chunk_length, n_splits, BLOCK: tl.constexpr,
 ):
-    """(count, mean, M2) of chunk `split` of run `run`. Grid: (B * G, n_splits); outputs (B * G, n_splits)."""
+    """(count, mean, M2) of chunk `split` of run `run`, shifted by the run's first element.
+
+    Grid: (B * G, n_splits); outputs (B * G, n_splits).
+    """
     run = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     start = split * chunk_length
     end = tl.minimum(start + chunk_length, run_length)
     base = X + run * run_length
+    shift = tl.load(base).to(tl.float32)  # the run's first element; see the module docstring
     offs = tl.arange(0, BLOCK)
     count = 0.0
     mean = 0.0
@@ -118,7 +126,7 @@ def _group_stats_kernel(
     for block_start in range(start, end, BLOCK):
         idx = block_start + offs
         valid = idx < end
-        x = tl.load(base + idx, mask=valid, other=0.0).to(tl.float32)
+        x = tl.where(valid, tl.load(base + idx, mask=valid, other=0.0).to(tl.float32) - shift, 0.0)
         block_count = tl.minimum(end - block_start, BLOCK).to(tl.float32)
         block_mean = tl.sum(x, 0) / block_count
         centred = tl.where(valid, x - block_mean, 0.0)
@@ -141,7 +149,10 @@ def _group_apply_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, APPLY_SILU: tl.constexpr,
     SPLITS_POW2: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """y = silu((x - mean) * rstd * w[c] + b[c]) for BLOCK elements of run `run`. Grid: (B * G, cdiv(run, BLOCK))."""
+    """y = silu(((x - x[0]) - mean_s) * rstd * w[c] + b[c]) for BLOCK elements of run `run`.
+
+    Grid: (B * G, cdiv(run, BLOCK)).
+    """
     run = tl.program_id(0).to(tl.int64)
     offs_split = tl.arange(0, SPLITS_POW2)
     has_split = offs_split < n_splits
@@ -155,8 +166,9 @@ def _group_apply_kernel(
 
     idx = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = idx < run_length
+    shift = tl.load(X + run * run_length).to(tl.float32)
     x = tl.load(X + run * run_length + idx, mask=valid, other=0.0).to(tl.float32)
-    y = (x - mean) * rstd
+    y = ((x - shift) - mean) * rstd
     channel = (run % (channels // channels_per_group)) * channels_per_group + idx // channel_length
     if HAS_WEIGHT:
         y = y * tl.load(W + channel, mask=valid, other=0.0).to(tl.float32)
