@@ -163,3 +163,32 @@ def test_library_needs_a_folder(tmp_path):
         EmbeddingLibrary(tmp_path / "absent")
     empty = EmbeddingLibrary(tmp_path)
     assert len(empty) == 0 and empty.loaded == {} and empty.skipped == {}
+
+
+def test_a_reading_thread_sees_one_whole_scan_while_a_reload_indexes(tmp_path):
+    """The HTTP service lists a library on request threads while its worker thread reloads it: a listing
+    taken in the middle of a reload's indexing must be the previous scan, whole (not a half-filled table)."""
+    make_folder(tmp_path)
+    library = EmbeddingLibrary(tmp_path)
+
+    def listing() -> tuple:
+        return (library.loaded, library.skipped, library.shadowed, library.names(), dict(library.collisions),
+                library.by_path("negatives/deep/style"))
+
+    before = listing()
+    a1111_pt(tmp_path / "new.pt", vectors(1, 768, 13))
+    (tmp_path / "sd2thing.safetensors").unlink()
+    seen_mid_index = []
+    usable = library._usable
+
+    def usable_and_list(entry):
+        library._usable = usable  # the listing itself calls _usable: record one listing per indexed file
+        seen_mid_index.append(listing())
+        library._usable = usable_and_list
+        return usable(entry)
+
+    library._usable = usable_and_list  # called once per file while the tables are rebuilt
+    library.reload()
+    del library._usable
+    assert seen_mid_index and all(seen == before for seen in seen_mid_index)
+    assert "new" in library.loaded and "new" not in before[0]

@@ -123,6 +123,7 @@ class EmbeddingLibrary:
     def reload(self) -> ReloadReport:
         """Re-scan the folder, re-reading only new or changed files."""
         report = ReloadReport()
+        files = dict(self._files)  # built aside and published whole: readers on other threads see either scan
         seen: dict[str, tuple[Path, Signature | None, str | None]] = {}
         for path, relative, reason in bounded_walk(self.folder, max_depth=self.max_depth, max_files=self.max_files,
                                                   follow_links=self.follow_links):
@@ -130,22 +131,23 @@ class EmbeddingLibrary:
             if reason is None and signature is None:
                 continue  # vanished during the scan
             seen[relative] = (path, signature, reason)
-        for relative in sorted(set(self._files) - set(seen)):
-            del self._files[relative]
+        for relative in sorted(set(files) - set(seen)):
+            del files[relative]
             report.removed.append(relative)
         for relative, (path, signature, reason) in seen.items():
-            cached = self._files.get(relative)
+            cached = files.get(relative)
             if reason is not None:
                 entry = LibraryEntry(relative, reason=reason)
                 if cached is None or cached[1].reason != reason:
                     (report.changed if cached else report.added).append(relative)
-                self._files[relative] = ((((0, 0), None)), entry)
+                files[relative] = ((((0, 0), None)), entry)
                 continue
             if cached is not None and cached[0] == signature:
                 continue
             (report.changed if cached else report.added).append(relative)
             assert signature is not None
-            self._files[relative] = (signature, self._read(path, relative))
+            files[relative] = (signature, self._read(path, relative))
+        self._files = files
         self._index()
         return report
 
@@ -180,29 +182,32 @@ class EmbeddingLibrary:
         return entry
 
     def _index(self) -> None:
-        """Rebuild the name and path tables from the cached entries."""
+        """Rebuild the name and path tables from the cached entries; each table is filled aside and then
+        published by one assignment, so a listing on another thread never iterates a half-filled one."""
         candidates: dict[str, list[LibraryEntry]] = {}
-        self._by_path = {}
+        by_path: dict[str, LibraryEntry] = {}
         for relative in sorted(self._files):
             entry = self._files[relative][1]
             if self._usable(entry) is None:
                 continue
-            self._by_path.setdefault(entry.path_key, entry)
+            by_path.setdefault(entry.path_key, entry)
             assert entry.embedding is not None
             candidates.setdefault(entry.embedding.name, []).append(entry)
-        self._by_name, self.collisions = {}, {}
+        by_name: dict[str, LibraryEntry] = {}
+        collisions: dict[str, list[str]] = {}
         for name, entries in candidates.items():
             entries.sort(key=lambda e: (e.relative_path.count("/"), e.relative_path))
-            self._by_name[name] = entries[0]
+            by_name[name] = entries[0]
             if len(entries) > 1:
-                self.collisions[name] = [e.relative_path for e in entries]
+                collisions[name] = [e.relative_path for e in entries]
         # A path key that is also another embedding's name stays that name (and is reported).
-        for path_key, entry in self._by_path.items():
-            owner = self._by_name.get(path_key)
+        for path_key, entry in by_path.items():
+            owner = by_name.get(path_key)
             if owner is not None and owner is not entry and entry.embedding is not None:
-                clash = self.collisions.setdefault(path_key, [owner.relative_path])
+                clash = collisions.setdefault(path_key, [owner.relative_path])
                 if entry.relative_path not in clash:
                     clash.append(entry.relative_path)
+        self._by_path, self._by_name, self.collisions = by_path, by_name, collisions
 
     def _usable(self, entry: LibraryEntry) -> Embedding | None:
         if entry.embedding is None:
@@ -216,8 +221,9 @@ class EmbeddingLibrary:
     def entries(self) -> list[LibraryEntry]:
         """Every file, sorted by relative path; family mismatches carry their reason."""
         result = []
-        for relative in sorted(self._files):
-            entry = self._files[relative][1]
+        files = self._files  # one scan, even if a reload publishes the next meanwhile
+        for relative in sorted(files):
+            entry = files[relative][1]
             if entry.embedding is not None and self._usable(entry) is None:
                 assert self.family is not None
                 entry = LibraryEntry(relative, None, entry.embedding.mismatch(self.family))
@@ -239,9 +245,10 @@ class EmbeddingLibrary:
     def shadowed(self) -> dict[str, Embedding]:
         """Path key -> embedding for every usable file that lost its name to another file (a collision
         loser) and that its path key reaches: the key is no embedding's name and no other file's path."""
-        winners = {id(entry) for entry in self._by_name.values()}
-        return {key: entry.embedding for key, entry in sorted(self._by_path.items())
-                if id(entry) not in winners and key not in self._by_name and entry.embedding is not None}
+        by_name, by_path = self._by_name, self._by_path
+        winners = {id(entry) for entry in by_name.values()}
+        return {key: entry.embedding for key, entry in sorted(by_path.items())
+                if id(entry) not in winners and key not in by_name and entry.embedding is not None}
 
     def names(self) -> list[str]:
         return sorted(self._by_name)

@@ -152,30 +152,34 @@ class NetworkLibrary:
         return alias.strip() if isinstance(alias, str) and alias.strip() else None
 
     def _index(self) -> None:
+        """Rebuild the lookup tables from the scan; each is filled aside and published by one assignment, so a
+        listing on another thread never iterates a half-filled one."""
         candidates: dict[str, list[NetworkFile]] = {}
-        self._by_path = {}
+        by_path: dict[str, NetworkFile] = {}
         for relative in sorted(self._scan.files):
             entry = self._scan.files[relative]
-            self._by_path.setdefault(entry.path_key, entry)
+            by_path.setdefault(entry.path_key, entry)
             candidates.setdefault(entry.name, []).append(entry)
-        self._by_name, self.collisions = {}, {}
+        by_name: dict[str, NetworkFile] = {}
+        collisions: dict[str, list[str]] = {}
         for name, entries in candidates.items():
             entries.sort(key=lambda e: (e.relative_path.count("/"), e.relative_path))
-            self._by_name[name] = entries[0]
+            by_name[name] = entries[0]
             if len(entries) > 1:
-                self.collisions[name] = [e.relative_path for e in entries]
+                collisions[name] = [e.relative_path for e in entries]
         aliases: dict[str, list[NetworkFile]] = {}
         for entry in self._scan.files.values():
             if entry.alias is not None and entry.alias != entry.name:
                 aliases.setdefault(entry.alias, []).append(entry)
-        self._by_alias = {alias: entries[0] for alias, entries in aliases.items()
-                          if len(entries) == 1 and alias not in self._by_name}
+        by_alias = {alias: entries[0] for alias, entries in aliases.items() if len(entries) == 1 and alias not in by_name}
+        self._by_path, self._by_name, self._by_alias, self.collisions = by_path, by_name, by_alias, collisions
 
     # -- results
     @property
     def files(self) -> list[NetworkFile]:
         """Every usable file, sorted by relative path."""
-        return [self._scan.files[relative] for relative in sorted(self._scan.files)]
+        files = self._scan.files  # one scan, even if a reload publishes the next meanwhile
+        return [files[relative] for relative in sorted(files)]
 
     @property
     def skipped(self) -> dict[str, str]:

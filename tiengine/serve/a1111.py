@@ -7,7 +7,8 @@ engine call (`control.begin_run`, so /progress and /skip work per run; /interrup
 made so far, the current one from its last prediction, as A1111 does). Images are sent as base64 PNGs whose
 bytes are `tiengine.io.metadata.png_bytes`, the bytes `tiengine generate --out` writes; `info` is A1111's
 `Processed.js()` JSON text. Folder refreshes run on the worker too; the listings (samplers, schedulers,
-sd-models, embeddings, loras, hypernetworks) read the engine's current state on the request thread.
+sd-models, embeddings, loras, hypernetworks) read the engine's current state on the request thread: the
+libraries publish each reload's tables whole, so a listing is of one scan, the previous or the new.
 
 /progress reports the running job in A1111's shape. Its `current_image` is always None: the only decoder of
 a live prediction is the VAE, which the worker is using, and no cheap latent-to-RGB approximation is
