@@ -444,7 +444,7 @@ def test_bf16_linear_backend_follows_the_cpu(monkeypatch) -> None:
     ids = chunk_ids([10], config.pad_token_id, seed=0)
     with torch.no_grad():
         assert torch.isfinite(model(ids).hidden_states[-1].float()).all()  # "auto" on the real CPU
-        monkeypatch.setattr("tiengine.models.text_encoder._onednn_bf16_supported", lambda: False)
+        monkeypatch.setattr("tiengine.models.cpu_precision.onednn_bf16_supported", lambda: False)
         auto = model(ids).hidden_states[-1]
         plain = model(ids, linear_backend="torch").hidden_states[-1]
         assert torch.equal(auto, plain)

@@ -26,6 +26,7 @@ import dataclasses
 import inspect
 import os
 import random
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -85,6 +86,7 @@ from tiengine.infotext import (
 from tiengine.io.images import pil_to_tensor, tensor_to_pil
 from tiengine.io.metadata import format_name_hashes
 from tiengine.models.config import ModelConfig, size_time_ids
+from tiengine.models.cpu_precision import EmulatedPrecisionWarning, emulated_precision_note
 from tiengine.networks.active import (
     ActiveNetworks,
     NetworkPatcher,
@@ -212,6 +214,9 @@ class Engine:
                 loras = default_model_loras_path()  # the LoRAs made for the built-in model, if packaged
         if embeddings is None:
             embeddings = default_embeddings_folder()
+        note = emulated_precision_note(device, dtype)
+        if note is not None:
+            warnings.warn(note, EmulatedPrecisionWarning, stacklevel=2)
         library = EmbeddingLibrary(embeddings) if embeddings is not None and embeddings is not False else None
         lora_library = NetworkLibrary(loras, "lora") if loras is not None else None
         hypernetwork_library = NetworkLibrary(hypernetworks, "hypernetwork") if hypernetworks is not None else None

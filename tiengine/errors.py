@@ -36,3 +36,8 @@ class NonFiniteError(EngineError):
 class NetworkError(TiengineError):
     """An extra-network file (LoRA, LyCORIS, hypernetwork) is unreadable, malformed, or does not fit the
     model; or an extra-network tag in a prompt has arguments that cannot be read."""
+
+
+class TiengineWarning(UserWarning):
+    """Base class of tiengine's warnings: something will work, but not as the user likely expects (the CLI
+    prints them as one line)."""

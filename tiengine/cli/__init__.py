@@ -11,9 +11,11 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-from tiengine.errors import TiengineError
+from tiengine.errors import TiengineError, TiengineWarning
 
 COMMAND_MODULES = (
     "tiengine.cli.tokenize",
@@ -171,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
+            return int(args.func(args) or 0)
     except TiengineError as error:
         print(f"tiengine {args.command}: {error}", file=sys.stderr)
         return 2
@@ -183,6 +187,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _warning_printer(command: str, fallback: Callable) -> Callable:
+    """warnings.showwarning for a command: tiengine's own warnings as one line, `tiengine COMMAND: warning: ...`
+    on stderr; any other warning as Python shows it."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, TiengineWarning):
+            from tqdm import tqdm  # write above any progress bar on the line, which is then redrawn
+
+            tqdm.write(f"tiengine {command}: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _version() -> str:

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tiengine.errors import CheckpointError, TiengineError
+from tiengine.models import cpu_precision
 from tiengine.models.attention import AttentionBackend, attention
 
 CLIP_VOCAB_SIZE = 49408  # 256 bytes + 256 `</w>` forms + 48 894 merges + BOS + EOS
@@ -271,14 +272,9 @@ def _onednn_linear_unsupported(x: torch.Tensor, needs_grad: bool) -> str | None:
         return "torch.backends.mkldnn is disabled or unavailable"
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return "this PyTorch build has no mkldnn::_linear_pointwise"
-    if x.dtype == torch.bfloat16 and not _onednn_bf16_supported():
+    if x.dtype == torch.bfloat16 and not cpu_precision.onednn_bf16_supported():
         return "this CPU has no oneDNN bfloat16 kernels (they need AVX-512 or AMX; an AVX2 CPU has none)"
     return None
-
-
-def _onednn_bf16_supported() -> bool:
-    """Whether oneDNN can run bfloat16 inner products on this CPU (without it the op fails to build)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor, onednn: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
