@@ -257,6 +257,12 @@ def test_interrupt_ends_the_job_with_its_partial_image_and_skip_only_the_current
     worker.start()
     state = wait_for(0)
     assert state["state"]["job_count"] == 3 and state["state"]["sampling_steps"] == 60 and 0 < state["progress"] < 1
+    latent_side = SIZE // engine.modules["vae"].downscale_factor  # a live preview: one pixel per latent pixel
+    assert Image.open(io.BytesIO(base64.b64decode(state["current_image"]))).size == (latent_side, latent_side)
+    assert client.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["current_image"] is None
+    assert client.post("/sdapi/v1/options", json={"live_previews_enable": False}).status_code == 200
+    assert client.get("/sdapi/v1/progress").json()["current_image"] is None
+    assert client.post("/sdapi/v1/options", json={"live_previews_enable": True}).status_code == 200
     assert client.post("/sdapi/v1/interrupt").json() is None
     worker.join(60)
     body = answers["interrupted"].json()

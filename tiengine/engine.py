@@ -56,6 +56,7 @@ from tiengine.diffusion.hires import (
     img2img_steps,
     upscale_latents,
 )
+from tiengine.diffusion.latent_preview import LatentPreview, fit_latent_preview
 from tiengine.diffusion.names import schedule_label
 from tiengine.diffusion.rng import ImageNoise, image_seeds, infotext_fields
 from tiengine.diffusion.sampler_core import SamplingStopped
@@ -179,6 +180,7 @@ class Engine:
         self.networks = NetworkResolver(modules, config.family, loras, hypernetworks)
         self.patcher = NetworkPatcher(modules) if patcher is None else patcher  # shared by engines on these modules
         self._bundled: tuple = ()  # the bundled embeddings in the vocabulary: (names, their LoRA files' states)
+        self._latent_preview: LatentPreview | None = None  # fitted by latent_preview() on first use
         self._bind_embeddings()
 
     # ------------------------------------------------------------------------------------- loading
@@ -526,6 +528,22 @@ class Engine:
             self, images, name, settings, out=out, also_save=also_save,
             work_dir=work_dir, overwrite=overwrite, resume=resume, callback=callback, explicit=explicit,
         )
+
+    def latent_preview(self, *, fit: bool = True) -> LatentPreview | None:
+        """The live-preview map of this model's VAE (tiengine.diffusion.latent_preview: a latent pixel's channels
+        -> RGB), fitted on the first call by one VAE encode of a small test card (192 x 192 pixels for SD), so
+        call it where the VAE may be used. fit=False: the fitted map, or None before the first fit; it does not
+        touch the VAE (safe from another thread)."""
+        if self._latent_preview is None and fit:
+            vae = self.modules["vae"]
+            weight = vae.post_quant_conv.weight
+
+            def encode(card: torch.Tensor) -> torch.Tensor:  # (1, 3, S, S) -> UNet-scale latent mean
+                return vae.latents_from_images(card.to(weight.device, weight.dtype), generator=None)
+
+            with torch.no_grad():
+                self._latent_preview = fit_latent_preview(encode, vae.downscale_factor)
+        return self._latent_preview
 
     # ------------------------------------------------------------------------------------ internals
 

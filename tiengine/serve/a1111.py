@@ -10,15 +10,19 @@ bytes are `tiengine.io.metadata.png_bytes`, the bytes `tiengine generate --out` 
 sd-models, embeddings, loras, hypernetworks) read the engine's current state on the request thread: the
 libraries publish each reload's tables whole, so a listing is of one scan, the previous or the new.
 
-/progress reports the running job in A1111's shape. Its `current_image` is always None: the only decoder of
-a live prediction is the VAE, which the worker is using, and no cheap latent-to-RGB approximation is
-implemented.
+/progress reports the running job in A1111's shape. Its `current_image` is a live preview of the running
+step's prediction, as A1111's "Approx cheap" method makes it: a linear map from each latent pixel to a colour
+(tiengine.diffusion.latent_preview), one preview pixel per latent pixel (64 x 64 for 512 x 512), fitted to
+the model's VAE on the worker before the first generation. None with `skip_current_image=true`, with the
+option live_previews_enable off, and before the job's first step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import io
 import json
 import time
 from pathlib import Path
@@ -64,6 +68,7 @@ from tiengine.serve.a1111_models import (
 from tiengine.weights_conv.source import model_name, model_source
 
 if TYPE_CHECKING:
+    from tiengine.diffusion.latent_preview import LatentPreview
     from tiengine.embeddings.embedding import Embedding
     from tiengine.engine import Engine
     from tiengine.networks.library import NetworkLibrary
@@ -115,7 +120,9 @@ def router(state: ServeState) -> APIRouter:
 
     @routes.get("/progress", response_model=ProgressResponse)
     def progress(skip_current_image: bool = False) -> ProgressResponse:
-        return progress_response(state.worker.current())
+        live = not skip_current_image and options.values.get("live_previews_enable", True) is not False
+        preview = engine.latent_preview(fit=False) if live else None  # fitted on the worker, or None
+        return progress_response(state.worker.current(), preview)
 
     @routes.post("/interrupt")
     def interrupt() -> None:
@@ -190,6 +197,8 @@ def generation_response(engine: Engine, identity: ModelIdentity, plan: Generatio
                         control: JobControl) -> dict[str, Any]:
     """Run `plan` on the worker thread (one engine call per run) and build A1111's response."""
     started = time.localtime()
+    with contextlib.suppress(ValueError):  # a VAE that cannot be fitted (NaN latents) gives no previews
+        engine.latent_preview()  # fitted once, here on the worker, for /progress's current_image
     results = []
     for index in range(plan.n_iter):
         if control.interrupted.is_set():
@@ -247,13 +256,19 @@ def processed_info(plan: GenerationPlan, result: GenerationResult, identity: Mod
     }
 
 
-def progress_response(job: Job | None) -> ProgressResponse:
-    """A1111's /progress answer for the running job (job_count 0 and progress 0 when none runs)."""
+def progress_response(job: Job | None, preview: LatentPreview | None = None) -> ProgressResponse:
+    """A1111's /progress answer for the running job (job_count 0 and progress 0 when none runs); with `preview`,
+    current_image is its base64 PNG of the job's latest prediction, if there is one yet."""
     if job is None:
         return ProgressResponse(progress=0.0, eta_relative=0.0, state=_state_dict(None), textinfo=None)
     snapshot = job.progress()
+    current_image = None
+    if preview is not None and snapshot.denoised is not None and snapshot.denoised.shape[1] == preview.channels:
+        buffer = io.BytesIO()
+        preview.image(snapshot.denoised).save(buffer, format="PNG")
+        current_image = base64.b64encode(buffer.getvalue()).decode("ascii")
     return ProgressResponse(progress=snapshot.fraction, eta_relative=snapshot.eta_seconds or 0.0,
-                            state=_state_dict(job), current_image=None, textinfo=snapshot.text)
+                            state=_state_dict(job), current_image=current_image, textinfo=snapshot.text)
 
 
 def _state_dict(job: Job | None) -> dict[str, Any]:
