@@ -166,8 +166,8 @@ def _layer_inputs(source: TensorSource, layers: Mapping[str, Mapping[str, str]])
     return found
 
 
-def _read_checked(source: TensorSource, key: str) -> torch.Tensor:
-    """One tensor, refused unless it is floating point and finite."""
+def read_checked_tensor(source: TensorSource, key: str) -> torch.Tensor:
+    """One tensor, refused (NetworkError naming the file and key) unless it is floating point and finite."""
     try:
         tensor = source.read(key)
     except CheckpointError as error:
@@ -185,8 +185,9 @@ def _read_checked(source: TensorSource, key: str) -> torch.Tensor:
     return tensor
 
 
-def _alpha(source: TensorSource, key: str) -> float:
-    tensor = _read_checked(source, key)
+def read_alpha(source: TensorSource, key: str) -> float:
+    """A LoRA layer's `.alpha`: one finite number (NetworkError naming the file and key otherwise)."""
+    tensor = read_checked_tensor(source, key)
     if tensor.numel() != 1:
         raise NetworkError(f"{source.path}: {key!r} has shape {list(tensor.shape)}, expected a scalar alpha")
     return float(tensor.reshape(()).item())
@@ -204,8 +205,8 @@ def _layer_update(source: TensorSource, prefix: str, names: Mapping[str, str], t
                 raise _LayerFormatError(f"{name} has an empty shape {list(shape)}")
     except _LayerFormatError as error:
         raise NetworkError(f"{where} {error}") from None
-    tensors = {name: _read_checked(source, key) for name, key in names.items() if name != "alpha"}
-    alpha = _alpha(source, names["alpha"]) if "alpha" in names else None
+    tensors = {name: read_checked_tensor(source, key) for name, key in names.items() if name != "alpha"}
+    alpha = read_alpha(source, names["alpha"]) if "alpha" in names else None
     return LayerUpdate(target.component, target.module, algorithm, prefix, tensors, target.weight_shape, alpha,
                        layer_dim(algorithm, shapes))
 
@@ -315,7 +316,7 @@ def describe_lora(path: str | os.PathLike[str]) -> dict[str, Any]:
             if dim is not None:
                 ranks.append(dim)
             if "alpha" in names:
-                alphas.append(_alpha(source, names["alpha"]))
+                alphas.append(read_alpha(source, names["alpha"]))
             _count_block(blocks, prefix, shapes)
         metadata = source.metadata
         bundled = _describe_bundles(source, bundled_keys)

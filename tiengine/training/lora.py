@@ -58,6 +58,7 @@ from torch.nn.utils import parametrize
 from tiengine.diffusion.schedules import NoiseSchedule
 from tiengine.errors import CheckpointError, NetworkError
 from tiengine.models.config import ModelConfig, size_time_ids
+from tiengine.networks.lora import read_alpha, read_checked_tensor
 from tiengine.text.conditioning import EncodeOptions, encode_tokenized, tokenize_texts
 from tiengine.training.data import TrainingError
 from tiengine.training.textual_inversion import STREAM_STEP, denoising_loss, seeded_generator
@@ -268,36 +269,36 @@ class LoraFile:
 
 def read_kohya_lora(path: str | os.PathLike[str]) -> LoraFile:
     """Read a kohya-ss LoRA safetensors file; a NetworkError names the file, the key, what was expected
-    and what was found for any key, shape or value that is not a plain LoRA's."""
+    and what was found for any key, shape or value that is not a plain LoRA's. Tensors are read and checked
+    (floating point, finite; a scalar alpha) as tiengine.networks.lora reads them for inference."""
     path = Path(path)
     try:
         with SafetensorsFile(path) as source:
-            metadata = source.metadata
-            grouped: dict[str, dict[str, torch.Tensor]] = {}
+            grouped: dict[str, dict[str, str]] = {}  # module -> {suffix: key}
             for key in source.keys():
                 module, _, suffix = key.partition(".")
                 if suffix not in KEY_SUFFIXES:
                     raise NetworkError(f"{path}: key {key!r} is not a LoRA key (expected <module>.lora_down.weight, "
                                        ".lora_up.weight or .alpha; LyCORIS layouts are not read here)")
-                info = source.info(key)
-                if not info.dtype.is_floating_point:
-                    raise NetworkError(f"{path}: key {key!r}: expected a floating-point tensor, found {info.dtype}")
-                grouped.setdefault(module, {})[suffix] = source.read(key).to(torch.float32)
+                grouped.setdefault(module, {})[suffix] = key
+            modules = {module: _module_weights(source, module, keys) for module, keys in grouped.items()}
+            metadata = source.metadata
     except CheckpointError as error:
         raise NetworkError(str(error)) from None
     except OSError as error:
         raise NetworkError(f"{path}: cannot read the LoRA file ({error.strerror or error})") from None
-    modules = {module: _module_weights(path, module, parts) for module, parts in grouped.items()}
     if not modules:
         raise NetworkError(f"{path}: no LoRA modules (expected keys <module>.lora_down.weight ...; found none)")
     return LoraFile(path, modules, metadata)
 
 
-def _module_weights(path: Path, module: str, parts: dict[str, torch.Tensor]) -> LoraWeights:
+def _module_weights(source: SafetensorsFile, module: str, keys: dict[str, str]) -> LoraWeights:
+    path = source.path
     for suffix in KEY_SUFFIXES[:2]:
-        if suffix not in parts:
-            raise NetworkError(f"{path}: module {module!r} has no {module}.{suffix} (found {sorted(parts)})")
-    down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if suffix not in keys:
+            raise NetworkError(f"{path}: module {module!r} has no {module}.{suffix} (found {sorted(keys)})")
+    down = read_checked_tensor(source, keys["lora_down.weight"]).to(torch.float32)
+    up = read_checked_tensor(source, keys["lora_up.weight"]).to(torch.float32)
     key = f"{module}.lora_up.weight"
     if down.ndim not in (2, 4):
         raise NetworkError(f"{path}: key {module}.lora_down.weight: expected 2 or 4 dimensions, found "
@@ -306,16 +307,7 @@ def _module_weights(path: Path, module: str, parts: dict[str, torch.Tensor]) -> 
     if up.ndim != down.ndim or up.shape[1] != down.shape[0] or (up.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
         raise NetworkError(f"{path}: key {key}: expected shape {expected_up} for down {list(down.shape)}, "
                            f"found {list(up.shape)}")
-    alpha = None
-    if "alpha" in parts:
-        value = parts["alpha"]
-        if value.numel() != 1 or not math.isfinite(float(value.reshape(-1)[0])):
-            raise NetworkError(f"{path}: key {module}.alpha: expected one finite number, found {list(value.shape)} "
-                               f"{value.reshape(-1)[:4].tolist()}")
-        alpha = float(value.reshape(-1)[0])
-    for name, tensor in (("lora_down.weight", down), ("lora_up.weight", up)):
-        if not torch.isfinite(tensor).all():
-            raise NetworkError(f"{path}: key {module}.{name}: expected finite values, found NaN or inf")
+    alpha = read_alpha(source, keys["alpha"]) if "alpha" in keys else None
     return LoraWeights(down, up, alpha)
 
 
